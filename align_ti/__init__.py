@@ -1,0 +1,34 @@
+"""align-ti: fused kernels and a thin trainer for distilling multimodal LLMs with Align-TI.
+
+`import align_ti` stays light: the public ops are imported on first use (PEP 562), so the
+CLI's help, the config loader and the references do not pay for triton or transformers.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "fused_linear_kl": "align_ti.ops.fused_kl",
+    "fused_linear_distill": "align_ti.ops.fused_kl",
+    "fused_kl": "align_ti.ops.fused_kl",
+    "set_value_checks": "align_ti.validation",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'align_ti' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = ["__version__", *_LAZY]

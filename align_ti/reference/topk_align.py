@@ -1,0 +1,74 @@
+"""fp32 plain-PyTorch definition of IVA's visual-token selection (the test oracle).
+
+Per sample b, among its vision tokens (vision_mask[b] True):
+- k tokens are kept: `k` as a count, or `ceil(ratio * Nv_b)` (so a sample with vision tokens
+  keeps at least one); neither given = all of them. k above Nv_b is clamped to Nv_b.
+- the kept tokens are those with the largest mass; ties go to the lower position.
+- their weights are the mass renormalised within the sample: w_j / sum_{i in S_b} w_i.
+  A sample whose kept mass sums to 0 (e.g. it had no instruction query) gets weight 0 on
+  every kept token: it contributes nothing, never NaN.
+- samples without vision tokens contribute no rows.
+Output: flat row indices into B*L (int64, sample-major, ascending position within a sample)
+and fp32 weights of the same length.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from align_ti.validation import check_dim, check_no_nan, check_tensor
+
+
+def check_selection_args(mass, vision_mask, k, ratio) -> None:
+    """Shared by the reference and the fast selection."""
+    check_tensor("mass", mass, ndim=2, floating=True)
+    check_tensor("vision_mask", vision_mask, ndim=2, dtypes=(torch.bool,))
+    if vision_mask.shape != mass.shape:
+        raise ValueError(
+            f"vision_mask must have the shape of mass: got {list(vision_mask.shape)} vs {list(mass.shape)}"
+        )
+    if vision_mask.device != mass.device:
+        raise ValueError(f"vision_mask is on {vision_mask.device} but mass is on {mass.device}")
+    if k is not None and ratio is not None:
+        raise ValueError("give k or ratio, not both")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k <= 0):
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if ratio is not None and (
+        isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1
+    ):
+        raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
+    check_no_nan("mass", mass)
+
+
+def kept_count(num_vision: int, k: int | None, ratio: float | None) -> int:
+    """How many of a sample's num_vision tokens are kept."""
+    if k is not None:
+        return min(k, num_vision)
+    if ratio is not None:
+        return min(num_vision, math.ceil(ratio * num_vision - 1e-9))
+    return num_vision
+
+
+def select_topk_reference(mass, vision_mask, k=None, ratio=None):
+    """-> (rows int64 [M] into B*L, weights fp32 [M]); see the module docstring."""
+    check_selection_args(mass, vision_mask, k, ratio)
+    b_size, length = mass.shape
+    rows, weights = [], []
+    for b in range(b_size):
+        positions = vision_mask[b].nonzero().flatten().tolist()
+        n_keep = kept_count(len(positions), k, ratio)
+        if n_keep == 0:
+            continue
+        values = mass[b].float()
+        # Largest mass first; among equal mass, the lower position first.
+        ranked = sorted(positions, key=lambda j: (-values[j].item(), j))
+        kept = sorted(ranked[:n_keep])
+        w = values[kept]
+        total = w.sum()
+        w = w / total if total > 0 else torch.zeros_like(w)
+        rows.extend(b * length + j for j in kept)
+        weights.append(w)
+    rows_t = torch.tensor(rows, dtype=torch.long, device=mass.device)
+    weights_t = torch.cat(weights) if weights else torch.zeros(0, device=mass.device)
+    return rows_t, weights_t

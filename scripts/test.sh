@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The project's test command (README "Run the tests"; CI runs exactly this).
+# Three tiers, each its own pytest process with its own time budget:
+#   cpu        unit tests on the CPU paths and the references           budget 6 min
+#   interpret  Triton kernels on CPU tensors, TRITON_INTERPRET=1 set     budget 6 min
+#              before triton is imported (fp32/fp16 only)
+#   e2e        demo, resume, 2-process runs                              budget 8 min
+# A tier that runs past twice its budget is killed and fails; past its budget it warns.
+# Usage: bash scripts/test.sh [cpu|interpret|e2e ...]   (default: all three)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+tiers=("$@")
+[ ${#tiers[@]} -eq 0 ] && tiers=(cpu interpret e2e)
+PY=${PYTHON:-python}
+failed=()
+
+run_tier() {  # name budget_seconds env... -- pytest args...
+  local name=$1 budget=$2; shift 2
+  local envs=()
+  while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
+  echo "=== tier $name (budget ${budget}s) ==="
+  local start=$SECONDS
+  env "${envs[@]}" timeout $((2 * budget)) "$PY" -m pytest --durations=10 "$@"
+  local rc=$? took=$((SECONDS - start))
+  # pytest exits 5 when a tier selects no test (e.g. no e2e tests exist yet): not a failure.
+  if [ $rc -eq 5 ]; then echo "tier $name: no tests selected"; rc=0; fi
+  [ $rc -eq 124 ] && echo "tier $name: killed after $((2 * budget))s"
+  echo "tier $name: exit $rc in ${took}s (budget ${budget}s)"
+  [ $took -gt "$budget" ] && echo "WARNING: tier $name ran past its budget"
+  [ $rc -ne 0 ] && failed+=("$name")
+}
+
+for tier in "${tiers[@]}"; do
+  case $tier in
+    cpu)       run_tier cpu 360 OMP_NUM_THREADS=2 -- -q -m "not interpret and not e2e and not gpu" ;;
+    interpret) run_tier interpret 360 TRITON_INTERPRET=1 OMP_NUM_THREADS=2 -- -q -m "interpret and not gpu" ;;
+    e2e)       run_tier e2e 480 OMP_NUM_THREADS=1 -- -q -m "e2e and not gpu" ;;
+    *) echo "unknown tier $tier (cpu, interpret, e2e)"; exit 2 ;;
+  esac
+done
+
+if [ ${#failed[@]} -ne 0 ]; then
+  echo "FAILED tiers: ${failed[*]}"
+  exit 1
+fi
+echo "all tiers passed: ${tiers[*]}"

@@ -1,0 +1,176 @@
+"""The fp32 reference of the vocabulary divergences against a brute-force, row-by-row,
+element-by-element float64 form of DESIGN.md's definitions."""
+import math
+
+import pytest
+import torch
+
+from align_ti.reference.fused_kl import (
+    fused_kl_reference,
+    fused_linear_distill_reference,
+    fused_linear_kl_reference,
+)
+from tests.utils import assert_close
+
+
+def _softmax(z):
+    m = max(z)
+    e = [math.exp(x - m) for x in z]
+    s = sum(e)
+    return [x / s for x in e]
+
+
+def _kl(p, q):
+    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q) if pi > 0)
+
+
+def brute_force(zs, zt, divergence, beta, temperature, v, rows, weights, reduction):
+    """Loops over rows and vocabulary entries in Python floats."""
+    n = len(zs)
+    idx = list(range(n)) if rows is None else rows
+    w = [1.0] * len(idx) if weights is None else weights
+    per_row = []
+    for i in idx:
+        ps = _softmax([x / temperature for x in zs[i][:v]])
+        pt = _softmax([x / temperature for x in zt[i][:v]])
+        if divergence == "forward":
+            d = _kl(pt, ps)
+        elif divergence == "reverse":
+            d = _kl(ps, pt)
+        else:
+            m = [beta * a + (1 - beta) * b for a, b in zip(pt, ps)]
+            d = beta * _kl(pt, m) + (1 - beta) * _kl(ps, m)
+        per_row.append(d)
+    wd = [wi * d for wi, d in zip(w, per_row)]
+    if reduction == "none":
+        return wd
+    if reduction == "sum":
+        return sum(wd)
+    return sum(wd) / sum(w) if sum(w) > 0 else 0.0
+
+
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_logits_reference_matches_brute_force(divergence, temperature, reduction):
+    n, vs, vt = 7, 13, 17
+    zs = torch.randn(n, vs) * 3
+    zt = torch.randn(n, vt) * 3
+    rows = [5, 0, 3, 3]
+    weights = [0.5, 2.0, 0.0, 1.0]
+    got = fused_kl_reference(
+        zs, zt, rows=torch.tensor(rows), weights=torch.tensor(weights), divergence=divergence,
+        beta=0.3, temperature=temperature, reduction=reduction,
+    )
+    want = brute_force(zs.tolist(), zt.tolist(), divergence, 0.3, temperature, vs, rows, weights, reduction)
+    assert_close(got, torch.tensor(want), atol=1e-5, rtol=1e-5)
+
+
+def test_bool_mask_equals_indices_and_weights_of_length_n():
+    zs, zt = torch.randn(6, 11), torch.randn(6, 11)
+    mask = torch.tensor([True, False, True, True, False, False])
+    w_n = torch.rand(6)
+    a = fused_kl_reference(zs, zt, rows=mask, weights=w_n, reduction="none")
+    b = fused_kl_reference(zs, zt, rows=mask.nonzero().squeeze(1), weights=w_n[mask], reduction="none")
+    c = fused_kl_reference(zs, zt, rows=mask, weights=w_n[mask], reduction="none")
+    assert_close(a, b)
+    assert_close(a, c)
+
+
+def test_vocab_slicing_and_linear_form():
+    n, hs, ht, vs, vt = 9, 8, 12, 1271, 1300
+    h_s, w_s, b_s = torch.randn(n, hs), torch.randn(vs, hs) * 0.3, torch.randn(vs)
+    h_t, w_t, b_t = torch.randn(n, ht), torch.randn(vt, ht) * 0.3, torch.randn(vt)
+    got = fused_linear_kl_reference(h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, vocab_size=1000)
+    zs, zt = h_s @ w_s.t() + b_s, h_t @ w_t.t() + b_t
+    want = brute_force(zs.tolist(), zt.tolist(), "forward", 0.5, 1.0, 1000, None, None, "mean")
+    assert_close(got, torch.tensor(want), atol=1e-5, rtol=1e-5)
+
+
+def test_weight_rows_past_vocab_get_no_gradient_and_teacher_none():
+    h_s = torch.randn(5, 4, requires_grad=True)
+    w_s = torch.randn(20, 4, requires_grad=True)
+    h_t = torch.randn(5, 6, requires_grad=True)
+    w_t = torch.randn(23, 6, requires_grad=True)
+    fused_linear_kl_reference(h_s, w_s, h_t, w_t, vocab_size=15, divergence="jsd").backward()
+    assert w_s.grad[15:].abs().max() == 0
+    assert w_s.grad[:15].abs().max() > 0
+    assert h_t.grad is None and w_t.grad is None
+
+
+def test_cross_entropy_ignores_labels_and_uses_full_student_vocab():
+    n, h, vs, vt = 6, 5, 10, 8
+    h_s, w_s = torch.randn(n, h), torch.randn(vs, h)
+    h_t, w_t = torch.randn(n, h), torch.randn(vt, h)
+    labels = torch.tensor([9, -100, 3, -100, 0, 8])
+    _, ce = fused_linear_distill_reference(h_s, w_s, h_t, w_t, labels=labels, temperature=3.0)
+    z = h_s @ w_s.t()
+    keep = labels != -100
+    want = torch.nn.functional.cross_entropy(z[keep], labels[keep])
+    assert_close(ce, want)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_zero_rules_no_rows_and_zero_weights(reduction):
+    h_s = torch.randn(4, 3, requires_grad=True)
+    w_s = torch.randn(7, 3, requires_grad=True)
+    h_t, w_t = torch.randn(4, 3), torch.randn(7, 3)
+    for rows, weights in [(torch.zeros(0, dtype=torch.long), None),
+                          (torch.zeros(4, dtype=torch.bool), None),
+                          (None, torch.zeros(4))]:
+        h_s.grad = w_s.grad = None
+        kl, ce = fused_linear_distill_reference(
+            h_s, w_s, h_t, w_t, labels=torch.full((4,), -100) if rows is None or rows.dtype == torch.bool else torch.zeros(0, dtype=torch.long),
+            rows=rows, weights=weights, reduction=reduction,
+        )
+        (kl + ce).backward()
+        assert kl.item() == 0 and ce.item() == 0
+        assert torch.isfinite(h_s.grad).all() and h_s.grad.abs().max() == 0
+        assert w_s.grad.abs().max() == 0
+
+
+def test_large_logits_are_finite():
+    zs = torch.tensor([[1000.0, -1000.0, 0.0]])
+    zt = torch.tensor([[-1000.0, 1000.0, 0.0]])
+    for div in ["forward", "reverse", "jsd"]:
+        assert torch.isfinite(fused_kl_reference(zs, zt, divergence=div))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(divergence="jsd", beta=1.0), "beta"),
+        (dict(divergence="jsd", beta=0.0), "beta"),
+        (dict(divergence="kl"), "divergence"),
+        (dict(reduction="avg"), "reduction"),
+        (dict(vocab_size=12), "vocab_size"),
+        (dict(rows=torch.tensor([0, 9])), "rows"),
+        (dict(rows=torch.tensor([0.0, 1.0])), "rows"),
+        (dict(rows=torch.tensor([True, False])), "rows"),
+        (dict(weights=torch.ones(3)), "weights"),
+        (dict(weights=-torch.ones(4)), "weights"),
+        (dict(weights=torch.tensor([1.0, float("nan"), 1.0, 1.0])), "weights"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, match):
+    zs, zt = torch.randn(4, 11), torch.randn(4, 12)
+    with pytest.raises((ValueError, TypeError), match=match):
+        fused_kl_reference(zs, zt, **kwargs)
+
+
+def test_bad_linear_input_names_the_argument():
+    h_s, w_s, h_t, w_t = torch.randn(4, 3), torch.randn(7, 3), torch.randn(4, 5), torch.randn(7, 5)
+    with pytest.raises(ValueError, match="student_weight"):
+        fused_linear_kl_reference(h_s, torch.randn(7, 4), h_t, w_t)
+    with pytest.raises(ValueError, match="teacher_hidden"):
+        fused_linear_kl_reference(h_s, w_s, torch.randn(3, 5), w_t)
+    with pytest.raises(TypeError, match="student_hidden"):
+        fused_linear_kl_reference(h_s.double(), w_s, h_t, w_t)
+    with pytest.raises(TypeError, match="teacher_hidden and teacher_weight"):
+        fused_linear_kl_reference(h_s, w_s, h_t.half(), w_t)
+    with pytest.raises(ValueError, match="labels"):
+        fused_linear_distill_reference(h_s, w_s, h_t, w_t, labels=torch.tensor([0, 1, 7, -100]))
+    with pytest.raises(ValueError, match="student_bias"):
+        fused_linear_kl_reference(h_s, w_s, h_t, w_t, student_bias=torch.randn(6))

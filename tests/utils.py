@@ -1,0 +1,56 @@
+"""Numeric checks shared by the tests."""
+from __future__ import annotations
+
+import torch
+
+
+def _max_err(x: torch.Tensor, truth: torch.Tensor) -> float:
+    if x.numel() == 0:
+        return 0.0
+    return (x.detach().double() - truth.detach().double()).abs().max().item()
+
+
+def assert_three_way(
+    candidate: torch.Tensor,
+    same_dtype_torch: torch.Tensor,
+    truth: torch.Tensor,
+    atol: float = 1e-5,
+    rtol: float = 0.0,
+    name: str = "output",
+) -> None:
+    """The candidate is no further from the fp32 truth than plain torch in the same dtype.
+
+    Passes when  max|candidate - truth| <= max|torch - truth| + atol + rtol * max|truth|.
+    Fails on any NaN/inf in the candidate (where the truth is finite), and on shape mismatch.
+    """
+    if candidate.shape != truth.shape or same_dtype_torch.shape != truth.shape:
+        raise AssertionError(
+            f"{name}: shapes differ: candidate {tuple(candidate.shape)}, "
+            f"torch {tuple(same_dtype_torch.shape)}, truth {tuple(truth.shape)}"
+        )
+    finite_truth = torch.isfinite(truth)
+    bad = ~torch.isfinite(candidate) & finite_truth
+    if bool(bad.any()):
+        raise AssertionError(
+            f"{name}: candidate has {int(bad.sum())} non-finite entries where the fp32 truth is finite"
+        )
+    scale = truth.detach().double().abs().max().item() if truth.numel() else 0.0
+    err_c = _max_err(candidate, truth)
+    err_t = _max_err(same_dtype_torch, truth)
+    bound = err_t + atol + rtol * scale
+    if not err_c <= bound:
+        raise AssertionError(
+            f"{name}: candidate error {err_c:.3e} exceeds the same-dtype torch error "
+            f"{err_t:.3e} + atol {atol:.1e} + rtol {rtol:.1e} * max|truth| {scale:.3e} "
+            f"(= {bound:.3e}); candidate dtype {candidate.dtype}, torch dtype {same_dtype_torch.dtype}"
+        )
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol=1e-5, rtol=1e-5, name="output"):
+    """torch.testing.assert_close in fp64 with a readable name; fails on NaN."""
+    if bool(torch.isnan(actual).any()) and not bool(torch.isnan(expected).any()):
+        raise AssertionError(f"{name}: NaN in result")
+    torch.testing.assert_close(
+        actual.detach().double(), expected.detach().double(), atol=atol, rtol=rtol,
+        msg=lambda m: f"{name}: {m}",
+    )
