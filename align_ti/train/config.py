@@ -1,0 +1,195 @@
+"""The one configuration of a distillation run: a dataclass, loaded from YAML/JSON and
+overridden from the command line with `key=value` pairs.
+
+Every field has a default, so `DistillConfig()` is a complete run on the built-in tiny models
+and synthetic data. Errors say what to fix: an unknown key lists the valid ones, a value of the
+wrong type names the field and the type it needs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+BUILTIN_MODELS = ("tiny-teacher", "tiny-student")
+
+
+@dataclass
+class DistillConfig:
+    # models: a local checkpoint folder, or a built-in tiny random-weight model
+    teacher: str = "tiny-teacher"
+    student: str = "tiny-student"
+    tiny_text_model: str = "qwen2"          # text model of the built-in tiny models: qwen2 | qwen3
+    # data: "synthetic" (built-in visual QA) or a LLaVA-format JSON file
+    data: str = "synthetic"
+    image_folder: str | None = None         # images of a LLaVA-format JSON (default: its folder)
+    max_length: int = 2048
+    output_dir: str = "runs/distill"
+    # loss weights: L = w_sft L_SFT + w_kd L_KD + w_iva L_IVA + w_tpa L_TPA (METHOD.md)
+    w_sft: float = 1.0
+    w_kd: float = 1.0
+    w_iva: float = 1.0
+    w_tpa: float = 1.0
+    divergence: str = "forward"             # forward | reverse | jsd
+    beta: float = 0.5                       # JSD weight
+    temperature: float = 1.0
+    # IVA
+    iva_layer: Union[int, str] = "auto"     # teacher layer, or "auto" = IRS argmax (cached)
+    iva_k: int | None = None                # top-k vision tokens; None with iva_ratio None = all
+    iva_ratio: float | None = None          # or a fraction of each sample's vision tokens
+    irs_samples: int = 32                   # calibration pairs for iva_layer="auto"
+    # TPA
+    tpa_d: int = 4                          # candidates per branched step
+    tpa_strategy: str = "sample"            # sample | topk
+    tpa_fraction: float = 0.25              # fraction of response positions branched
+    tpa_temperature: float = 1.0            # sampling temperature of the candidates
+    # optimisation (passed on to transformers.TrainingArguments)
+    learning_rate: float = 2e-5
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_steps: int = -1
+    num_train_epochs: float = 1.0
+    bf16: bool = False
+    seed: int = 0
+    # anything else TrainingArguments accepts, e.g. {"logging_steps": 5}
+    training_args: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        choices = {
+            "divergence": ("forward", "reverse", "jsd"),
+            "tpa_strategy": ("sample", "topk"),
+            "tiny_text_model": ("qwen2", "qwen3"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"config {name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        for name in ("w_sft", "w_kd", "w_iva", "w_tpa"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"config {name} must be >= 0, got {getattr(self, name)}")
+        if not any(getattr(self, n) > 0 for n in ("w_sft", "w_kd", "w_iva", "w_tpa")):
+            raise ValueError("config: at least one of w_sft, w_kd, w_iva, w_tpa must be > 0")
+        if not 0 < self.beta < 1:
+            raise ValueError(f"config beta must satisfy 0 < beta < 1, got {self.beta}")
+        for name in ("temperature", "tpa_temperature", "learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"config {name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.tpa_fraction <= 1:
+            raise ValueError(f"config tpa_fraction must be in (0, 1], got {self.tpa_fraction}")
+        for name in ("tpa_d", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps", "irs_samples"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"config {name} must be a positive int, got {getattr(self, name)}")
+        if self.iva_k is not None and self.iva_k <= 0:
+            raise ValueError(f"config iva_k must be a positive int or null, got {self.iva_k}")
+        if self.iva_k is not None and self.iva_ratio is not None:
+            raise ValueError("config: give iva_k or iva_ratio, not both")
+        if self.iva_ratio is not None and not 0 < self.iva_ratio <= 1:
+            raise ValueError(f"config iva_ratio must be in (0, 1], got {self.iva_ratio}")
+        if isinstance(self.iva_layer, str) and self.iva_layer != "auto":
+            raise ValueError(f"config iva_layer must be a layer index or 'auto', got {self.iva_layer!r}")
+        for name in ("teacher", "student"):
+            value = getattr(self, name)
+            if value not in BUILTIN_MODELS and not os.path.isdir(value):
+                raise ValueError(
+                    f"config {name}: {value!r} is neither a built-in model {list(BUILTIN_MODELS)} "
+                    "nor an existing local checkpoint folder"
+                )
+        if self.data != "synthetic" and not os.path.isfile(self.data):
+            raise ValueError(f"config data: {self.data!r} is neither 'synthetic' nor an existing LLaVA-format JSON file")
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(DistillConfig)]
+
+
+def _coerce(name: str, annotation, value: Any) -> Any:
+    """Turn a YAML/JSON value or a command-line string into the field's type."""
+    hint = typing.get_type_hints(DistillConfig)[name]
+    options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if type(None) in options:
+            return None
+        raise ValueError(f"config {name} cannot be null")
+    for kind in options:
+        if kind is type(None):
+            continue
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            continue
+        if kind is dict:
+            if isinstance(value, dict):
+                return value
+            if isinstance(value, str):
+                try:
+                    parsed = json.loads(value)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(parsed, dict):
+                    return parsed
+            continue
+        if kind in (int, float):
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)) and (kind is float or float(value).is_integer()):
+                return kind(value)
+            if isinstance(value, str):
+                try:
+                    return kind(value)
+                except ValueError:
+                    continue
+            continue
+        if kind is str and isinstance(value, str):
+            return value
+    wanted = " or ".join(getattr(k, "__name__", str(k)) for k in options)
+    raise ValueError(f"config {name} must be {wanted}, got {value!r}")
+
+
+def _check_keys(keys, where: str) -> None:
+    valid = field_names()
+    unknown = [k for k in keys if k not in valid]
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} in {where}; valid keys: {', '.join(valid)}")
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> DistillConfig:
+    """A config from a YAML/JSON file (or the defaults), then `key=value` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path!r} does not exist")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if path.endswith(".json"):
+            loaded = json.loads(text)
+        else:
+            import yaml
+
+            loaded = yaml.safe_load(text)
+        loaded = loaded or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path!r} must hold a mapping of key: value")
+        _check_keys(loaded, path)
+        values.update(loaded)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        _check_keys([key], "the command line")
+        values[key] = raw
+    hints = {f.name: f.type for f in dataclasses.fields(DistillConfig)}
+    coerced = {k: _coerce(k, hints[k], v) for k, v in values.items()}
+    return DistillConfig(**coerced)
+
+
+def save_config(config: DistillConfig, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(dataclasses.asdict(config), f, indent=2)
