@@ -1,0 +1,109 @@
+"""The one place for chunk sizes, Triton block sizes and warp counts.
+
+Every op asks this module how to split its work; nothing else hard-codes a block size.
+
+- Row chunks are sized by *bytes*, not rows: an op says how many bytes of scratch one row
+  needs (e.g. fp32 logits of both heads) and gets the number of rows that fit the budget.
+  The budget is `CHUNK_BYTES[device type]`, or `ALIGN_TI_CHUNK_BYTES` (bytes; suffixes K, M, G
+  allowed) when set, or an explicit override passed by the caller (tests use it to check
+  that results do not depend on the chunking).
+- Triton launch configurations are fixed heuristics by default. `ALIGN_TI_AUTOTUNE=1` makes
+  the launchers wrap their kernels in `triton.autotune` over `autotune_configs(...)` instead.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+MiB = 1 << 20
+
+# Scratch budget per op call for one row chunk (all per-row buffers together).
+# CPU: small enough that the fused KL's scratch stays far below the materialised logits
+# (~30-40 rows of two 151936-wide fp32 heads), large enough to keep the matmuls efficient.
+# CUDA: a few hundred rows of V=151936, which keeps cuBLAS at full speed.
+CHUNK_BYTES = {"cpu": 96 * MiB, "cuda": 1024 * MiB}
+_DEFAULT_CHUNK_BYTES = 256 * MiB
+
+
+def _parse_bytes(text: str) -> int:
+    text = text.strip().upper().removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    if scale != 1:
+        text = text[:-1]
+    value = int(float(text) * scale)
+    if value <= 0:
+        raise ValueError(f"ALIGN_TI_CHUNK_BYTES must be a positive byte count, got {text!r}")
+    return value
+
+
+def chunk_bytes(device: torch.device) -> int:
+    """The scratch budget in bytes for one row chunk on `device`."""
+    env = os.environ.get("ALIGN_TI_CHUNK_BYTES")
+    if env:
+        return _parse_bytes(env)
+    return CHUNK_BYTES.get(torch.device(device).type, _DEFAULT_CHUNK_BYTES)
+
+
+def rows_per_chunk(bytes_per_row: int, device: torch.device, budget: int | None = None) -> int:
+    """How many rows fit the budget when each row needs `bytes_per_row` bytes (>= 1 row)."""
+    budget = chunk_bytes(device) if budget is None else int(budget)
+    rows = max(1, budget // max(1, int(bytes_per_row)))
+    if torch.device(device).type == "cuda" and rows >= 64:
+        rows -= rows % 64  # whole MMA tiles for cuBLAS
+    return rows
+
+
+def vocab_block_rows(width: int, device: torch.device, budget: int | None = None) -> int:
+    """Rows of a [V, width] weight to upcast to fp32 at a time (CPU bf16/fp16 path)."""
+    budget = (chunk_bytes(device) // 4) if budget is None else int(budget)
+    return max(256, budget // max(1, 4 * int(width)))
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("ALIGN_TI_AUTOTUNE", "0") == "1"
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def kl_row_config(n_cols: int, interpret: bool = False) -> dict:
+    """BLOCK_V and num_warps for the fused KL row kernel (one program per row, the vocabulary
+    streamed in BLOCK_V-wide blocks)."""
+    if interpret:
+        # The interpreter runs each program in numpy: fewer, wider blocks are faster.
+        return {"BLOCK_V": min(1024, _next_pow2(n_cols)), "num_warps": 4}
+    block = min(4096, _next_pow2(n_cols))
+    warps = 4 if block <= 1024 else (8 if block <= 2048 else 16)
+    return {"BLOCK_V": block, "num_warps": warps}
+
+
+def kl_row_autotune_configs():
+    """Candidate configurations for `ALIGN_TI_AUTOTUNE=1` (imports triton lazily)."""
+    import triton
+
+    return [
+        triton.Config({"BLOCK_V": b}, num_warps=w)
+        for b, w in ((1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))
+    ]
+
+
+# ----------------------------------------------------------------------------------------
+# attention_mass (align_ti/ops/attention_mass.py)
+# ----------------------------------------------------------------------------------------
+
+#: Torch path: bytes of one chunk of fp32 logits [B, H, rows, keys]. Deliberately small
+#: (not CHUNK_BYTES): the op exists to stay far below eager's [B, H, L, L] (target <= 1/50
+#: at L = 2048), and a handful of instruction rows already fill the matmuls.
+ATTENTION_MASS_CHUNK_BYTES = 2 * MiB
+
+
+def attention_mass_config(head_dim: int, dtype: torch.dtype, interpret: bool = False) -> dict:
+    """BLOCK_M (selected rows), BLOCK_N (keys), BLOCK_D and num_warps for the attention-mass
+    kernels (no autotune: the kernels are memory-light and not the training bottleneck)."""
+    block_d = max(16, _next_pow2(head_dim))
+    if interpret:
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": block_d, "num_warps": 4}
+    warps = 8 if (block_d >= 128 and dtype == torch.float32) else 4
+    return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_D": block_d, "num_warps": warps}

@@ -1,0 +1,678 @@
+"""fused_linear_kl / fused_linear_distill / fused_kl against the fp32 reference.
+
+Tiers: CPU (impl="torch", always), interpreter (`-m interpret`, impl="triton" on CPU tensors
+under TRITON_INTERPRET=1; fp32/fp16 only), GPU (`-m gpu`, CUDA; bf16 three-way, larger shapes).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import align_ti
+from align_ti.ops import fused_kl as F
+from align_ti.reference.fused_kl import (
+    fused_kl_reference,
+    fused_linear_distill_reference,
+    fused_linear_kl_reference,
+)
+from tests.utils import assert_close, assert_three_way
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+N, HS, HT, VS, VT = 63, 24, 40, 1271, 1300
+SMALL_CHUNK = 4 * 4 * (VS + VT) * 3  # a few rows per chunk: exercises the chunk loop
+
+
+def make(dtype_s=torch.float32, dtype_t=torch.float32, bias=True, n=N, hs=HS, ht=HT, vs=VS, vt=VT,
+         device="cpu"):
+    g = torch.Generator().manual_seed(1234)
+    t = {
+        "student_hidden": torch.randn(n, hs, generator=g),
+        "student_weight": torch.randn(vs, hs, generator=g) * 0.4,
+        "teacher_hidden": torch.randn(n, ht, generator=g),
+        "teacher_weight": torch.randn(vt, ht, generator=g) * 0.4,
+    }
+    if bias:
+        t["student_bias"] = torch.randn(vs, generator=g) * 0.2
+        t["teacher_bias"] = torch.randn(vt, generator=g) * 0.2
+    out = {}
+    for k, x in t.items():
+        x = x.to(device=device, dtype=dtype_s if k.startswith("student") else dtype_t)
+        out[k] = x.requires_grad_(k.startswith("student"))
+    return out
+
+
+STUDENT = ("student_hidden", "student_weight", "student_bias")
+
+
+def run(fn, tensors, upstream=None, **kw):
+    """Call fn, back-propagate (with `upstream` for each output), return (outputs, grads)."""
+    for k in STUDENT:
+        if k in tensors:
+            tensors[k].grad = None
+    out = fn(**tensors, **kw)
+    outs = out if isinstance(out, tuple) else (out,)
+    if upstream is None:
+        upstream = [torch.ones_like(o) for o in outs]
+    total = sum((o * u).sum() for o, u in zip(outs, upstream))
+    total.backward()
+    grads = {k: tensors[k].grad.clone() for k in STUDENT if k in tensors}
+    for k in STUDENT:
+        if k in tensors:
+            tensors[k].grad = None
+    return [o.detach() for o in outs], grads
+
+
+def compare(fast, ref, tensors, upstream=None, atol=2e-5, rtol=1e-4, **kw):
+    outs, grads = run(fast, tensors, upstream, **kw)
+    kw.pop("impl", None)
+    kw.pop("chunk_bytes", None)
+    routs, rgrads = run(ref, tensors, upstream, **kw)
+    for i, (a, b) in enumerate(zip(outs, routs)):
+        assert a.dtype == torch.float32
+        assert_close(a, b, atol=atol, rtol=rtol, name=f"output {i}")
+    for k in grads:
+        assert grads[k].dtype == tensors[k].dtype
+        assert_close(grads[k], rgrads[k], atol=atol, rtol=rtol, name=f"grad {k}")
+    return outs, grads
+
+
+def rows_of(kind, n=N, m=20, device="cpu"):
+    g = torch.Generator().manual_seed(7)
+    if kind is None:
+        return None, n
+    if kind == "index":
+        idx = torch.randint(0, n, (m,), generator=g)  # repeats allowed
+        return idx.to(device), m
+    mask = torch.rand(n, generator=g) < 0.4
+    return mask.to(device), int(mask.sum())
+
+
+def rand_weights(m, device="cpu"):
+    return (torch.rand(m, generator=torch.Generator().manual_seed(3)) + 0.1).to(device)
+
+
+# ============================================================================================
+# CPU tier: impl="torch"
+# ============================================================================================
+
+@pytest.mark.parametrize("rows_kind", [None, "index", "mask"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_linear_kl_matches_reference(divergence, temperature, rows_kind):
+    t = make()
+    rows, m = rows_of(rows_kind)
+    compare(align_ti.fused_linear_kl, fused_linear_kl_reference, t, rows=rows,
+            weights=rand_weights(m), divergence=divergence, beta=0.3, temperature=temperature,
+            impl="torch", chunk_bytes=SMALL_CHUNK)
+
+
+@pytest.mark.parametrize("divergence", ["forward", "jsd"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_with_upstream(reduction, divergence):
+    t = make()
+    rows, m = rows_of("index")
+    up = [torch.randn(m) if reduction == "none" else torch.tensor(2.0)]  # random / loss * 2
+    compare(align_ti.fused_linear_kl, fused_linear_kl_reference, t, upstream=up, rows=rows,
+            weights=rand_weights(m), divergence=divergence, reduction=reduction,
+            temperature=2.0, impl="torch", chunk_bytes=SMALL_CHUNK)
+
+
+def test_loss_times_two_without_weights():
+    t = make(bias=False)
+    compare(align_ti.fused_linear_kl, fused_linear_kl_reference, t, upstream=[torch.tensor(2.0)],
+            impl="torch")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("rows_kind", ["index", "mask"])
+def test_distill_ce_with_ignored_labels(rows_kind, reduction):
+    t = make()
+    rows, m = rows_of(rows_kind)
+    labels = torch.randint(0, VS, (m,))
+    labels[::3] = -100
+    up = [torch.randn(m) if reduction == "none" else torch.tensor(0.7), torch.tensor(1.3)]
+    compare(align_ti.fused_linear_distill, fused_linear_distill_reference, t, upstream=up,
+            labels=labels, rows=rows, weights=rand_weights(m), divergence="reverse",
+            temperature=2.0, reduction=reduction, impl="torch", chunk_bytes=SMALL_CHUNK)
+
+
+def test_distill_labels_given_as_n_with_mask():
+    t = make()
+    mask, m = rows_of("mask")
+    labels = torch.randint(0, VS, (N,))
+    labels[::4] = -100
+    compare(align_ti.fused_linear_distill, fused_linear_distill_reference, t, labels=labels,
+            rows=mask, weights=rand_weights(N), impl="torch")
+
+
+def test_distill_all_labels_ignored():
+    t = make()
+    labels = torch.full((N,), -100)
+    (kl, ce), grads = run(align_ti.fused_linear_distill, t, [torch.tensor(0.0), torch.tensor(1.0)],
+                          labels=labels, impl="torch")
+    assert ce.item() == 0.0
+    for k, g in grads.items():
+        assert torch.all(g == 0), k
+    compare(align_ti.fused_linear_distill, fused_linear_distill_reference, t, labels=labels,
+            impl="torch")
+
+
+def test_distill_kl_equals_fused_linear_kl():
+    t = make()
+    labels = torch.randint(0, VS, (N,))
+    (kl, _), _ = run(align_ti.fused_linear_distill, t, labels=labels, impl="torch")
+    (kl2,), _ = run(align_ti.fused_linear_kl, t, impl="torch")
+    assert_close(kl, kl2, atol=1e-6, rtol=1e-6)
+
+
+def test_explicit_vocab_size_slices_heads():
+    t = make()
+    v = 1000
+    _, grads = compare(align_ti.fused_linear_kl, fused_linear_kl_reference, t, vocab_size=v,
+                       temperature=2.0, impl="torch")
+    assert torch.all(grads["student_weight"][v:] == 0)
+    assert torch.all(grads["student_bias"][v:] == 0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_fused_kl_logits(divergence, reduction):
+    g = torch.Generator().manual_seed(5)
+    zs = (torch.randn(N, VS, generator=g) * 3).requires_grad_()
+    zt = torch.randn(N, VT, generator=g) * 3
+    rows, m = rows_of("index")
+    up = [torch.randn(m) if reduction == "none" else torch.tensor(2.0)]
+    t = {"student_logits": zs, "teacher_logits": zt}
+    outs, _ = run(align_ti.fused_kl, t, up, rows=rows, weights=rand_weights(m),
+                  divergence=divergence, temperature=2.0, reduction=reduction, impl="torch",
+                  chunk_bytes=4 * 4 * VS * 5)
+    gf = zs.grad.clone() if zs.grad is not None else None
+    zs.grad = None
+    routs, _ = run(fused_kl_reference, t, up, rows=rows, weights=rand_weights(m),
+                   divergence=divergence, temperature=2.0, reduction=reduction)
+    assert_close(outs[0], routs[0], atol=2e-5, rtol=1e-4)
+    assert_close(gf, zs.grad, atol=1e-6, rtol=1e-4, name="grad student_logits")
+
+
+def test_fused_kl_mask_and_bf16_logits():
+    g = torch.Generator().manual_seed(5)
+    zs = (torch.randn(N, VS, generator=g) * 3).to(torch.bfloat16).requires_grad_()
+    zt = (torch.randn(N, VT, generator=g) * 3).to(torch.bfloat16)
+    mask, m = rows_of("mask")
+    t = {"student_logits": zs, "teacher_logits": zt}
+    outs, _ = run(align_ti.fused_kl, t, rows=mask, impl="torch")
+    gf = zs.grad.clone()
+    zs.grad = None
+    routs, _ = run(fused_kl_reference, t, rows=mask)
+    assert gf.dtype == torch.bfloat16
+    assert_close(outs[0], routs[0], atol=1e-5, rtol=1e-4)
+    assert_close(gf, zs.grad, atol=1e-4, rtol=1e-2)
+
+
+def test_chunk_size_invariance():
+    t = make()
+    rows, m = rows_of("index")
+    labels = torch.randint(0, VS, (m,))
+    labels[1] = -100
+    results = []
+    for chunk in (1, 4 * (VS + VT) * 7, 4 * (VS + VT) * 40, None):
+        (kl, ce), grads = run(align_ti.fused_linear_distill, t, labels=labels, rows=rows,
+                              weights=rand_weights(m), divergence="jsd", impl="torch",
+                              chunk_bytes=chunk)
+        results.append((kl, ce, grads))
+    for kl, ce, grads in results[1:]:
+        assert_close(kl, results[0][0], atol=1e-6, rtol=1e-5)
+        assert_close(ce, results[0][1], atol=1e-6, rtol=1e-5)
+        for k in grads:
+            assert_close(grads[k], results[0][2][k], atol=1e-6, rtol=1e-5, name=k)
+
+
+def test_chunk_bytes_env_override(monkeypatch):
+    from align_ti.ops import heuristics
+
+    monkeypatch.setenv("ALIGN_TI_CHUNK_BYTES", "64K")
+    assert heuristics.chunk_bytes(torch.device("cpu")) == 64 * 1024
+    assert heuristics.rows_per_chunk(4 * (VS + VT), torch.device("cpu")) == 64 * 1024 // (4 * (VS + VT))
+    t = make()
+    compare(align_ti.fused_linear_kl, fused_linear_kl_reference, t, impl="torch")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_zero_weights_give_zero(reduction):
+    t = make()
+    w = torch.zeros(N)
+    up = [torch.randn(N) if reduction == "none" else torch.tensor(1.0)]
+    (kl,), grads = run(align_ti.fused_linear_kl, t, up, weights=w, reduction=reduction, impl="torch")
+    assert torch.all(kl == 0) and not torch.isnan(kl).any()
+    for k, g in grads.items():
+        assert torch.all(g == 0), k
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("rows", ["index", "mask"])
+def test_empty_rows_give_zero(rows, reduction):
+    t = make()
+    r = torch.zeros(0, dtype=torch.int64) if rows == "index" else torch.zeros(N, dtype=torch.bool)
+    labels = torch.zeros(0 if rows == "index" else N, dtype=torch.int64)
+    (kl, ce), grads = run(align_ti.fused_linear_distill, t, labels=labels, rows=r,
+                          reduction=reduction, impl="torch")
+    assert kl.shape == ((0,) if reduction == "none" else ())
+    assert torch.all(kl == 0) and ce.item() == 0.0
+    for k, g in grads.items():
+        assert torch.all(g == 0), k
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_mixed_teacher_student_dtypes(dtypes):
+    t = make(*dtypes)
+    rows, m = rows_of("index")
+    labels = torch.randint(0, VS, (m,))
+    # the reference upcasts the same (rounded) inputs to fp32: only accumulation order differs
+    compare(align_ti.fused_linear_distill, fused_linear_distill_reference, t, labels=labels,
+            rows=rows, temperature=2.0, impl="torch", atol=1e-4, rtol=1e-2)
+
+
+def _three_way_linear(fn, ref, impl, device="cpu", n=N, hs=HS, ht=HT, vs=VS, vt=VT, **kw):
+    """Candidate (bf16 inputs) vs plain torch in bf16 vs the fp32 truth on the same inputs."""
+    lo = make(torch.bfloat16, torch.bfloat16, n=n, hs=hs, ht=ht, vs=vs, vt=vt, device=device)
+    hi = {k: x.detach().float().requires_grad_(x.requires_grad) for k, x in lo.items()}
+    cand, cgrads = run(fn, lo, impl=impl, **kw)
+    truth, tgrads = run(ref, hi, **kw)
+
+    def plain(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+              teacher_bias, **kw2):
+        # what a trainer does in bf16: bf16 logits, then the loss
+        zs = student_hidden @ student_weight.t() + student_bias
+        zt = teacher_hidden @ teacher_weight.t() + teacher_bias
+        labels = kw2.pop("labels", None)
+        kl = fused_kl_reference(zs, zt, **kw2)
+        if labels is None:
+            return kl
+        rows = kw2.get("rows")
+        zsel = zs if rows is None else zs[rows]
+        ce = torch.nn.functional.cross_entropy(zsel.float(), labels, ignore_index=-100)
+        return kl, ce
+
+    base, bgrads = run(plain, lo, **kw)
+    for i, (c, b, tr) in enumerate(zip(cand, base, truth)):
+        assert_three_way(c, b, tr, atol=1e-5, rtol=1e-3, name=f"output {i}")
+    for k in cgrads:
+        assert cgrads[k].dtype == torch.bfloat16
+        assert_three_way(cgrads[k], bgrads[k], tgrads[k], atol=1e-6, rtol=1e-2, name=k)
+
+
+@pytest.mark.parametrize("divergence", ["forward", "jsd"])
+def test_bf16_three_way_torch_path(divergence):
+    rows, m = rows_of("index")
+    labels = torch.randint(0, VS, (m,))
+    _three_way_linear(align_ti.fused_linear_distill, fused_linear_distill_reference, "torch",
+                      labels=labels, rows=rows, divergence=divergence, temperature=2.0)
+
+
+def test_compile_aot_eager_fullgraph():
+    t = make()
+    rows, m = rows_of("index")
+    w = rand_weights(m)
+
+    def loss_fn(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                teacher_bias):
+        kl = align_ti.fused_linear_kl(student_hidden, student_weight, teacher_hidden,
+                                      teacher_weight, rows=rows, weights=w, temperature=2.0,
+                                      student_bias=student_bias, teacher_bias=teacher_bias,
+                                      impl="torch")
+        return kl * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    (out,), grads = run(compiled, t)
+    (ref,), rgrads = run(lambda **k: fused_linear_kl_reference(
+        **k, rows=rows, weights=w, temperature=2.0) * 2, t)
+    assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    for k in grads:
+        assert_close(grads[k], rgrads[k], atol=1e-5, rtol=1e-4, name=k)
+
+
+def test_compile_inductor_fullgraph_none_reduction():
+    """The suite's single inductor case (small): recompute-in-backward under inductor."""
+    t = make(bias=False, vs=257, vt=300, n=9)
+
+    def loss_fn(student_hidden, student_weight, teacher_hidden, teacher_weight):
+        per_row = align_ti.fused_linear_kl(student_hidden, student_weight, teacher_hidden,
+                                           teacher_weight, reduction="none", impl="torch")
+        return (per_row * torch.arange(9.0)).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, backend="inductor", fullgraph=True)
+    (out,), grads = run(compiled, t)
+    (ref,), rgrads = run(lambda **k: (fused_linear_kl_reference(**k, reduction="none")
+                                      * torch.arange(9.0)).sum(), t)
+    assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    for k in grads:
+        assert_close(grads[k], rgrads[k], atol=1e-5, rtol=1e-4, name=k)
+
+
+def test_bool_mask_inside_op_path(monkeypatch):
+    """The CUDA mask strategy (all rows processed, unselected rows exactly 0), on CPU."""
+    monkeypatch.setattr(F, "MASK_AS_INDICES_DEVICES", ())
+    t = make()
+    mask, m = rows_of("mask")
+    t["student_hidden"].data[~mask] = float("nan")  # unselected rows must not leak
+    labels = torch.randint(0, VS, (m,))
+    labels[0] = -100
+    outs, grads = run(align_ti.fused_linear_distill, t, labels=labels, rows=mask,
+                      weights=rand_weights(m), divergence="jsd", impl="torch",
+                      chunk_bytes=SMALL_CHUNK)
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert torch.all(grads["student_hidden"][~mask] == 0)
+    assert torch.isfinite(grads["student_weight"]).all()
+    t["student_hidden"].data[~mask] = 0.0
+    compare(align_ti.fused_linear_distill, fused_linear_distill_reference, t, labels=labels,
+            rows=mask, weights=rand_weights(m), divergence="jsd", impl="torch",
+            chunk_bytes=SMALL_CHUNK)
+
+
+def test_teacher_never_gets_gradients_and_no_grad_mode():
+    t = make()
+    t["teacher_hidden"].requires_grad_(True)
+    t["teacher_weight"].requires_grad_(True)
+    kl = align_ti.fused_linear_kl(**t, impl="torch")
+    kl.backward()
+    assert t["teacher_hidden"].grad is None and t["teacher_weight"].grad is None
+    with torch.no_grad():
+        kl2 = align_ti.fused_linear_kl(**t, impl="torch")
+    assert not kl2.requires_grad
+    assert_close(kl2, kl, atol=1e-6, rtol=1e-6)
+
+
+def test_only_weight_requires_grad():
+    t = make()
+    t["student_hidden"].requires_grad_(False)
+    t["student_bias"].requires_grad_(False)
+    kl = align_ti.fused_linear_kl(**t, impl="torch")
+    kl.backward()
+    ref = fused_linear_kl_reference(**{k: (v.detach().requires_grad_() if k == "student_weight"
+                                           else v) for k, v in t.items()})
+    assert_close(kl, ref)
+
+
+# --- NaN / inf behaviour (documented: propagates to a NaN loss, never a finite wrong one) ---
+
+@pytest.mark.parametrize("where", ["student_hidden", "teacher_hidden", "teacher_weight", "student_bias"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_inputs_propagate(where, value):
+    t = make()
+    with torch.no_grad():
+        if where.endswith("hidden"):
+            t[where][5, 3] = value
+        else:
+            t[where][7] = value
+    kl = align_ti.fused_linear_kl(**t, impl="torch")
+    ref = fused_linear_kl_reference(**t)
+    assert torch.isnan(kl), (where, value, kl)
+    assert torch.isnan(ref)
+
+
+def test_nonfinite_in_unselected_row_is_ignored():
+    t = make()
+    with torch.no_grad():
+        t["student_hidden"][0] = float("nan")
+        t["teacher_hidden"][1] = float("inf")
+    rows = torch.arange(2, N)
+    compare(align_ti.fused_linear_kl, fused_linear_kl_reference, t, rows=rows, impl="torch")
+
+
+# --- bad input: ValueError / TypeError naming the argument ---------------------------------
+
+def _bad_cases():
+    r = torch.arange(5)
+    return [
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"temperature": -1.0}, ValueError, "temperature"),
+        ({"divergence": "jsd", "beta": 0.0}, ValueError, "beta"),
+        ({"divergence": "jsd", "beta": 1.0}, ValueError, "beta"),
+        ({"divergence": "kl"}, ValueError, "divergence"),
+        ({"reduction": "avg"}, ValueError, "reduction"),
+        ({"impl": "cuda"}, ValueError, "impl"),
+        ({"vocab_size": VS + 1}, ValueError, "vocab_size"),
+        ({"vocab_size": 0}, ValueError, "vocab_size"),
+        ({"rows": torch.tensor([0, N])}, ValueError, "rows"),
+        ({"rows": torch.tensor([-1, 2])}, ValueError, "rows"),
+        ({"rows": torch.tensor([0.0, 1.0])}, TypeError, "rows"),
+        ({"rows": torch.zeros(N + 1, dtype=torch.bool)}, ValueError, "rows"),
+        ({"rows": torch.zeros(2, 2, dtype=torch.int64)}, ValueError, "rows"),
+        ({"rows": r, "weights": torch.ones(4)}, ValueError, "weights"),
+        ({"weights": torch.ones(N - 1)}, ValueError, "weights"),
+        ({"rows": r, "weights": -torch.ones(5)}, ValueError, "weights"),
+        ({"rows": r, "weights": torch.tensor([1.0, float("nan"), 1, 1, 1])}, ValueError, "weights"),
+        ({"rows": r, "weights": torch.ones(5, dtype=torch.int64)}, TypeError, "weights"),
+        ({"student_hidden": torch.randn(N, HS + 1)}, ValueError, "student_weight"),
+        ({"teacher_hidden": torch.randn(N, HT - 1)}, ValueError, "teacher_weight"),
+        ({"student_hidden": torch.randn(N, HS, dtype=torch.float64)}, TypeError, "student_hidden"),
+        ({"student_hidden": torch.randn(N, HS).bfloat16()}, TypeError, "student_hidden"),
+        ({"teacher_weight": torch.randn(VT, HT).half()}, TypeError, "teacher"),
+        ({"teacher_hidden": torch.randn(N + 1, HT)}, ValueError, "teacher_hidden"),
+        ({"student_bias": torch.randn(VS - 1)}, ValueError, "student_bias"),
+        ({"student_hidden": torch.randn(N)}, ValueError, "student_hidden"),
+        ({"student_weight": "w"}, TypeError, "student_weight"),
+    ]
+
+
+@pytest.mark.parametrize("change,exc,name", _bad_cases())
+def test_bad_input_linear(change, exc, name):
+    t = {k: v.detach() for k, v in make().items()}
+    kw = dict(t)
+    kw.update(change)
+    with pytest.raises(exc, match=name):
+        align_ti.fused_linear_kl(**kw, impl="torch") if "impl" not in change else \
+            align_ti.fused_linear_kl(**kw)
+
+
+@pytest.mark.parametrize("labels,exc", [
+    (torch.tensor([0, 1, VS, 2, 3]), ValueError),
+    (torch.tensor([0, 1, -5, 2, 3]), ValueError),
+    (torch.tensor([0, 1, 2]), ValueError),
+    (torch.tensor([0.0, 1, 2, 3, 4]), TypeError),
+    (None, TypeError),
+])
+def test_bad_labels(labels, exc):
+    t = {k: v.detach() for k, v in make().items()}
+    with pytest.raises(exc, match="labels"):
+        align_ti.fused_linear_distill(**t, labels=labels, rows=torch.arange(5), impl="torch")
+
+
+@pytest.mark.parametrize("change,exc,name", [
+    ({"student_logits": torch.randn(N, VS, dtype=torch.float64)}, TypeError, "student_logits"),
+    ({"teacher_logits": torch.randn(N + 1, VT)}, ValueError, "teacher_logits"),
+    ({"vocab_size": VT + 1}, ValueError, "vocab_size"),
+    ({"temperature": 0}, ValueError, "temperature"),
+    ({"rows": torch.tensor([N])}, ValueError, "rows"),
+])
+def test_bad_input_logits(change, exc, name):
+    kw = {"student_logits": torch.randn(N, VS), "teacher_logits": torch.randn(N, VT)}
+    kw.update(change)
+    with pytest.raises(exc, match=name):
+        align_ti.fused_kl(**kw, impl="torch")
+
+
+@pytest.mark.skipif(INTERPRET or torch.cuda.is_available(), reason="triton can run here")
+def test_triton_impl_on_cpu_without_interpreter_is_an_error():
+    t = {k: v.detach() for k, v in make().items()}
+    with pytest.raises(ValueError, match="impl"):
+        align_ti.fused_linear_kl(**t, impl="triton")
+
+
+def test_import_stays_light():
+    code = ("import sys, align_ti; import align_ti.ops.fused_kl; "
+            "assert 'triton' not in sys.modules, 'triton imported'; "
+            "assert 'transformers' not in sys.modules; print('ok')")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert callable(align_ti.fused_linear_kl) and callable(align_ti.fused_linear_distill)
+    assert callable(align_ti.fused_kl)
+
+
+# ============================================================================================
+# Interpreter tier: impl="triton" on CPU tensors under TRITON_INTERPRET=1 (fp32 / fp16)
+# ============================================================================================
+
+IN, IHS, IHT, IVS, IVT = 11, 16, 24, 1271, 1300
+ICHUNK = 4 * 4 * (IVS + IVT) * 2
+
+
+@pytest.fixture
+def quiet_interpreter():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy: -inf - -inf in masked lanes
+        yield
+
+
+def imake(dtype=torch.float32, **kw):
+    return make(dtype, dtype, n=IN, hs=IHS, ht=IHT, **kw)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_triton_linear_kl(divergence, temperature, quiet_interpreter):
+    t = imake()
+    rows = torch.tensor([3, 5, 5, 0, 10, 7])
+    compare(align_ti.fused_linear_kl, fused_linear_kl_reference, t, rows=rows,
+            weights=rand_weights(6), divergence=divergence, beta=0.3, temperature=temperature,
+            impl="triton", chunk_bytes=ICHUNK)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("divergence", ["reverse", "jsd"])
+def test_triton_none_reduction_upstream(divergence, quiet_interpreter):
+    t = imake()
+    compare(align_ti.fused_linear_kl, fused_linear_kl_reference, t, upstream=[torch.randn(IN)],
+            weights=rand_weights(IN), divergence=divergence, reduction="none", impl="triton",
+            chunk_bytes=ICHUNK)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_triton_distill_ce(reduction, quiet_interpreter):
+    t = imake()
+    rows = torch.tensor([1, 2, 4, 4, 9])
+    labels = torch.tensor([0, -100, IVS - 1, 17, 600])
+    up = [torch.randn(5) if reduction == "none" else torch.tensor(2.0), torch.tensor(0.5)]
+    compare(align_ti.fused_linear_distill, fused_linear_distill_reference, t, upstream=up,
+            labels=labels, rows=rows, temperature=2.0, vocab_size=1000, reduction=reduction,
+            impl="triton", chunk_bytes=ICHUNK)
+
+
+@pytest.mark.interpret
+def test_triton_distill_t1_shared_lse(quiet_interpreter):
+    t = imake(vt=IVS)  # V' == Vs and T == 1: CE reuses the student log-sum-exp
+    labels = torch.randint(0, IVS, (IN,))
+    labels[2] = -100
+    compare(align_ti.fused_linear_distill, fused_linear_distill_reference, t, labels=labels,
+            impl="triton")
+
+
+@pytest.mark.interpret
+def test_triton_mask_inside_op(monkeypatch, quiet_interpreter):
+    monkeypatch.setattr(F, "MASK_AS_INDICES_DEVICES", ())
+    t = imake()
+    mask = torch.tensor([True, False, True, True, False, False, True, False, True, True, False])
+    labels = torch.randint(0, IVS, (IN,))
+    compare(align_ti.fused_linear_distill, fused_linear_distill_reference, t, labels=labels,
+            rows=mask, weights=rand_weights(IN), divergence="jsd", impl="triton",
+            chunk_bytes=ICHUNK)
+
+
+@pytest.mark.interpret
+def test_triton_zero_weights(quiet_interpreter):
+    t = imake()
+    (kl,), grads = run(align_ti.fused_linear_kl, t, weights=torch.zeros(IN), impl="triton")
+    assert kl.item() == 0.0
+    for k, g in grads.items():
+        assert torch.all(g == 0), k
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_triton_fused_kl_logits(reduction, quiet_interpreter):
+    g = torch.Generator().manual_seed(5)
+    zs = (torch.randn(IN, IVS, generator=g) * 3).requires_grad_()
+    zt = torch.randn(IN, IVT, generator=g) * 3
+    rows = torch.tensor([0, 3, 3, 8])
+    up = [torch.randn(4) if reduction == "none" else torch.tensor(2.0)]
+    t = {"student_logits": zs, "teacher_logits": zt}
+    outs, _ = run(align_ti.fused_kl, t, up, rows=rows, divergence="reverse", temperature=2.0,
+                  reduction=reduction, impl="triton")
+    gf = zs.grad.clone()
+    zs.grad = None
+    routs, _ = run(fused_kl_reference, t, up, rows=rows, divergence="reverse", temperature=2.0,
+                   reduction=reduction)
+    assert_close(outs[0], routs[0], atol=2e-5, rtol=1e-4)
+    assert_close(gf, zs.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("divergence", ["forward", "jsd"])
+def test_triton_fp16(divergence, quiet_interpreter):
+    """fp16 inputs: fp32 accumulation, so close to the fp32 truth on the same (rounded) inputs."""
+    t = imake(torch.float16)
+    labels = torch.randint(0, IVS, (IN,))
+    compare(align_ti.fused_linear_distill, fused_linear_distill_reference, t, labels=labels,
+            divergence=divergence, temperature=2.0, impl="triton", atol=1e-3, rtol=2e-2)
+
+
+@pytest.mark.interpret
+def test_triton_matches_torch_path_mixed_fp16_teacher(quiet_interpreter):
+    t = make(torch.float32, torch.float16, n=IN, hs=IHS, ht=IHT)
+    outs, grads = run(align_ti.fused_linear_kl, t, impl="triton")
+    outs2, grads2 = run(align_ti.fused_linear_kl, t, impl="torch")
+    assert_close(outs[0], outs2[0], atol=1e-5, rtol=1e-4)
+    for k in grads:
+        assert_close(grads[k], grads2[k], atol=1e-6, rtol=1e-4, name=k)
+
+
+# ============================================================================================
+# GPU tier: impl="triton" on CUDA (bf16 three-way, larger shapes)
+# ============================================================================================
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_gpu_bf16_three_way(divergence):
+    n, hs, ht, vs, vt = 512, 256, 384, 32768, 32800
+    g = torch.Generator().manual_seed(9)
+    rows = torch.randint(0, n, (300,), generator=g).cuda()
+    labels = torch.randint(0, vs, (300,), generator=g).cuda()
+    labels[::5] = -100
+    _three_way_linear(align_ti.fused_linear_distill, fused_linear_distill_reference, "triton",
+                      device="cuda", n=n, hs=hs, ht=ht, vs=vs, vt=vt, labels=labels, rows=rows,
+                      divergence=divergence, temperature=2.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gpu_fp32_matches_reference(reduction):
+    t = make(n=300, hs=128, ht=192, vs=20000, vt=20100, device="cuda")
+    mask = (torch.rand(300, generator=torch.Generator().manual_seed(2)) < 0.5).cuda()
+    up = None
+    if reduction == "none":
+        up = [torch.randn(int(mask.sum()), device="cuda")]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    compare(align_ti.fused_linear_kl, fused_linear_kl_reference, t, upstream=up, rows=mask,
+            weights=torch.rand(300, device="cuda"), divergence="jsd", reduction=reduction,
+            impl="triton", chunk_bytes=4 * 2 * 20100 * 64)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_is_triton_and_matches_torch_path():
+    t = make(torch.bfloat16, torch.bfloat16, n=256, hs=128, ht=256, vs=16384, vt=16384,
+             device="cuda")
+    (a,), ga = run(align_ti.fused_linear_kl, t, impl="auto")
+    (b,), gb = run(align_ti.fused_linear_kl, t, impl="torch")
+    assert_close(a, b, atol=1e-4, rtol=1e-3)
+    for k in ga:
+        assert_close(ga[k], gb[k], atol=1e-3, rtol=2e-2, name=k)
