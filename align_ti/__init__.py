@@ -14,6 +14,12 @@ _LAZY = {
     "fused_linear_kl": "align_ti.ops.fused_kl",
     "fused_linear_distill": "align_ti.ops.fused_kl",
     "fused_kl": "align_ti.ops.fused_kl",
+    "attention_mass": "align_ti.ops.attention_mass",
+    "capture_qk": "align_ti.models.capture",
+    "irs_scores": "align_ti.models.irs",
+    "run_irs": "align_ti.models.irs",
+    "load_calibration_pairs": "align_ti.models.irs",
+    "IRSResult": "align_ti.models.irs",
     "set_value_checks": "align_ti.validation",
 }
 

@@ -34,6 +34,7 @@ from align_ti.validation import (
 
 __all__ = [
     "attention_mass_reference",
+    "check_attention_mass_args",
     "select_vision_mass",
     "irs_reference",
     "irs_from_mass_reference",
@@ -73,38 +74,11 @@ def _check_binary_mask(name: str, mask: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def attention_mass_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    query_mask: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-    average_heads: bool = True,
-) -> torch.Tensor:
-    """Instruction->key attention mass, exactly as DESIGN.md defines ``attention_mass``.
+def check_attention_mass_args(q, k, query_mask, attention_mask=None, scale=None, average_heads=True) -> float:
+    """The argument checks of ``attention_mass`` (shared by the reference and the fast op).
 
-    Args:
-        q: ``[B, Hq, L, D]`` post-RoPE queries (fp16 / bf16 / fp32 / fp64).
-        k: ``[B, Hkv, L, D]`` post-RoPE keys, same dtype and device as ``q``; ``Hq`` must be
-            a multiple of ``Hkv`` and query head ``h`` uses key head ``h // (Hq // Hkv)``.
-        query_mask: bool ``[B, L]``: the queries to average over (instruction tokens).
-        attention_mask: ``[B, L]`` bool or integer 0/1, 1 = real token; None = all real.
-        scale: softmax scale, a number > 0; None = ``D ** -0.5``.
-        average_heads: True -> ``[B, L]``; False -> ``[B, Hq, L]``.
-
-    Semantics:
-        Selected queries are ``query_mask & attention_mask`` (a padding token is never a
-        selected query, even when ``query_mask`` marks it). Query ``i`` attends to keys
-        ``j <= i`` with ``attention_mask[j] == 1``, and
-        ``P[h, i, j] = softmax_j(scale * q_i . k_j)`` over those keys (fp32 logits).
-        ``mass[b, h, j] = mean over selected i of P[h, i, j]``; then mean over heads.
-        A sample with no selected query gets zeros. Padding keys, and keys after the last
-        selected query, get exactly zero mass. A selected query always sees itself, so
-        no NaN arises.
-
-    Returns:
-        fp32 ``[B, L]`` (or ``[B, Hq, L]``); fp64 when ``q`` is fp64. Differentiable in
-        ``q`` and ``k``.
+    Raises TypeError / ValueError naming the argument; returns the resolved scale
+    (``D ** -0.5`` when ``scale`` is None).
     """
     check_tensor("q", q, ndim=4, dtypes=_FLOAT_DTYPES)
     check_tensor("k", k, ndim=4, dtypes=_FLOAT_DTYPES)
@@ -138,6 +112,46 @@ def attention_mass_reference(
         check_positive("scale", scale)
     if not isinstance(average_heads, bool):
         raise TypeError(f"average_heads must be a bool, got {type(average_heads).__name__}")
+
+    return float(scale)
+
+
+def attention_mass_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    query_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    average_heads: bool = True,
+) -> torch.Tensor:
+    """Instruction->key attention mass, exactly as DESIGN.md defines ``attention_mass``.
+
+    Args:
+        q: ``[B, Hq, L, D]`` post-RoPE queries (fp16 / bf16 / fp32 / fp64).
+        k: ``[B, Hkv, L, D]`` post-RoPE keys, same dtype and device as ``q``; ``Hq`` must be
+            a multiple of ``Hkv`` and query head ``h`` uses key head ``h // (Hq // Hkv)``.
+        query_mask: bool ``[B, L]``: the queries to average over (instruction tokens).
+        attention_mask: ``[B, L]`` bool or integer 0/1, 1 = real token; None = all real.
+        scale: softmax scale, a number > 0; None = ``D ** -0.5``.
+        average_heads: True -> ``[B, L]``; False -> ``[B, Hq, L]``.
+
+    Semantics:
+        Selected queries are ``query_mask & attention_mask`` (a padding token is never a
+        selected query, even when ``query_mask`` marks it). Query ``i`` attends to keys
+        ``j <= i`` with ``attention_mask[j] == 1``, and
+        ``P[h, i, j] = softmax_j(scale * q_i . k_j)`` over those keys (fp32 logits).
+        ``mass[b, h, j] = mean over selected i of P[h, i, j]``; then mean over heads.
+        A sample with no selected query gets zeros. Padding keys, and keys after the last
+        selected query, get exactly zero mass. A selected query always sees itself, so
+        no NaN arises.
+
+    Returns:
+        fp32 ``[B, L]`` (or ``[B, Hq, L]``); fp64 when ``q`` is fp64. Differentiable in
+        ``q`` and ``k``.
+    """
+    scale = check_attention_mass_args(q, k, query_mask, attention_mask, scale, average_heads)
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
 
     cdt = _compute_dtype(q.dtype)
     device = q.device

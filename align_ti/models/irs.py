@@ -1,0 +1,330 @@
+"""IRS: which teacher layer's instruction->vision attention depends on the instruction.
+
+METHOD.md, Definition 3.1: ``alpha_l(x)`` is layer l's attention mass from the instruction
+queries to the vision keys (averaged over heads and instruction queries), and
+``IRS(l) = 1 - E_(x1, x2) cos(alpha_l(x1), alpha_l(x2))`` over pairs that share an image but
+carry different instructions. The chosen layer is ``argmax_l IRS(l)``.
+
+Here every layer is captured in one forward per batch of inputs (``capture_qk`` with all
+layers, under the model's own attention implementation, e.g. sdpa), and each layer's mass
+comes from ``attention_mass`` on the captured q / k: no eager attention, no
+``output_attentions``, no ``[B, H, L, L]``.
+
+Calibration pairs (lists of ``(item_1, item_2)`` with ``item = {"image": PIL image,
+"question": str}``) come from:
+- ``load_calibration_jsonl``: a JSONL of ``{"image": path, "instructions": [a, b, ...]}``
+  (every two instructions of one image form a pair; paths relative to the file);
+- ``pairs_from_llava``: a LLaVA-format dataset, pairing samples that share an image;
+- ``align_ti.data.synthetic.calibration_pairs``: the built-in synthetic pairs.
+
+``run_irs`` (the ``align-ti irs`` command) writes ``irs.json`` and ``irs.png``.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "IRSResult",
+    "irs_scores",
+    "load_calibration_jsonl",
+    "pairs_from_llava",
+    "load_calibration_pairs",
+    "run_irs",
+    "plot_irs",
+]
+
+
+@dataclass
+class IRSResult:
+    """IRS of every decoder layer over a calibration set.
+
+    scores: IRS(l) per layer (fp32 values as Python floats); layer: argmax (ties -> lowest);
+    num_pairs: pairs used; cos_std: per layer, the std of the pair cosines (spread).
+    """
+
+    scores: list[float]
+    layer: int
+    num_pairs: int
+    cos_std: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------
+# calibration data
+# --------------------------------------------------------------------------------------
+
+
+def _open_image(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def load_calibration_jsonl(path, max_pairs: int | None = None) -> list[tuple[dict, dict]]:
+    """Pairs from a JSONL of ``{"image": path, "instructions": [a, b, ...]}`` records.
+
+    Image paths are relative to the JSONL's folder (absolute paths are kept). Every two
+    distinct instructions of a record form one pair, in order: (a, b), (a, c), (b, c), ...
+    """
+    path = Path(path)
+    pairs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"data: {path}:{n} is not valid JSON ({e})") from None
+        if not isinstance(rec, dict) or "image" not in rec or not isinstance(rec.get("instructions"), list):
+            raise ValueError(f"data: {path}:{n} must be an object with 'image' and a list 'instructions'")
+        instructions = list(dict.fromkeys(str(x) for x in rec["instructions"]))
+        if len(instructions) < 2:
+            continue
+        image_path = Path(rec["image"])
+        if not image_path.is_absolute():
+            image_path = path.parent / image_path
+        image = _open_image(image_path)
+        for a, b in itertools.combinations(instructions, 2):
+            pairs.append(({"image": image, "question": a, "image_id": str(rec["image"])},
+                          {"image": image, "question": b, "image_id": str(rec["image"])}))
+            if max_pairs is not None and len(pairs) >= max_pairs:
+                return pairs
+    return pairs
+
+
+def pairs_from_llava(items: list[dict], max_pairs: int | None = None) -> list[tuple[dict, dict]]:
+    """Pair LLaVA-format items (``load_llava_json``) that share an image and differ in question.
+
+    Images are taken in order of first appearance; within one image, consecutive distinct
+    questions are paired ((q1, q2), (q2, q3), ...), so every sample is used at most twice.
+    """
+    by_image: dict[str, list[dict]] = {}
+    for item in items:
+        if item.get("image") is None:
+            continue
+        by_image.setdefault(str(item.get("image_id")), []).append(item)
+    pairs = []
+    for group in by_image.values():
+        seen, distinct = set(), []
+        for item in group:
+            if item["question"] not in seen:
+                seen.add(item["question"])
+                distinct.append(item)
+        for a, b in zip(distinct, distinct[1:]):
+            pairs.append((a, b))
+            if max_pairs is not None and len(pairs) >= max_pairs:
+                return pairs
+    return pairs
+
+
+def load_calibration_pairs(data=None, samples: int = 32, seed: int = 0) -> list[tuple[dict, dict]]:
+    """Calibration pairs from a file or, when ``data`` is None, the synthetic set.
+
+    ``*.jsonl``: ``load_calibration_jsonl``; ``*.json``: a LLaVA-format dataset (images
+    relative to its folder), paired by ``pairs_from_llava``. At most ``samples`` pairs.
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if data is None:
+        from align_ti.data.synthetic import calibration_pairs
+
+        return calibration_pairs(samples, seed=seed)
+    path = Path(data)
+    if not path.is_file():
+        raise ValueError(f"data: no such file {path}")
+    if path.suffix == ".jsonl":
+        pairs = load_calibration_jsonl(path, max_pairs=samples)
+    elif path.suffix == ".json":
+        from align_ti.data.synthetic import load_llava_json
+
+        pairs = pairs_from_llava(load_llava_json(path, image_folder=path.parent), max_pairs=samples)
+    else:
+        raise ValueError(f"data: expected a .jsonl calibration file or a LLaVA-format .json, got {path}")
+    if not pairs:
+        raise ValueError(f"data: {path} yields no pair (an image with two different instructions)")
+    return pairs
+
+
+# --------------------------------------------------------------------------------------
+# IRS
+# --------------------------------------------------------------------------------------
+
+
+def _encode(processor, item: dict) -> dict:
+    """The prompt (image + instruction, no answer) with its instruction mask."""
+    from align_ti.data.synthetic import encode_example
+
+    enc = encode_example(processor, {"image": item["image"], "question": item["question"], "answer": ""},
+                         return_instruction_mask=True)
+    enc.pop("labels", None)
+    return enc
+
+
+def _image_token_id(model, processor) -> int:
+    tid = getattr(model.config, "image_token_index", None)
+    if tid is None:
+        tid = getattr(model.config, "image_token_id", None)
+    if tid is None:
+        tid = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
+    return int(tid)
+
+
+@torch.no_grad()
+def irs_scores(model, processor, pairs, batch_size: int = 4, impl: str = "auto") -> IRSResult:
+    """IRS(l) of every decoder layer of a LLaVA-style ``model`` over calibration ``pairs``.
+
+    Args:
+        model: ``LlavaForConditionalGeneration`` (any attention implementation; not changed).
+        processor: its processor (chat template + image processor), e.g. ``build_processor``.
+        pairs: ``[(item_1, item_2), ...]``, items ``{"image": PIL image, "question": str}``;
+            both items of a pair share the image (same number of vision tokens).
+        batch_size: pairs per forward (each forward runs ``2 * batch_size`` sequences and
+            captures every layer at once).
+        impl: passed to ``attention_mass``.
+
+    Returns:
+        ``IRSResult``: ``scores[l] = 1 - mean over pairs of cos(alpha_l(x1), alpha_l(x2))``
+        with ``alpha_l`` the head- and instruction-averaged attention mass on the vision
+        tokens (``align_ti.reference.attention_mass.irs_reference`` semantics: a zero mass
+        counts as cos 0); ``layer = argmax_l``.
+    """
+    from align_ti.data.synthetic import pad_batch
+    from align_ti.models.capture import capture_qk
+    from align_ti.ops.attention_mass import attention_mass
+    from align_ti.reference.attention_mass import irs_argmax, select_vision_mass
+
+    pairs = list(pairs)
+    if not pairs:
+        raise ValueError("pairs is empty: IRS needs at least one calibration pair")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    image_id = _image_token_id(model, processor)
+    pad_id = processor.tokenizer.pad_token_id or 0
+    cosines = []  # [n_layers, P] per batch
+    try:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            examples = [_encode(processor, it) for pair in chunk for it in pair]  # x1, x2, x1, x2 ...
+            batch = pad_batch(examples, pad_id)
+            qmask = batch.pop("instruction_mask").to(device)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            vision = batch["input_ids"] == image_id
+            with capture_qk(model, layers=None, detach=True) as cap:
+                model(**batch, use_cache=False)
+            masses = torch.stack([
+                attention_mass(*cap[l], qmask, batch["attention_mask"], impl=impl) for l in cap.layers
+            ])  # [n_layers, 2P, L]
+            del cap
+            alpha = select_vision_mass(masses.float(), vision)  # [n_layers, 2P, Nv]
+            a1, a2 = alpha[:, 0::2].double(), alpha[:, 1::2].double()
+            dot = (a1 * a2).sum(-1)
+            denom = a1.norm(dim=-1) * a2.norm(dim=-1)
+            ok = denom > 0
+            cosines.append(torch.where(ok, dot / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(dot)).cpu())
+    finally:
+        model.train(was_training)
+    cos = torch.cat(cosines, dim=1)  # [n_layers, P]
+    scores = (1.0 - cos.mean(dim=1)).float()
+    std = cos.std(dim=1) if cos.shape[1] > 1 else torch.zeros(cos.shape[0], dtype=cos.dtype)
+    return IRSResult(scores=[float(s) for s in scores], layer=irs_argmax(scores),
+                     num_pairs=cos.shape[1], cos_std=[float(s) for s in std])
+
+
+# --------------------------------------------------------------------------------------
+# outputs and the CLI driver
+# --------------------------------------------------------------------------------------
+
+
+def plot_irs(result: IRSResult, path, title: str = "IRS per layer") -> Path:
+    """A bar chart of IRS(l) with the chosen layer highlighted (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(result.scores)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * n + 2), 3.2), dpi=120)
+    colors = ["tab:orange" if l == result.layer else "tab:blue" for l in range(n)]
+    ax.bar(range(n), result.scores, color=colors)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("IRS = 1 - E[cos]")
+    ax.set_title(f"{title}\nchosen layer {result.layer} ({result.num_pairs} pairs)", fontsize=9)
+    ax.set_xticks(range(n) if n <= 40 else range(0, n, max(1, math.ceil(n / 20))))
+    top = max(result.scores) if result.scores else 1.0
+    ax.set_ylim(0, top * 1.15 if top > 0 else 1.0)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _load_model(model_path):
+    """A local checkpoint (model + processor) or, for None, the built-in tiny teacher."""
+    if model_path is None:
+        from align_ti.models.tiny import build_processor, build_tiny_llava
+
+        model = build_tiny_llava("teacher")
+        return model, build_processor(config=model.config), "tiny-teacher"
+    path = Path(model_path)
+    if not path.exists():
+        raise ValueError(f"model: no such local checkpoint {path} (nothing is downloaded)")
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    return model, processor, str(path)
+
+
+def run_irs(model=None, data=None, samples: int = 32, out=".", batch_size: int = 4, seed: int = 0) -> IRSResult:
+    """Compute IRS for every layer and write ``<out>/irs.json`` and ``<out>/irs.png``.
+
+    model: a local checkpoint path, or None for the built-in tiny teacher. data: a
+    calibration JSONL, a LLaVA-format JSON, or None for the synthetic pairs. samples: the
+    number of pairs.
+    """
+    import datetime
+    import platform
+
+    import transformers
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    m, processor, model_name = _load_model(model)
+    pairs = load_calibration_pairs(data, samples=samples, seed=seed)
+    result = irs_scores(m, processor, pairs, batch_size=batch_size)
+    text_cfg = getattr(m.config, "text_config", m.config)
+    record = {
+        **result.to_dict(),
+        "model": model_name,
+        "data": str(data) if data is not None else "synthetic calibration pairs",
+        "attn_implementation": getattr(text_cfg, "_attn_implementation", None),
+        "device": str(next(m.parameters()).device),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    (out / "irs.json").write_text(json.dumps(record, indent=2))
+    plot_irs(result, out / "irs.png", title=f"IRS per layer: {Path(model_name).name}")
+    if model is None:
+        record["note"] = "built-in tiny teacher with random weights: scores show the plumbing, not a real choice"
+        (out / "irs.json").write_text(json.dumps(record, indent=2))
+    return result
