@@ -2,7 +2,8 @@
 
 `kernels/` holds Triton device code. It is installed as `align_ti.kernels` (package_dir) and
 never as a top-level `kernels` package, which would shadow the PyPI package `kernels` that
-transformers probes for.
+transformers probes for. `benchmarks/` is installed as `align_ti.benchmarks` the same way, so
+that `align-ti bench` works from an installed package.
 """
 from setuptools import setup
 
@@ -14,6 +15,7 @@ PACKAGES = [
     "align_ti.data",
     "align_ti.train",
     "align_ti.kernels",
+    "align_ti.benchmarks",
 ]
 
 setup(
@@ -24,7 +26,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=PACKAGES,
-    package_dir={"align_ti.kernels": "kernels"},
+    package_dir={"align_ti.kernels": "kernels", "align_ti.benchmarks": "benchmarks"},
     install_requires=[
         "torch>=2.6",
         "triton>=3.2; platform_system == 'Linux'",

@@ -48,6 +48,37 @@ def _cmd_synth(args) -> int:
     return 0
 
 
+def _cmd_irs(args) -> int:
+    """Compute IRS (instruction relevance score) for every decoder layer of a LLaVA-style
+    teacher over calibration pairs (same image, different instructions); write irs.json and
+    irs.png and print the chosen layer argmax_l IRS(l)."""
+    from align_ti.models.irs import run_irs
+
+    try:
+        result = run_irs(model=args.model, data=args.data, samples=args.samples, out=args.out,
+                         batch_size=args.batch_size, seed=args.seed)
+    except ValueError as e:
+        print(f"align-ti irs: error: {e}", file=sys.stderr)
+        return 2
+    width = max(len(str(len(result.scores) - 1)), 5)
+    print(f"{'layer':>{width}}  IRS")
+    for layer, score in enumerate(result.scores):
+        mark = "  <- chosen" if layer == result.layer else ""
+        print(f"{layer:>{width}}  {score:.6g}{mark}")
+    print(f"wrote {args.out}/irs.json and {args.out}/irs.png ({result.num_pairs} pairs)")
+    print(f"chosen layer: {result.layer}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    """Benchmark the ops against what users use today (plain PyTorch, chunked torch,
+    torch.compile, Liger-Kernel where installed), all providers in one run; writes JSON with
+    provenance, markdown and PNG plots under benchmarks/results/<device>/."""
+    from align_ti.benchmarks import runner
+
+    return runner.cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="align-ti",
@@ -67,6 +98,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=32, help="number of images (several questions each)")
     p.add_argument("--seed", type=int, default=0, help="generation seed")
     p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("irs", help="score every teacher layer by IRS and pick the IVA layer",
+                       description=_cmd_irs.__doc__)
+    p.add_argument("--model", default=None,
+                   help="local LLaVA checkpoint folder (default: the built-in tiny teacher)")
+    p.add_argument("--data", default=None,
+                   help="calibration .jsonl ({'image': path, 'instructions': [...]}) or a "
+                        "LLaVA-format .json (samples sharing an image are paired); "
+                        "default: the built-in synthetic pairs")
+    p.add_argument("--samples", type=int, default=32, help="number of calibration pairs")
+    p.add_argument("--out", default="irs_out", help="output folder for irs.json and irs.png")
+    p.add_argument("--batch-size", type=int, default=4, help="pairs per forward")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic pairs")
+    p.set_defaults(func=_cmd_irs)
+    p = sub.add_parser("bench", help="benchmark the ops against today's alternatives",
+                       description=_cmd_bench.__doc__)
+    from align_ti.benchmarks.runner import build_parser as _bench_parser
+
+    _bench_parser(p)
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -1,0 +1,362 @@
+"""Measuring, provenance and output shared by every benchmark.
+
+An op's benchmark is an `OpBench`: how to make its inputs from a case's parameters, its
+providers (each returns a forward function whose result is a scalar loss or an output tensor),
+a reference to check every provider against before it is timed, and optionally a FLOP count.
+The runner (benchmarks/runner.py) measures each provider of each case:
+
+- correctness first: on the case's small `check` shape, the provider's output and input
+  gradients are compared with the reference; a provider that disagrees is refused (reported as
+  such, never timed);
+- time: median and spread of forward, backward and forward+backward over `reps` runs after a
+  warm-up, synchronising CUDA around each;
+- memory: CUDA: max_memory_allocated during fwd+bwd minus what was allocated before. CPU: each
+  provider runs in a fresh process; the maximum of the sampled current RSS during fwd+bwd minus
+  the RSS just before it (imports and inputs in place, gradients included).
+"""
+from __future__ import annotations
+
+import ctypes
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Case:
+    """One shape of one op. `params` feed the op's make_inputs; `check` is a small version of
+    it for the agreement check (defaults to params); `x` names the parameter plotted."""
+
+    op: str
+    name: str
+    params: dict
+    check: dict | None = None
+    quick: bool = False
+    devices: tuple = ("cpu", "cuda")
+    x: str | None = None
+    reps: int | None = None             # fewer repetitions for very slow cases
+
+
+@dataclass
+class OpBench:
+    name: str
+    make_inputs: Callable[[dict, torch.device], dict]
+    providers: dict[str, Callable[[dict], Callable[[], torch.Tensor]]]
+    reference: Callable[[dict], torch.Tensor]
+    grad_inputs: tuple = ()             # input names whose .grad is checked and cleared
+    flops: Callable[[dict], float] | None = None
+    tolerance: Callable[[dict], float] = lambda p: 1e-4
+    available: Callable[[str], bool] = lambda provider: True
+    quick_providers: tuple | None = None   # the providers --quick runs (None = all)
+    description: str = ""
+    backward: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------
+# provenance
+# ------------------------------------------------------------------------------------------
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        commit = out.stdout.strip() if out.returncode == 0 else "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return commit + (" (+ uncommitted changes)" if dirty else "")
+    except OSError as e:
+        return f"unknown ({e})"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    name = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("triton", "transformers", "liger-kernel", "align-ti"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def provenance(device: str) -> dict:
+    return {
+        "device": device_name(device),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# measuring one provider in this process
+# ------------------------------------------------------------------------------------------
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RssSampler:
+    """Samples this process's resident set size in a thread; `.peak` after exit."""
+
+    def __init__(self, interval: float = 0.001):
+        self.interval = interval
+        self.peak = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def release_memory() -> None:
+    """Give freed memory back, so the next RSS reading starts from what is really held."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _scalar(out: torch.Tensor) -> torch.Tensor:
+    """A scalar to differentiate: the output itself, or a fixed projection of it."""
+    if out.dim() == 0:
+        return out
+    weight = torch.linspace(0.5, 1.5, out.numel(), device=out.device, dtype=torch.float32)
+    return (out.float().flatten() * weight).sum()
+
+
+def _clear_grads(inputs: dict, names) -> None:
+    for n in names:
+        inputs[n].grad = None
+
+
+def agreement(bench: OpBench, provider: str, params: dict, device: torch.device) -> tuple[bool, float]:
+    """(agrees, max abs error) of a provider's output and gradients vs the reference."""
+    torch.manual_seed(0)
+    x = bench.make_inputs(params, device)
+    out = bench.providers[provider](x)()
+    grads = []
+    if bench.backward and bench.grad_inputs:
+        _scalar(out).backward()
+        grads = [x[n].grad.detach().clone() for n in bench.grad_inputs]
+        _clear_grads(x, bench.grad_inputs)
+    ref = bench.reference(x)
+    err = (out.detach().double() - ref.detach().double()).abs().max().item() if out.numel() else 0.0
+    if grads:
+        _scalar(ref).backward()
+        for g, n in zip(grads, bench.grad_inputs):
+            diff = (g.double() - x[n].grad.double()).abs().max().item() if g.numel() else 0.0
+            err = max(err, diff)
+    tol = bench.tolerance(params)
+    return bool(err == err and err <= tol), err
+
+
+def _stats(times: list[float]) -> dict:
+    times = sorted(times)
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {"median_s": statistics.median(times), "min_s": times[0], "max_s": times[-1],
+            "iqr_s": q[2] - q[0], "reps": len(times)}
+
+
+def measure(bench: OpBench, provider: str, params: dict, device: torch.device, reps: int) -> dict:
+    """Time and memory of one provider at one shape, in this process."""
+    torch.manual_seed(0)
+    x = bench.make_inputs(params, device)
+    fwd = bench.providers[provider](x)
+    grad = bench.backward and bool(bench.grad_inputs)
+
+    def run_both():
+        out = fwd()
+        if grad:
+            _scalar(out).backward()
+        return out
+
+    run_both()  # warm-up: compilation, autotuning, allocator
+    _sync(device)
+    _clear_grads(x, bench.grad_inputs)
+    release_memory()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run_both()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        before = rss_bytes()
+        with RssSampler() as sampler:
+            run_both()
+        peak = sampler.peak - before
+    _clear_grads(x, bench.grad_inputs)
+
+    t_fwd, t_bwd, t_both = [], [], []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fwd()
+        _sync(device)
+        t1 = time.perf_counter()
+        if grad:
+            _scalar(out).backward()
+            _sync(device)
+        t2 = time.perf_counter()
+        t_fwd.append(t1 - t0)
+        t_bwd.append(t2 - t1)
+        t_both.append(t2 - t0)
+        del out
+        _clear_grads(x, bench.grad_inputs)
+    result = {"provider": provider, "fwd": _stats(t_fwd), "fwd_bwd": _stats(t_both),
+              "peak_extra_mib": peak / 2**20}
+    if grad:
+        result["bwd"] = _stats(t_bwd)
+    if bench.flops is not None:
+        flop = bench.flops(params)
+        result["tflops"] = flop / result["fwd_bwd"]["median_s"] / 1e12
+    return result
+
+
+def matmul_roofline_tflops(device: torch.device, dtype: torch.dtype, size: int = 8192, reps: int = 10) -> float:
+    """The device's achieved dense matmul rate, measured now (the roofline for fractions)."""
+    size = size if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * size**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+# ------------------------------------------------------------------------------------------
+# output
+# ------------------------------------------------------------------------------------------
+
+def write_report(report: dict, out_dir: str, stem: str) -> list[str]:
+    """JSON + markdown table + PNG plots (time and memory vs the case's x parameter)."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, f"{stem}.json"), os.path.join(out_dir, f"{stem}.md")]
+    with open(paths[0], "w") as f:
+        json.dump(report, f, indent=2)
+    with open(paths[1], "w") as f:
+        f.write(markdown(report))
+    png = plot(report, os.path.join(out_dir, f"{stem}.png"))
+    if png:
+        paths.append(png)
+    return paths
+
+
+def _fmt(v, unit=""):
+    return "" if v is None else f"{v:.4g}{unit}"
+
+
+def markdown(report: dict) -> str:
+    prov = report["provenance"]
+    lines = [f"# Benchmark: {report['op']} on {report['device_type']}", "",
+             f"Device: {prov['device']}  ", f"Versions: {prov['versions']}  ",
+             f"Commit: {prov['git_commit']}  ", f"Date: {prov['date']}  ",
+             f"Memory: {report['memory_metric']}", ""]
+    if report.get("roofline_tflops"):
+        lines += [f"Measured matmul roofline: {report['roofline_tflops']:.1f} TFLOP/s", ""]
+    for case in report["cases"]:
+        lines += [f"## {case['name']}", "", f"Parameters: {case['params']}", "",
+                  "| provider | fwd median (s) | bwd median (s) | fwd+bwd median (s) | fwd+bwd min-max (s) "
+                  "| peak extra (MiB) | TFLOP/s | status |",
+                  "|---|---:|---:|---:|---|---:|---:|---|"]
+        for r in case["results"]:
+            if "fwd_bwd" not in r:
+                lines.append(f"| {r['provider']} | | | | | | | {r.get('status', '')} |")
+                continue
+            fb = r["fwd_bwd"]
+            lines.append(
+                f"| {r['provider']} | {_fmt(r['fwd']['median_s'])} | {_fmt(r.get('bwd', {}).get('median_s'))} "
+                f"| {_fmt(fb['median_s'])} | {_fmt(fb['min_s'])}-{_fmt(fb['max_s'])} "
+                f"| {_fmt(r['peak_extra_mib'])} | {_fmt(r.get('tflops'))} | {r.get('status', 'ok')} |"
+            )
+        if case.get("summary"):
+            lines += ["", "Summary: " + ", ".join(f"{k} = {_fmt(v) if isinstance(v, float) else v}"
+                                                   for k, v in case["summary"].items())]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> str | None:
+    """Time and memory per provider against the plotted parameter, when cases vary one."""
+    cases = [c for c in report["cases"] if c.get("x")]
+    if len(cases) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xname = cases[0]["x"]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+    providers = sorted({r["provider"] for c in cases for r in c["results"] if "fwd_bwd" in r})
+    for p in providers:
+        pts = [(c["params"][xname], r) for c in cases for r in c["results"]
+               if r["provider"] == p and "fwd_bwd" in r]
+        if not pts:
+            continue
+        xs = [x for x, _ in pts]
+        ax_t.plot(xs, [r["fwd_bwd"]["median_s"] * 1e3 for _, r in pts], marker="o", label=p)
+        ax_m.plot(xs, [r["peak_extra_mib"] for _, r in pts], marker="o", label=p)
+    ax_t.set(xlabel=xname, ylabel="fwd+bwd median (ms)", title=f"{report['op']}: time")
+    ax_m.set(xlabel=xname, ylabel="peak extra memory (MiB)", title=f"{report['op']}: memory")
+    for ax in (ax_t, ax_m):
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    ax_m.legend(fontsize=8)
+    fig.suptitle(f"{report['provenance']['device']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

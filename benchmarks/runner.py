@@ -1,0 +1,194 @@
+"""The one benchmark runner: `align-ti bench [--device cpu|cuda] [--op NAME] [--quick]`.
+
+The registry is `OPS`: op name -> module that defines `BENCH` (an OpBench) and `CASES` (a list
+of Case). Every provider of every case is first checked against the reference (a provider that
+disagrees is refused, never timed), then measured: on CUDA in this process, on CPU in a fresh
+process per provider so that RSS readings are its own. Results land as JSON (with provenance),
+markdown and PNG under benchmarks/results/<device>/.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+# torch and the harness are imported inside the functions, so that `align-ti --help` (which
+# builds this parser) stays instant.
+
+OPS = {
+    "fused_kl": "fused_kl",
+    "attention_mass": "attention_mass",
+}
+
+
+def load_op(name: str):
+    if name not in OPS:
+        raise ValueError(f"unknown benchmark op {name!r}; known: {', '.join(OPS)}")
+    module = importlib.import_module(f"{__package__}.{OPS[name]}")
+    return module.BENCH, module.CASES
+
+
+def _worker_cmd(op, case, provider, device, reps):
+    return [sys.executable, "-m", f"{__package__}.runner", "--worker", "--op", op, "--case", case,
+            "--provider", provider, "--device", device, "--reps", str(reps)]
+
+
+def _run_worker(op, case, provider, device, reps) -> dict:
+    """One provider in a fresh process (CPU memory is then its own)."""
+    proc = subprocess.run(_worker_cmd(op, case, provider, device, reps), capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"provider": provider, "status": f"failed: {tail[0]}"}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def measure_provider(bench, case, provider, device, reps: int) -> dict:
+    """The agreement check, then the measurement (used in-process and by workers)."""
+    from . import harness
+    try:
+        ok, err = harness.agreement(bench, provider, case.check or case.params, device)
+    except Exception as e:  # a provider that cannot run this case is reported, not fatal
+        return {"provider": provider, "status": f"failed: {type(e).__name__}: {e}"}
+    if not ok:
+        return {"provider": provider, "status": f"refused: disagrees with the reference (max error {err:.3g})",
+                "max_error": err}
+    try:
+        result = harness.measure(bench, provider, case.params, device, reps)
+    except Exception as e:
+        return {"provider": provider, "status": f"failed: {type(e).__name__}: {e}"}
+    result["max_error"] = err
+    result["status"] = "ok"
+    return result
+
+
+def summarize(results: list[dict], baseline: str = "align_ti") -> dict:
+    ok = {r["provider"]: r for r in results if r.get("status") == "ok"}
+    if baseline not in ok:
+        return {}
+    ours = ok[baseline]
+    peers = {k: v for k, v in ok.items() if k != baseline}
+    out = {}
+    if peers:
+        fastest = min(peers.values(), key=lambda r: r["fwd_bwd"]["median_s"])
+        out["fastest_peer"] = fastest["provider"]
+        out["time_vs_fastest_peer"] = ours["fwd_bwd"]["median_s"] / fastest["fwd_bwd"]["median_s"]
+        leanest = min(peers.values(), key=lambda r: r["peak_extra_mib"])
+        out["leanest_peer"] = leanest["provider"]
+        out["memory_vs_leanest_peer"] = ours["peak_extra_mib"] / max(leanest["peak_extra_mib"], 1e-9)
+    return out
+
+
+def run(device: str = "cpu", ops=None, quick: bool = False, reps: int | None = None,
+        out_dir: str | None = None, providers=None, log=print, isolate: bool | None = None) -> list[str]:
+    """Run the registry's cases for `ops` (all by default) on `device`; returns written paths.
+
+    `isolate` runs each provider in a fresh process (default: on CPU, where RSS is per process).
+    """
+    import torch
+
+    from . import harness
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but CUDA is not available here")
+    reps = reps or (3 if quick else 7)
+    out_dir = out_dir or os.path.join(os.getcwd(), "benchmarks", "results", device)
+    written = []
+    for op in ops or list(OPS):
+        bench, cases = load_op(op)
+        cases = [c for c in cases if device in c.devices and (c.quick or not quick)]
+        if not cases:
+            log(f"{op}: no {'quick ' if quick else ''}cases for {device}")
+            continue
+        report = {"op": op, "description": bench.description, "device_type": device,
+                  "provenance": harness.provenance(device), "quick": quick,
+                  "memory_metric": ("max_memory_allocated during fwd+bwd minus allocated before"
+                                    if device == "cuda" else
+                                    "max sampled RSS during fwd+bwd minus RSS before, fresh process per provider"),
+                  "cases": []}
+        if device == "cuda" and bench.flops is not None:
+            report["roofline_tflops"] = harness.matmul_roofline_tflops(torch.device("cuda"), torch.bfloat16)
+        for case in cases:
+            names = [p for p in bench.providers if bench.available(p) and (not providers or p in providers)
+                     and (not quick or bench.quick_providers is None or p in bench.quick_providers)]
+            results = []
+            for p in names:
+                t0 = time.perf_counter()
+                case_reps = min(reps, case.reps) if case.reps else reps
+                if isolate if isolate is not None else device == "cpu":
+                    r = _run_worker(op, case.name, p, device, case_reps)
+                else:
+                    r = measure_provider(bench, case, p, torch.device(device), case_reps)
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                if report.get("roofline_tflops") and r.get("tflops"):
+                    r["roofline_fraction"] = r["tflops"] / report["roofline_tflops"]
+                results.append(r)
+                took = time.perf_counter() - t0
+                if r.get("status") == "ok":
+                    log(f"{op:15s} {case.name:40s} {p:22s} fwd+bwd {r['fwd_bwd']['median_s'] * 1e3:9.2f} ms"
+                        f"  {r['peak_extra_mib']:9.1f} MiB  ({took:.0f} s)")
+                else:
+                    log(f"{op:15s} {case.name:40s} {p:22s} {r['status']}")
+            report["cases"].append({"name": case.name, "params": case.params, "x": case.x,
+                                    "results": results, "summary": summarize(results)})
+        stem = op + ("-quick" if quick else "")
+        written += harness.write_report(report, out_dir, stem)
+    return written
+
+
+def _find_case(op: str, name: str):
+    bench, cases = load_op(op)
+    for c in cases:
+        if c.name == name:
+            return bench, c
+    raise ValueError(f"{op} has no case {name!r}")
+
+
+def build_parser(parser=None):
+    parser = parser or argparse.ArgumentParser(prog="align-ti bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="where to run (default: cuda when available, else cpu)")
+    parser.add_argument("--op", action="append", choices=list(OPS), help="an op to benchmark (repeatable; default all)")
+    parser.add_argument("--quick", action="store_true", help="the small quick cases only, fewer repetitions")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per provider (default 7, quick 3)")
+    parser.add_argument("--provider", action="append", help="only these providers (repeatable)")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
+    return parser
+
+
+def main(argv=None) -> int:
+    import torch
+
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--worker" in argv:  # child mode: one provider of one case, result on stdout
+        p = argparse.ArgumentParser()
+        for a in ("--op", "--case", "--provider", "--device"):
+            p.add_argument(a, required=True)
+        p.add_argument("--reps", type=int, required=True)
+        p.add_argument("--worker", action="store_true")
+        a = p.parse_args(argv)
+        bench, case = _find_case(a.op, a.case)
+        r = measure_provider(bench, case, a.provider, torch.device(a.device), a.reps)
+        print("RESULT " + json.dumps(r), flush=True)
+        return 0
+    args = build_parser().parse_args(argv)
+    return cli(args)
+
+
+def cli(args) -> int:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    paths = run(device, ops=args.op, quick=args.quick, reps=args.reps, out_dir=args.out, providers=args.provider)
+    for p in paths:
+        print("wrote", p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
