@@ -22,6 +22,7 @@ import time
 OPS = {
     "fused_kl": "fused_kl",
     "attention_mass": "attention_mass",
+    "topk_align": "topk_align",
 }
 
 

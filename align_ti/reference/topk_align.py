@@ -72,3 +72,42 @@ def select_topk_reference(mass, vision_mask, k=None, ratio=None):
     rows_t = torch.tensor(rows, dtype=torch.long, device=mass.device)
     weights_t = torch.cat(weights) if weights else torch.zeros(0, device=mass.device)
     return rows_t, weights_t
+
+
+def topk_align_reference(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    mass,
+    vision_mask,
+    k=None,
+    ratio=None,
+    normalize="sample",
+    divergence="forward",
+    beta=0.5,
+    temperature=1.0,
+    vocab_size=None,
+    student_bias=None,
+    teacher_bias=None,
+):
+    """The IVA loss by definition: `select_topk_reference`, then `fused_linear_kl_reference`
+    ("mean") on the flattened [B*L, H] hidden states at the selected rows with the selection
+    weights; normalize="token" first scales each sample's weights by its kept-token count."""
+    from align_ti.reference.fused_kl import fused_linear_kl_reference
+
+    if normalize not in ("sample", "token"):
+        raise ValueError(f"normalize must be one of ['sample', 'token'], got {normalize!r}")
+    b_size, length = mass.shape
+    rows, weights = select_topk_reference(mass.detach(), vision_mask, k=k, ratio=ratio)
+    if normalize == "token" and rows.numel():
+        sample = rows // length
+        counts = torch.bincount(sample, minlength=b_size).float()
+        weights = weights * counts[sample]
+    return fused_linear_kl_reference(
+        student_hidden.reshape(b_size * length, -1), student_weight,
+        teacher_hidden.reshape(b_size * length, -1), teacher_weight,
+        rows=rows, weights=weights, divergence=divergence, beta=beta, temperature=temperature,
+        vocab_size=vocab_size, reduction="mean", student_bias=student_bias,
+        teacher_bias=teacher_bias,
+    )
