@@ -23,11 +23,11 @@ when ``lse`` is supplied (the ``lse`` is only a cached forward value and gets no
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
 
+from align_ti.ops.dispatch import cdiv, interpret_mode
 from align_ti.ops.heuristics import ATTENTION_MASS_CHUNK_BYTES, attention_mass_config
 from align_ti.reference.attention_mass import check_attention_mass_args
 from align_ti.validation import check_choice, check_dim, check_same_device, check_tensor, describe
@@ -247,7 +247,7 @@ def _torch_backward(q, k, grad, lse_c, plan: _TorchPlan, scale):
 
 
 def _triton_blocks(q, opts):
-    blocks = attention_mass_config(q.shape[-1], q.dtype, interpret=os.environ.get("TRITON_INTERPRET") == "1")
+    blocks = attention_mass_config(q.shape[-1], q.dtype, interpret=interpret_mode())
     blocks["DOT_PREC"] = "ieee" if q.dtype == torch.float32 else "tf32"
     if opts.block_m is not None:
         blocks["BLOCK_M"] = opts.block_m
@@ -268,7 +268,7 @@ def _triton_forward(q, k, selected, real, lse, opts):
     BM, BN = blocks["BLOCK_M"], blocks["BLOCK_N"]
     if lse is None:
         lse_buf = torch.zeros(B, Hq, L, dtype=torch.float32, device=q.device)
-        grid = (triton_cdiv(L, BM), B * Hq)
+        grid = (_grid(L, BM), B * Hq)
         _attention_mass_lse[grid](
             q, k, order, n_sel32, real_i8, lse_buf,
             *q.stride(), *k.stride(), *lse_buf.stride(),
@@ -279,7 +279,7 @@ def _triton_forward(q, k, selected, real, lse, opts):
     else:
         lse_buf = lse.detach().to(torch.float32)
     mass = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
-    grid = (triton_cdiv(L, BN), B * Hq)
+    grid = (_grid(L, BN), B * Hq)
     _attention_mass_fwd[grid](
         q, k, order, n_sel32, real_i8, lse_buf, mass,
         *q.stride(), *k.stride(), *lse_buf.stride(), *mass.stride(),
@@ -303,13 +303,13 @@ def _triton_backward(q, k, grad, lse_buf, aux, opts):
     delta = torch.zeros(B, Hq, L, dtype=torch.float32, device=q.device)
     common = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=blocks["BLOCK_D"], DOT_PREC=blocks["DOT_PREC"],
                   num_warps=blocks["num_warps"])
-    _attention_mass_bwd_dq[(triton_cdiv(L, BM), B * Hq)](
+    _attention_mass_bwd_dq[(_grid(L, BM), B * Hq)](
         q, k, order, n_sel32, real_i8, lse_buf, g, delta, dq,
         *q.stride(), *k.stride(), *lse_buf.stride(), *g.stride(), *delta.stride(), *dq.stride(),
         Hq, Hkv, L, D, opts.scale * _LOG2E, opts.scale, **common,
     )
     dk = torch.empty(B, Hkv, L, D, dtype=torch.float32, device=q.device)
-    _attention_mass_bwd_dk[(triton_cdiv(L, BN), B * Hkv)](
+    _attention_mass_bwd_dk[(_grid(L, BN), B * Hkv)](
         q, k, order, n_sel32, real_i8, lse_buf, g, delta, dk,
         *q.stride(), *k.stride(), *lse_buf.stride(), *g.stride(), *delta.stride(), *dk.stride(),
         Hq, Hkv, L, D, opts.scale * _LOG2E, opts.scale, **common,
@@ -320,8 +320,9 @@ def _triton_backward(q, k, grad, lse_buf, aux, opts):
 _LOG2E = 1.4426950408889634
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return max(1, -(-a // b))
+def _grid(n: int, block: int) -> int:
+    """Programs along one axis: at least one, so an empty axis still launches (and exits)."""
+    return max(1, cdiv(n, block))
 
 
 # --------------------------------------------------------------------------------------
@@ -442,7 +443,7 @@ def attention_mass(
     if impl == "triton":
         if q.dtype == torch.float64:
             raise TypeError(f"impl='triton' supports fp16 / bf16 / fp32 inputs, got q {describe(q)}")
-        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if not q.is_cuda and not interpret_mode():
             raise ValueError(
                 f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
                 f"imported); q is on {q.device}. Use impl='torch' or 'auto'."

@@ -31,12 +31,12 @@ the kept count of a full sample) with zero weights on padding slots and no host 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from align_ti.ops import heuristics as _heur
+from align_ti.ops.dispatch import cdiv, interpret_mode, resolve_impl
 from align_ti.reference.fused_kl import KLOptions, check_head, resolve_vocab_size
 from align_ti.reference.topk_align import check_selection_args, kept_count
 from align_ti.validation import (
@@ -46,7 +46,6 @@ from align_ti.validation import (
     check_tensor,
 )
 
-IMPLS = ("auto", "triton", "torch")
 NORMALIZE = ("sample", "token")
 FEATURE_LOSSES = ("cosine", "mse")
 _DIV_CODE = {"forward": 0, "reverse": 1, "jsd": 2}
@@ -169,18 +168,6 @@ class TopkAlignOptions:
     chunk_bytes: int = 0  # 0 = align_ti.ops.heuristics
 
 
-def _resolve_impl(impl: str, device: torch.device) -> str:
-    check_choice("impl", impl, IMPLS)
-    if impl == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"impl='triton' needs CUDA tensors (got tensors on {device}); use impl='torch' or "
-            "'auto', or set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU"
-        )
-    return impl
-
-
 def _check_sequence_inputs(student_hidden, teacher_hidden, mass, vision_mask):
     check_tensor("student_hidden", student_hidden, ndim=3, floating=True)
     check_tensor("teacher_hidden", teacher_hidden, ndim=3, floating=True)
@@ -212,36 +199,17 @@ def _normalized_weights(keep, w, n_keep, normalize):
 # the Triton driver (CUDA, or CPU under TRITON_INTERPRET=1)
 # --------------------------------------------------------------------------------------------
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _ieee(t: torch.Tensor) -> bool:
     """fp32 matmuls in full precision unless torch allows tf32 (as torch.mm does)."""
     return t.dtype == _F32 and not (t.is_cuda and bool(torch.backends.cuda.matmul.allow_tf32))
-
-
-def gemm_config(kind: str, dtype: torch.dtype, interpret: bool) -> dict:
-    """Tile sizes of the gather matmuls. (To move into `align_ti.ops.heuristics`, the one place
-    for launch heuristics, when that file is next edited.)"""
-    if interpret:
-        if kind == "logits":
-            return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4}
-        return {"BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_R": 16, "num_warps": 4}
-    wide = dtype != _F32
-    if kind == "logits":
-        return {"BLOCK_M": 128, "BLOCK_N": 256 if wide else 128, "BLOCK_K": 64 if wide else 32,
-                "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_N": 128, "BLOCK_K": 128 if wide else 64, "BLOCK_R": 64 if wide else 32,
-            "num_warps": 8, "num_stages": 3}
 
 
 def _launch_logits(h, idx, weight, bias, ncols, out):
     from align_ti.kernels import topk_align as _k
 
     r = idx.shape[0]
-    cfg = gemm_config("logits", h.dtype, _interpret())
-    grid = (triton_cdiv(r, cfg["BLOCK_M"]) * triton_cdiv(ncols, cfg["BLOCK_N"]),)
+    cfg = _heur.gather_gemm_config("logits", h.dtype, interpret_mode())
+    grid = (cdiv(r, cfg["BLOCK_M"]) * cdiv(ncols, cfg["BLOCK_N"]),)
     _k.gather_logits_kernel[grid](
         h, h.stride(0), h.stride(1), idx, weight, weight.stride(0), weight.stride(1),
         bias if bias is not None else out, out, out.stride(0), r, ncols, h.shape[1],
@@ -253,8 +221,8 @@ def _launch_dw(g, h, idx, dw, db, ncols, accumulate):
     from align_ti.kernels import topk_align as _k
 
     r = idx.shape[0]
-    cfg = gemm_config("dw", h.dtype, _interpret())
-    grid = (triton_cdiv(ncols, cfg["BLOCK_N"]), triton_cdiv(h.shape[1], cfg["BLOCK_K"]))
+    cfg = _heur.gather_gemm_config("dw", h.dtype, interpret_mode())
+    grid = (cdiv(ncols, cfg["BLOCK_N"]), cdiv(h.shape[1], cfg["BLOCK_K"]))
     _k.gather_dw_kernel[grid](
         g, g.stride(0), h, h.stride(0), h.stride(1), idx, dw, dw.stride(0),
         db if db is not None else dw, r, ncols, h.shape[1],
@@ -275,7 +243,7 @@ def _launch_rows(zs, zt, v, div_code, beta, inv_t, a, d, need_grad):
     from align_ti.kernels import fused_kl as _kkl
 
     r = zs.shape[0]
-    cfg = _heur.kl_row_config(v, interpret=_interpret())
+    cfg = _heur.kl_row_config(v, interpret=interpret_mode())
     a_t = a if need_grad else d
     _kkl.fused_kl_rows_kernel[(r,)](
         zs, zs.stride(0), zt, zt.stride(0), zs, zs.stride(0), zs, zs.stride(0),
@@ -284,10 +252,6 @@ def _launch_rows(zs, zt, v, div_code, beta, inv_t, a, d, need_grad):
         DIVERGENCE=div_code, HAS_CE=False, CE_SHARES_LSE=False, SPLIT_CE=False,
         NEED_GRAD=bool(need_grad), **cfg,
     )
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _grad_hidden(g, weight):
@@ -470,7 +434,7 @@ def topk_align(
     })
     check_selection_args(mass, vision_mask, k, ratio)
     check_finite_nonnegative("mass", mass)
-    impl = _resolve_impl(impl, device)
+    impl = resolve_impl(impl, device)
     v = resolve_vocab_size(vocab_size, student_weight.shape[0], teacher_weight.shape[0])
 
     keep, w, n_keep = _select_dense(mass.detach(), vision_mask, k, ratio)

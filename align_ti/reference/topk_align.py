@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from align_ti.validation import check_dim, check_no_nan, check_tensor
+from align_ti.validation import check_no_nan, check_tensor
 
 
 def check_selection_args(mass, vision_mask, k, ratio) -> None:
