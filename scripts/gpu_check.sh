@@ -44,6 +44,9 @@ log "CUDA benchmarks"
 timeout 330 python3 -m align_ti.benchmarks.runner --device cuda --out "$work/results" 2>&1 | tee "$work/bench.log"
 bench_rc=${PIPESTATUS[0]}
 log "benchmarks exit $bench_rc"
+log "TPA expanded-forward benchmark"
+timeout 120 python3 -m align_ti.benchmarks.branches --device cuda --out "$work/results" 2>&1 | tee "$work/bench-branches.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || bench_rc=1
 
 # Few files come back from a lent machine: one archive holds everything, plus the summaries.
 cat "$work"/results/*.md >"$OUT/summary.md" 2>/dev/null
