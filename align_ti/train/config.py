@@ -27,6 +27,7 @@ class DistillConfig:
     # data: "synthetic" (built-in visual QA) or a LLaVA-format JSON file
     data: str = "synthetic"
     image_folder: str | None = None         # images of a LLaVA-format JSON (default: its folder)
+    synthetic_images: int = 200             # data=synthetic: training images (4 questions each)
     max_length: int = 2048
     output_dir: str = "runs/distill"
     # loss weights: L = w_sft L_SFT + w_kd L_KD + w_iva L_IVA + w_tpa L_TPA (METHOD.md)
@@ -47,6 +48,7 @@ class DistillConfig:
     tpa_strategy: str = "sample"            # sample | topk
     tpa_fraction: float = 0.25              # fraction of response positions branched
     tpa_temperature: float = 1.0            # sampling temperature of the candidates
+    tpa_max_per_sample: int | None = None   # cap on branched steps per sample (None = no cap)
     # optimisation (passed on to transformers.TrainingArguments)
     learning_rate: float = 2e-5
     per_device_train_batch_size: int = 8
@@ -82,9 +84,12 @@ class DistillConfig:
                 raise ValueError(f"config {name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.tpa_fraction <= 1:
             raise ValueError(f"config tpa_fraction must be in (0, 1], got {self.tpa_fraction}")
-        for name in ("tpa_d", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps", "irs_samples"):
+        for name in ("tpa_d", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps", "irs_samples",
+                     "synthetic_images"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"config {name} must be a positive int, got {getattr(self, name)}")
+        if self.tpa_max_per_sample is not None and self.tpa_max_per_sample <= 0:
+            raise ValueError(f"config tpa_max_per_sample must be a positive int or null, got {self.tpa_max_per_sample}")
         if self.iva_k is not None and self.iva_k <= 0:
             raise ValueError(f"config iva_k must be a positive int or null, got {self.iva_k}")
         if self.iva_k is not None and self.iva_ratio is not None:

@@ -1,0 +1,189 @@
+"""Data glue of the trainer: models and processors from a config, the training dataset
+(built-in synthetic VQA or a LLaVA-format JSON), the collator, and the checks that teacher
+and student can be distilled into each other (shared vocabulary, same image expansion).
+
+Every example is encoded once, up front, with the *student's* processor and chat template
+(`align_ti.data.synthetic.encode_example`): token ids, labels (-100 outside the response),
+pixel values and the instruction mask (the queries IVA averages attention over). Teacher and
+student read the same token ids, which is why their tokenizers must agree on the shared
+vocabulary and their processors must expand an image into the same number of tokens; both
+are checked here, with errors that say what differs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from align_ti.data.synthetic import IGNORE_INDEX, encode_example, pad_batch
+
+__all__ = [
+    "TokenizerMismatchError",
+    "load_model_and_processor",
+    "check_tokenizers",
+    "check_image_expansion",
+    "load_items",
+    "EncodedDataset",
+    "DistillCollator",
+]
+
+
+class TokenizerMismatchError(ValueError):
+    """Teacher and student tokenizers disagree on the shared vocabulary or on special tokens."""
+
+
+# --------------------------------------------------------------------------------------------
+# models and processors
+# --------------------------------------------------------------------------------------------
+
+def load_model_and_processor(name: str, tiny_text: str = "qwen2", seed: int = 0,
+                             dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    """``(model, processor)`` for a config's ``teacher`` / ``student`` entry.
+
+    ``"tiny-teacher"`` / ``"tiny-student"``: the built-in random-weight LLaVA models
+    (`align_ti.models.tiny`, weights from ``seed``) with the built-in processor.
+    Anything else: a local checkpoint folder holding a ``LlavaForConditionalGeneration`` and
+    its processor (``AutoProcessor``); nothing is downloaded.
+    """
+    if name in ("tiny-teacher", "tiny-student"):
+        from align_ti.models.tiny import build_processor, build_tiny_llava
+
+        model = build_tiny_llava(name.split("-")[1], text=tiny_text, seed=seed, dtype=dtype,
+                                 attn_implementation=attn_implementation)
+        return model, build_processor(config=model.config)
+    if not os.path.isdir(name):
+        raise FileNotFoundError(f"model {name!r}: no such local checkpoint folder (nothing is downloaded)")
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(
+        name, dtype=dtype, local_files_only=True, attn_implementation=attn_implementation)
+    try:
+        processor = AutoProcessor.from_pretrained(name, local_files_only=True)
+    except Exception as e:  # a model folder without its processor
+        raise FileNotFoundError(
+            f"model {name!r}: cannot load its processor (tokenizer + image processor + chat template) "
+            f"from the folder: {e}") from e
+    if getattr(processor, "chat_template", None) is None and getattr(processor.tokenizer, "chat_template", None) is None:
+        raise ValueError(f"model {name!r}: its processor has no chat template; add one to the checkpoint folder")
+    return model, processor
+
+
+def _head_rows(model) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def check_tokenizers(teacher_processor, student_processor, vocab_size: int | None = None) -> None:
+    """Raise `TokenizerMismatchError` unless the two tokenizers map every token id below the
+    shared vocabulary size V' (default: the smaller tokenizer) to the same token, and agree on
+    the pad, eos and image tokens. KD compares the two models' distributions id by id, so any
+    disagreement would silently align the wrong tokens."""
+    tt = getattr(teacher_processor, "tokenizer", teacher_processor)
+    ts = getattr(student_processor, "tokenizer", student_processor)
+    vt, vs = tt.get_vocab(), ts.get_vocab()
+    inv_t = {i: t for t, i in vt.items()}
+    inv_s = {i: t for t, i in vs.items()}
+    shared = min(len(tt), len(ts)) if vocab_size is None else min(vocab_size, len(tt), len(ts))
+    bad = [(i, inv_t.get(i), inv_s.get(i)) for i in range(shared) if inv_t.get(i) != inv_s.get(i)]
+    problems = []
+    if bad:
+        shown = ", ".join(f"id {i}: teacher {a!r} vs student {b!r}" for i, a, b in bad[:5])
+        problems.append(f"{len(bad)} of the {shared} shared token ids differ ({shown}{', ...' if len(bad) > 5 else ''})")
+    for name in ("pad_token", "eos_token"):
+        a, b = getattr(tt, name, None), getattr(ts, name, None)
+        if a != b:
+            problems.append(f"{name}: teacher {a!r} vs student {b!r}")
+    ia = getattr(teacher_processor, "image_token", None)
+    ib = getattr(student_processor, "image_token", None)
+    if ia != ib:
+        problems.append(f"image_token: teacher {ia!r} vs student {ib!r}")
+    if problems:
+        raise TokenizerMismatchError(
+            "incompatible tokenizers: teacher and student must share the vocabulary they are "
+            "distilled over; " + "; ".join(problems)
+            + ". Use a student and teacher from the same tokenizer family (e.g. Qwen2 with Qwen2.5).")
+
+
+def check_image_expansion(teacher, student) -> None:
+    """Both models must turn one image into the same number of image tokens (they read the
+    same token ids) and use the same image token id."""
+    def seq(m):
+        c = m.config
+        n = getattr(c, "image_seq_length", None)
+        v = c.vision_config
+        if n is None:
+            n = (v.image_size // v.patch_size) ** 2
+        return int(n), int(getattr(c, "image_token_index", getattr(c, "image_token_id", -1)))
+
+    (nt, it), (ns, is_) = seq(teacher), seq(student)
+    if nt != ns or it != is_:
+        raise ValueError(
+            f"teacher and student expand an image differently (teacher {nt} image tokens, id {it}; "
+            f"student {ns} image tokens, id {is_}); they must read the same token sequence")
+
+
+# --------------------------------------------------------------------------------------------
+# datasets
+# --------------------------------------------------------------------------------------------
+
+def load_items(data: str, image_folder: str | None = None, synthetic_images: int = 200,
+               seed: int = 0) -> list[dict]:
+    """Raw items ``{"id", "image", "question", "answer", ...}``: the synthetic training split
+    (``data="synthetic"``, ``synthetic_images`` images, 4 questions each) or a LLaVA-format JSON
+    (images relative to ``image_folder``, default the JSON's folder)."""
+    if data == "synthetic":
+        from align_ti.data.synthetic import synthetic_vqa
+
+        return synthetic_vqa("train", synthetic_images, seed=seed)
+    if not os.path.isfile(data):
+        raise FileNotFoundError(f"data {data!r}: no such LLaVA-format JSON file")
+    from align_ti.data.synthetic import load_llava_json
+
+    folder = image_folder if image_folder is not None else os.path.dirname(os.path.abspath(data))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image_folder {folder!r}: no such folder")
+    try:
+        items = load_llava_json(data, folder)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"data {data!r}: an image is missing under image_folder {folder!r}: {e}") from e
+    if not items:
+        raise ValueError(f"data {data!r}: no (human, gpt) conversation turn found")
+    return items
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """Items encoded once (ids, labels, pixel values, instruction mask) plus their index
+    ``sample_id`` (TPA keys its random numbers on it, so branches do not depend on batching)."""
+
+    def __init__(self, items: list[dict], processor, max_length: int | None = None):
+        self.examples = []
+        for i, item in enumerate(items):
+            enc = encode_example(processor, item, max_length=max_length, return_instruction_mask=True)
+            enc["sample_ids"] = torch.tensor(i, dtype=torch.int64)
+            self.examples.append(enc)
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.examples[i]
+
+
+@dataclass
+class DistillCollator:
+    """Right-pads encoded examples (``pad_batch``); ``sample_ids`` become an int64 [B] tensor."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = torch.stack([f["sample_ids"] for f in features])
+        batch = pad_batch([{k: v for k, v in f.items() if k != "sample_ids"} for f in features], self.pad_token_id)
+        batch["sample_ids"] = ids
+        return batch
+
+
+def response_token_count(labels: torch.Tensor) -> torch.Tensor:
+    """Rows that carry SFT/KD: positions whose *next* label is not -100 (the causal shift)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()

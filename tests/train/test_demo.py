@@ -1,0 +1,31 @@
+"""`align-ti demo --quick`: runs end to end, writes its results and prints the table."""
+import json
+
+import pytest
+
+from align_ti.cli import main
+from align_ti.train.demo import METHODS
+
+pytestmark = pytest.mark.e2e
+
+
+def test_demo_quick(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for name in ("results.json", "results.md", "accuracy.png", "loss_curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == list(METHODS)
+    assert 0 <= results["teacher"]["accuracy"] <= 1
+    for name, m in results["methods"].items():
+        assert len(m["runs"]) >= 3
+        assert 0 <= m["accuracy_mean"] <= 1 and m["kl_mean"] >= 0 and m["wall_s_mean"] > 0
+        curves = m["runs"][0]["curves"]
+        for term, w in m["weights"].items():
+            assert (f"loss_{term[2:]}" in curves) == (w > 0), (name, term)
+    # the printed table is the markdown table, one row per method
+    table = (out / "results.md").read_text()
+    assert "| method |" in printed and table.strip().splitlines()[-1] in printed
+    for label in ("SFT", "vanilla KD", "IVA only", "TPA only", "Align-TI"):
+        assert f"| {label}" in printed

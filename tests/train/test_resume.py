@@ -1,0 +1,117 @@
+"""Checkpoint / resume (transformers.Trainer's) and atomic checkpoint folders.
+
+A run killed after step 5 (a callback raising) resumes from checkpoint-4 to the same final
+loss and weights as an uninterrupted run; a save that dies half-way leaves no
+``checkpoint-*`` folder behind, so resuming picks the last complete one.
+"""
+import copy
+import json
+import os
+
+import pytest
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from align_ti.data.synthetic import synthetic_vqa
+from align_ti.models.tiny import build_processor, build_tiny_llava
+from align_ti.train.config import load_config
+from align_ti.train.data import EncodedDataset
+from align_ti.train.trainer import build_trainer
+
+pytestmark = pytest.mark.e2e
+
+STEPS = 6
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class KillAfter(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            raise Killed(f"killed after step {self.step}")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    teacher = build_tiny_llava("teacher", seed=1, patch_size=16)
+    student = build_tiny_llava("student", seed=0, patch_size=16)
+    processor = build_processor(config=student.config)
+    items = synthetic_vqa("train", 4, seed=0)
+    return teacher, student, processor, EncodedDataset(items, processor)
+
+
+def _trainer(setup, out, callbacks=None):
+    teacher, student, processor, dataset = setup
+    cfg = load_config(overrides=[
+        f"output_dir={out}", f"max_steps={STEPS}", "per_device_train_batch_size=4", "learning_rate=1e-3",
+        "iva_layer=1", "tpa_fraction=0.5",
+        "training_args=" + json.dumps({"logging_steps": 1, "save_strategy": "steps", "save_steps": 2,
+                                       "disable_tqdm": True}),
+    ])
+    return build_trainer(cfg, student=copy.deepcopy(student), teacher=teacher, processor=processor,
+                         teacher_processor=processor, train_dataset=dataset, callbacks=callbacks)
+
+
+def _losses(trainer):
+    return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+
+def test_killed_run_resumes_to_the_same_result(setup, tmp_path):
+    full = _trainer(setup, tmp_path / "full")
+    full.train()
+    ref_losses = _losses(full)
+    ref_weights = full.model.student.state_dict()
+
+    out = tmp_path / "killed"
+    killed = _trainer(setup, out, callbacks=[KillAfter(5)])
+    with pytest.raises(Killed):
+        killed.train()
+    last = get_last_checkpoint(str(out))
+    assert os.path.basename(last) == "checkpoint-4"
+    assert not (out / ".staging").exists(), "staging leftovers after complete saves"
+    # a checkpoint folder is a plain student checkpoint
+    from transformers import LlavaForConditionalGeneration
+
+    reloaded = LlavaForConditionalGeneration.from_pretrained(last)
+    assert reloaded.config.text_config.hidden_size == setup[1].config.text_config.hidden_size
+
+    resumed = _trainer(setup, out)
+    resumed.train(resume_from_checkpoint=last)
+    losses = _losses(resumed)
+    assert sorted(losses) == list(range(1, STEPS + 1))  # steps 1-4 from the checkpoint's log history
+    for step in range(1, STEPS + 1):
+        assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), step
+    for k, v in resumed.model.student.state_dict().items():
+        torch.testing.assert_close(v, ref_weights[k], rtol=1e-5, atol=1e-7, msg=lambda m: f"{k}: {m}")
+
+
+def test_a_save_killed_half_way_leaves_no_checkpoint(setup, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    trainer = _trainer(setup, out)
+    calls = {"n": 0}
+    original = type(trainer)._save_rng_state
+
+    def dying_rng_save(self, output_dir):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint (step 4) dies after the weights are written
+            raise Killed("killed while saving")
+        return original(self, output_dir)
+
+    monkeypatch.setattr(type(trainer), "_save_rng_state", dying_rng_save)
+    with pytest.raises(Killed):
+        trainer.train()
+    names = sorted(p for p in os.listdir(out) if p.startswith("checkpoint-"))
+    assert names == ["checkpoint-2"], names
+    assert os.path.basename(get_last_checkpoint(str(out))) == "checkpoint-2"
+    monkeypatch.undo()
+    resumed = _trainer(setup, out)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == STEPS
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint-")) == [
+        "checkpoint-2", "checkpoint-4", "checkpoint-6"]

@@ -1,0 +1,251 @@
+"""The distillation trainer on the tiny models: every loss combination trains end to end, the
+wrapper's terms equal plain-PyTorch definitions, gradient accumulation is normalised by the
+global token count, the teacher stays frozen, non-finite losses stop the run naming the term,
+and the data/tokenizer checks give clear errors."""
+import copy
+import json
+
+import pytest
+import torch
+
+from align_ti.data.synthetic import IGNORE_INDEX, pad_batch, synthetic_vqa, write_llava_dataset
+from align_ti.models.tiny import build_processor, build_tiny_llava
+from align_ti.train.config import load_config
+from align_ti.train.data import (
+    DistillCollator,
+    EncodedDataset,
+    TokenizerMismatchError,
+    check_image_expansion,
+    check_tokenizers,
+)
+from align_ti.train.trainer import (
+    DistillModule,
+    LossSpec,
+    NonFiniteLossError,
+    build_trainer,
+    count_normalizers,
+)
+
+PATCH = 16  # 9 image tokens: short sequences, fast tests
+QUIET = {"logging_steps": 1, "save_strategy": "no", "disable_tqdm": True, "report_to": []}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    teacher = build_tiny_llava("teacher", seed=1, patch_size=PATCH)
+    student = build_tiny_llava("student", seed=0, patch_size=PATCH)
+    processor = build_processor(config=student.config)
+    items = synthetic_vqa("train", 3, seed=0)
+    dataset = EncodedDataset(items, processor)
+    return teacher, student, processor, items, dataset
+
+
+def _config(tmp_path, **kw):
+    over = {"max_steps": 2, "per_device_train_batch_size": 4, "output_dir": str(tmp_path / "run"),
+            "iva_layer": 1, "training_args": json.dumps(QUIET), "learning_rate": 1e-3}
+    over.update(kw)
+    return load_config(overrides=[f"{k}={v}" for k, v in over.items()])
+
+
+def _trainer(setup, tmp_path, **kw):
+    teacher, student, processor, items, dataset = setup
+    cfg = _config(tmp_path, **kw)
+    return build_trainer(cfg, student=copy.deepcopy(student), teacher=teacher, processor=processor,
+                         teacher_processor=processor, train_dataset=dataset, items=items)
+
+
+COMBOS = {
+    "sft": dict(w_kd=0, w_iva=0, w_tpa=0),
+    "kd": dict(w_sft=0, w_iva=0, w_tpa=0),
+    "sft+kd": dict(w_iva=0, w_tpa=0),
+    "iva": dict(w_sft=0, w_kd=0, w_tpa=0),
+    "tpa": dict(w_sft=0, w_kd=0, w_iva=0),
+    "all": dict(),
+}
+
+
+@pytest.mark.parametrize("combo", list(COMBOS))
+def test_every_loss_combination_trains(setup, tmp_path, combo):
+    trainer = _trainer(setup, tmp_path, **COMBOS[combo])
+    before = {k: v.clone() for k, v in trainer.model.student.state_dict().items()}
+    teacher_before = {k: v.clone() for k, v in setup[0].state_dict().items()}
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    spec = trainer.model.spec
+    expected = {f"loss_{t}" for t in ("sft", "kd", "iva", "tpa") if spec.weight(t) > 0}
+    for rec in logs:
+        assert expected <= set(rec), rec
+        assert not ({"loss_sft", "loss_kd", "loss_iva", "loss_tpa"} - expected) & set(rec)
+        total = sum(spec.weight(k[5:]) * rec[k] for k in expected)
+        assert rec["loss"] == pytest.approx(total, rel=1e-4, abs=1e-5)
+        assert all(torch.isfinite(torch.tensor(rec[k])) for k in expected)
+    after = trainer.model.student.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the student did not change"
+    # the teacher is frozen, in eval mode and untouched (and not used at all for SFT)
+    teacher = trainer.model.teacher
+    if not spec.needs_teacher:
+        assert teacher is None
+        return
+    assert teacher is setup[0]
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
+    assert "teacher" not in dict(trainer.model.named_children())
+
+
+def _batch(setup, n=6):
+    dataset = setup[4]
+    return DistillCollator(0)([dataset[i] for i in range(n)])
+
+
+def _reference_terms(student, teacher, teacher_eager, batch, layer):
+    """SFT, KD and IVA from full [B, L, V] logits and eager attention probabilities."""
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              pixel_values=batch["pixel_values"])
+    zs = student(**kw).logits.double()
+    with torch.no_grad():
+        zt = teacher(**kw).logits.double()
+        att = teacher_eager(**kw, output_attentions=True).attentions[layer].double()  # [B, H, L, L]
+    v = min(zs.shape[-1], zt.shape[-1])
+    labels = batch["labels"]
+    rows = labels[:, 1:] != IGNORE_INDEX
+    ce = torch.nn.functional.cross_entropy(zs[:, :-1][rows], labels[:, 1:][rows])
+    lps, lpt = zs[..., :v].log_softmax(-1), zt[..., :v].log_softmax(-1)
+    kl_tok = (lpt.exp() * (lpt - lps)).sum(-1)  # [B, L] forward KL
+    kd = kl_tok[:, :-1][rows].mean()
+    # IVA (all vision tokens, weights = normalised instruction->vision attention mass)
+    q = batch["instruction_mask"].bool() & batch["attention_mask"].bool()
+    mass = (att.mean(1) * q[:, :, None]).sum(1) / q.sum(1, keepdim=True)  # [B, L]
+    vis = batch["input_ids"] == student.config.image_token_index
+    w = mass * vis
+    w = w / w.sum(1, keepdim=True)
+    iva = (w * kl_tok).sum(1).mean()
+    return ce, kd, iva
+
+
+def test_terms_match_plain_pytorch(setup):
+    teacher, student, processor, _, _ = setup
+    student = copy.deepcopy(student)
+    layer = 2
+    teacher_eager = build_tiny_llava("teacher", seed=1, patch_size=PATCH, attn_implementation="eager")
+    teacher_eager.load_state_dict(teacher.state_dict())
+    batch = _batch(setup)
+    spec = LossSpec(w_sft=1.0, w_kd=1.0, w_iva=1.0, w_tpa=0.0, iva_layer=layer)
+    module = DistillModule(student, teacher, spec, image_token_id=student.config.image_token_index,
+                           pad_token_id=0)
+    out = module(**batch)
+    ce, kd, iva = _reference_terms(student, teacher, teacher_eager, batch, layer)
+    torch.testing.assert_close(out["terms"]["sft"].double(), ce, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["terms"]["kd"].double(), kd, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["terms"]["iva"].double(), iva, rtol=1e-4, atol=1e-5)
+    # gradient of the total equals the reference gradient (student LM head)
+    out["loss"].backward()
+    g = student.lm_head.weight.grad.clone()
+    student.zero_grad()
+    ce, kd, iva = _reference_terms(student, teacher, teacher_eager, batch, layer)
+    (ce + kd + iva).backward()
+    torch.testing.assert_close(g.double(), student.lm_head.weight.grad.double(), rtol=1e-3, atol=1e-6)
+
+
+def test_tpa_expanded_forward_serves_the_other_terms(setup):
+    """With TPA on, SFT/KD/IVA come from the ground-truth rows of the expanded forwards and
+    equal the values of the plain forwards."""
+    teacher, student, _, _, _ = setup
+    batch = _batch(setup)
+    common = dict(w_sft=1.0, w_kd=1.0, w_iva=1.0, iva_layer=1, tpa_fraction=1.0)
+    kw = dict(image_token_id=student.config.image_token_index, pad_token_id=0, forbidden_ids=(0, 3),
+              vocab_limit=1200)
+    plain = DistillModule(student, teacher, LossSpec(w_tpa=0.0, **common), **kw)(**batch)
+    with_tpa = DistillModule(student, teacher, LossSpec(w_tpa=1.0, **common), **kw)(**batch)
+    for name in ("sft", "kd", "iva"):
+        torch.testing.assert_close(with_tpa["terms"][name], plain["terms"][name], rtol=1e-4, atol=1e-5)
+    assert with_tpa["terms"]["tpa"] > 0 and torch.isfinite(with_tpa["terms"]["tpa"])
+
+
+def test_normalizers_count_response_rows_images_and_candidates(setup):
+    batch = _batch(setup)
+    spec = LossSpec(w_tpa=1.0, tpa_d=4, tpa_fraction=0.5)
+    counts = count_normalizers(batch, spec, image_token_id=3)
+    assert counts[0] == (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    assert counts[1] == batch["labels"].shape[0]
+    from align_ti.ops.branches import select_branch_steps
+
+    steps = select_branch_steps(batch["labels"], batch["attention_mask"], fraction=0.5)
+    assert counts[2] == (steps >= 0).sum() * 4
+
+
+def test_gradient_accumulation_matches_one_big_batch(setup, tmp_path):
+    """4 x 1 and 1 x 4 (accumulated) give the same update: losses are normalised by the
+    response rows of the whole optimizer step, not averaged per micro-batch."""
+    results = []
+    for bs, ga in ((4, 1), (1, 4)):
+        trainer = _trainer(setup, tmp_path / f"{bs}x{ga}", w_iva=0, w_tpa=1, max_steps=1,
+                           per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+                           training_args=json.dumps(dict(QUIET, optim="sgd")))  # Adam hides scale
+        trainer.train()
+        results.append((trainer.state.log_history[0], trainer.model.student.state_dict()))
+    (log0, w0) = results[0]
+    for log, w in results[1:]:
+        for key in ("loss", "loss_sft", "loss_kd", "loss_tpa"):
+            assert log[key] == pytest.approx(log0[key], rel=1e-4), key
+        for k in w0:
+            torch.testing.assert_close(w[k], w0[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def test_nan_loss_stops_naming_the_term(setup, tmp_path):
+    teacher, student, processor, items, dataset = setup
+    bad_teacher = copy.deepcopy(teacher)
+    with torch.no_grad():
+        bad_teacher.lm_head.weight[5, 0] = float("nan")
+    cfg = _config(tmp_path, w_iva=0, w_tpa=0)
+    trainer = build_trainer(cfg, student=copy.deepcopy(student), teacher=bad_teacher, processor=processor,
+                            teacher_processor=processor, train_dataset=dataset)
+    with pytest.raises(NonFiniteLossError, match=r"step 0: term\(s\) \['kd'\]"):
+        trainer.train()
+
+
+def test_llava_json_data_through_the_config(tmp_path):
+    path = write_llava_dataset(tmp_path / "data", n_images=2, seed=0)
+    cfg = load_config(overrides=[f"data={path}", "max_steps=1", "per_device_train_batch_size=2",
+                                 f"output_dir={tmp_path / 'run'}", "w_kd=0", "w_iva=0", "w_tpa=0",
+                                 f"training_args={json.dumps(QUIET)}"])
+    trainer = build_trainer(cfg)
+    assert len(trainer.train_dataset) == 8
+    trainer.train()
+    assert "loss_sft" in trainer.state.log_history[0]
+
+
+class _Tok:
+    def __init__(self, vocab, pad="<pad>", eos="<eos>"):
+        self.vocab, self.pad_token, self.eos_token = vocab, pad, eos
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+    def __len__(self):
+        return len(self.vocab)
+
+
+def test_tokenizer_check():
+    proc = build_processor()
+    check_tokenizers(proc, build_processor())  # identical: fine
+    vocab = proc.tokenizer.get_vocab()
+    a, b = "Ġred", "Ġblue"
+    swapped = dict(vocab, **{a: vocab[b], b: vocab[a]})
+    with pytest.raises(TokenizerMismatchError, match=r"incompatible tokenizers.*2 of the .* shared token ids differ"):
+        check_tokenizers(_Tok(swapped, proc.tokenizer.pad_token, proc.tokenizer.eos_token), proc.tokenizer)
+    with pytest.raises(TokenizerMismatchError, match="eos_token"):
+        check_tokenizers(_Tok(vocab, proc.tokenizer.pad_token, "</s>"), proc.tokenizer)
+
+
+def test_image_expansion_check():
+    with pytest.raises(ValueError, match="expand an image differently"):
+        check_image_expansion(build_tiny_llava("teacher", patch_size=16), build_tiny_llava("student"))
+
+
+def test_module_rejects_missing_pieces(setup):
+    teacher, student, _, _, _ = setup
+    with pytest.raises(ValueError, match="teacher is needed"):
+        DistillModule(student, None, LossSpec(w_kd=1.0), image_token_id=3, pad_token_id=0)
+    with pytest.raises(ValueError, match="iva_layer"):
+        DistillModule(student, teacher, LossSpec(w_iva=1.0), image_token_id=3, pad_token_id=0)
