@@ -38,7 +38,7 @@ POSITION_NAMES = {
     3: (("top left", "top", "top right"), ("left", "center", "right"),
         ("bottom left", "bottom", "bottom right")),
 }
-BACKGROUND = (30, 30, 30)
+BACKGROUND = (128, 128, 128)
 
 
 @dataclass(frozen=True)
@@ -146,15 +146,17 @@ def _scenes(split: str, n_images: int, seed: int, config: SceneConfig) -> list[S
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     rng = random.Random(f"align-ti-synthetic/{seed}/{split}")
-    scenes, seen = [], set()
-    for _ in range(1000 * max(n_images, 1)):
-        if len(scenes) == n_images:
-            return scenes
+    scenes, seen, misses = [], set(), 0
+    while len(scenes) < n_images:
         scene = sample_scene(rng, config)
         if scene not in seen and scene_split(scene, config) == split:
             seen.add(scene)
             scenes.append(scene)
-    raise ValueError(f"could not draw {n_images} distinct {split} scenes from this SceneConfig")
+            misses = 0
+        elif (misses := misses + 1) > 20_000:
+            raise ValueError(f"could not draw {n_images} distinct {split} scenes from {config} "
+                             f"(got {len(scenes)}); allow more objects or a larger grid")
+    return scenes
 
 
 def synthetic_vqa(

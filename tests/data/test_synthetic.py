@@ -146,3 +146,26 @@ def test_llava_json_round_trip(tmp_path):
         assert b["image_id"] == f"images/{a['image_id']}.png"
     # Items of one image share one loaded image.
     assert loaded[0]["image"] is loaded[1]["image"] and loaded[0]["image_id"] == loaded[1]["image_id"]
+
+
+def test_load_llava_json_general_entries(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (20, 10), (1, 2, 3)).save(tmp_path / "a.png")
+    records = [
+        {"id": 7, "image": "a.png", "conversations": [
+            {"from": "human", "value": "Describe.\n<image>"}, {"from": "gpt", "value": "A box."},
+            {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "blue"},
+        ]},
+        {"id": "txt", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+    ]
+    (tmp_path / "d.json").write_text(__import__("json").dumps(records))
+    items = load_llava_json(tmp_path / "d.json", tmp_path)
+    assert [(x["id"], x["question"], x["answer"]) for x in items] == [
+        ("7-0", "Describe.", "A box."), ("7-1", "Colour?", "blue"), ("txt", "Hi", "Hello")]
+    assert items[0]["image"].size == (20, 10) and items[2]["image"] is None
+
+
+def test_small_scene_space_fails_clearly():
+    with pytest.raises(ValueError, match="could not draw"):
+        synthetic_vqa("train", 500, config=SceneConfig(grid=2, min_objects=1, max_objects=1))
