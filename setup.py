@@ -38,7 +38,7 @@ setup(
         "PyYAML",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-timeout", "cmake>=3.18", "ninja"],
         "bench": ["liger-kernel"],
         "flash": ["flash-attn"],
     },

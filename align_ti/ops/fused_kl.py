@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from align_ti import native as _native
 from align_ti.ops import heuristics as _heur
 from align_ti.reference.fused_kl import (
     IGNORE_INDEX,
@@ -169,7 +170,11 @@ def _reduce_ce(nll, labels, mask):
 # --------------------------------------------------------------------------------------------
 
 def _log_softmax_into(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """out <- log_softmax(x, -1) without allocating (out must not alias x)."""
+    """out <- log_softmax(x, -1) without allocating (out must not alias x). A strided `out`
+    (the first V' columns of wider student logits) gets a copy: aten's _log_softmax.out
+    writes a non-contiguous out as if it were contiguous."""
+    if not out.is_contiguous():
+        return out.copy_(torch.log_softmax(x, -1))
     return torch.ops.aten._log_softmax.out(x, -1, False, out=out)
 
 
@@ -310,9 +315,50 @@ def _chunk_triton(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, spl
     )
 
 
+# The per-chunk step as a custom op. Its default implementation is `_chunk_torch`; the native
+# CPU extension (align_ti/native.py, csrc/fused_kl_cpu.cpp) overrides it for CPU tensors via
+# TORCH_LIBRARY_IMPL when loaded. Returns (d [r], nll [r] or [0], gce [r, ns] or [0]). With
+# need_grad the gradient is written in place over zs (zt is scratch), or, when g_out (fp32
+# [r, ns]) is given, into g_out, and zs, zt are then only read (the native kernel reads them
+# without copies; the default implementation copies them first). Columns >= v of the
+# gradient hold only the CE term.
+@torch.library.custom_op("align_ti::kl_chunk", mutates_args=("zs", "zt", "g_out"))
+def _kl_chunk_op(
+    zs: torch.Tensor, zt: torch.Tensor, v: int, div_code: int, beta: float, inv_t: float,
+    labels: Optional[torch.Tensor], a: Optional[torch.Tensor], c: Optional[torch.Tensor],
+    need_grad: bool, split: bool, g_out: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if g_out is not None:
+        zs, zt = zs.to(_F32, copy=True), zt.to(_F32, copy=True)
+    d, nll, g, gce = _chunk_torch(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split)
+    if g_out is not None and g is not None:
+        g_out.copy_(g)
+    return d, (nll if nll is not None else _empty(zs.device)), (gce if gce is not None else _empty(zs.device))
+
+
+@_kl_chunk_op.register_fake
+def _(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split, g_out=None):
+    r = zs.shape[0]
+    nll = zs.new_empty((r,) if labels is not None else (0,), dtype=_F32)
+    gce = zs.new_empty(zs.shape if (need_grad and labels is not None and split) else (0,), dtype=_F32)
+    return zs.new_empty((r,), dtype=_F32), nll, gce
+
+
+def _use_native(zs, zt) -> bool:
+    return (zs.device.type == "cpu" and zs.dtype == _F32 and zt.dtype == _F32
+            and zs.stride(-1) == 1 and zt.stride(-1) == 1 and _native.enabled())
+
+
 def _chunk(impl, zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split, scratch=None):
     if impl == "triton":
         return _chunk_triton(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split)
+    if _use_native(zs, zt):
+        d, nll, gce = torch.ops.align_ti.kl_chunk(zs, zt, v, div_code, beta, inv_t, labels, a, c,
+                                                  need_grad, split)
+        has_ce = labels is not None
+        return (d, nll if has_ce else None, zs if need_grad else None,
+                gce if (need_grad and has_ce and split) else None)
+    # not through the op: the reusable scratch buffers save an allocation per chunk
     return _chunk_torch(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split, scratch)
 
 
@@ -684,8 +730,19 @@ def _logits_driver(zs_in, zt_in, idx, mask, w, divergence, beta, temperature, vo
     r_chunk = _heur.rows_per_chunk(per_row, device, chunk_bytes if chunk_bytes > 0 else None)
     d_all = torch.zeros(n_proc, dtype=_F32, device=device)
     scratch = {}
+    # fp32 logits with the native CPU kernel: it reads the rows in place and writes the
+    # gradient rows directly (no fp32 chunk copies, no gradient copy-back)
+    direct = (idx is None and mask is None and impl == "torch" and zs_in.dtype == _F32
+              and zt_in.dtype == _F32 and _use_native(zs_in, zt_in))
     for s in range(0, n_proc, r_chunk):
         e = min(s + r_chunk, n_proc)
+        if direct:
+            d, _, _ = torch.ops.align_ti.kl_chunk(
+                zs_in[s:e, :v], zt_in[s:e, :v], v, div_code, beta, inv_t, None,
+                a[s:e] if need_grad else None, None, need_grad, False,
+                grad_logits[s:e, :v] if need_grad else None)
+            d_all[s:e] = d
+            continue
         if idx is None:
             zs = zs_in[s:e, :v].to(_F32, copy=True)
             zt = zt_in[s:e, :v].to(_F32, copy=True)

@@ -1,0 +1,223 @@
+"""The optional native CPU extension: build, cache and load.
+
+The fused KL's per-chunk step is the custom op ``align_ti::kl_chunk`` (its default
+implementation is PyTorch code, see `align_ti.ops.fused_kl`). The C++ kernel in
+``csrc/fused_kl_cpu.cpp`` overrides it for CPU tensors once its shared library is loaded.
+
+- `build()` (or ``align-ti build-native``) configures ``CMakeLists.txt`` with CMake + Ninja
+  against the torch that is installed now (no build isolation, so the ABI matches) and puts
+  ``libalign_ti_native.so`` in the cache. ``pip install`` never compiles anything.
+- The cache is ``$ALIGN_TI_NATIVE_DIR`` or ``~/.cache/align_ti/native`` (``$XDG_CACHE_HOME``
+  respected), one folder per torch version and, inside it, per CPU capability and source
+  hash: a torch upgrade or a source change simply finds no build.
+- `native_available()` loads the cached build on first use (it never builds) and says whether
+  the kernel is registered. A build that fails to load gives one warning and the PyTorch path.
+- ``ALIGN_TI_NATIVE=0`` (or `set_enabled(False)`) keeps the PyTorch path even when loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+LIB_NAME = "libalign_ti_native.so"
+_SOURCES = ("CMakeLists.txt", os.path.join("csrc", "fused_kl_cpu.cpp"))
+
+_loaded_path: str | None = None
+_tried = False
+_error: str | None = None
+_enabled_override: bool | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# where things are
+# --------------------------------------------------------------------------------------------
+
+def source_dir() -> str:
+    """The folder holding CMakeLists.txt and csrc/ (``$ALIGN_TI_NATIVE_SRC`` or the checkout)."""
+    env = os.environ.get("ALIGN_TI_NATIVE_SRC")
+    if env:
+        return os.path.abspath(env)
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _source_hash(src: str) -> str:
+    h = hashlib.sha256()
+    for rel in _SOURCES:
+        path = os.path.join(src, rel)
+        try:
+            with open(path, "rb") as f:
+                h.update(rel.encode() + b"\0" + f.read())
+        except OSError:
+            h.update(rel.encode() + b"\0missing")
+    return h.hexdigest()[:12]
+
+
+def cache_root() -> str:
+    env = os.environ.get("ALIGN_TI_NATIVE_DIR")
+    if env:
+        return os.path.abspath(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "align_ti", "native")
+
+
+def cache_dir() -> str:
+    """``<cache root>/torch-<version>/<cpu capability>-<source hash>``."""
+    import torch
+
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # older torch
+        cap = "cpu"
+    return os.path.join(cache_root(), f"torch-{torch.__version__}", f"{cap}-{_source_hash(source_dir())}")
+
+
+def library_path() -> str:
+    return os.path.join(cache_dir(), LIB_NAME)
+
+
+# --------------------------------------------------------------------------------------------
+# build
+# --------------------------------------------------------------------------------------------
+
+def _tool(name: str) -> str | None:
+    """A build tool on PATH, or next to this Python (a venv's pip-installed cmake/ninja)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    here = os.path.join(os.path.dirname(sys.executable), name)
+    if os.path.isfile(here) and os.access(here, os.X_OK):
+        return here
+    try:  # the PyPI `cmake` / `ninja` packages expose their binaries' folders
+        mod = __import__(name)
+        for attr in ("CMAKE_BIN_DIR", "BIN_DIR"):
+            d = getattr(mod, attr, None)
+            if d and os.path.isfile(os.path.join(d, name)):
+                return os.path.join(d, name)
+    except Exception:
+        pass
+    return None
+
+
+def build(force: bool = False, verbose: bool = False, jobs: int | None = None) -> str:
+    """Build the extension for the installed torch (if not cached yet) and load it.
+
+    Returns the path of the shared library. Raises RuntimeError with the tail of the build
+    log when CMake, Ninja or the compiler are missing or fail.
+    """
+    import torch
+
+    src = source_dir()
+    if not os.path.isfile(os.path.join(src, "CMakeLists.txt")):
+        raise RuntimeError(
+            f"native build: no CMakeLists.txt under {src}; build from a source checkout of "
+            "align-ti or point ALIGN_TI_NATIVE_SRC at one")
+    out = library_path()
+    if os.path.isfile(out) and not force:
+        load(out)
+        return out
+    cmake, ninja = _tool("cmake"), _tool("ninja")
+    missing = [n for n, p in (("cmake", cmake), ("ninja", ninja)) if p is None]
+    if missing:
+        raise RuntimeError(f"native build needs {' and '.join(missing)} (pip install cmake ninja)")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    work = tempfile.mkdtemp(prefix="build-", dir=os.path.dirname(out))
+    log_path = os.path.join(os.path.dirname(out), "build.log")
+    cmds = [
+        [cmake, "-S", src, "-B", work, "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}",
+         f"-DALIGN_TI_TORCH_DIR={os.path.dirname(os.path.abspath(torch.__file__))}",
+         f"-DALIGN_TI_CXX11_ABI={int(bool(torch._C._GLIBCXX_USE_CXX11_ABI))}",
+         "-DCMAKE_BUILD_TYPE=Release"],
+        [cmake, "--build", work] + (["-j", str(jobs)] if jobs else []),
+    ]
+    t0 = time.perf_counter()
+    try:
+        with open(log_path, "w") as log:
+            for cmd in cmds:
+                log.write("$ " + " ".join(cmd) + "\n")
+                log.flush()
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                log.write(proc.stdout)
+                if verbose:
+                    print(proc.stdout, end="")
+                if proc.returncode != 0:
+                    tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
+                    raise RuntimeError(f"native build failed ({' '.join(cmd[:2])}...); log {log_path}:\n{tail}")
+        os.replace(os.path.join(work, LIB_NAME), out)  # atomic: concurrent builders are safe
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if verbose:
+        print(f"built {out} in {time.perf_counter() - t0:.1f} s")
+    load(out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# load
+# --------------------------------------------------------------------------------------------
+
+def load(path: str | None = None) -> bool:
+    """Load the extension (default: the cached build for this torch). True when the CPU kernel
+    of ``align_ti::kl_chunk`` is registered. A missing build returns False quietly; a build
+    that fails to load warns once and returns False (the PyTorch path is used)."""
+    global _loaded_path, _tried, _error
+    if _loaded_path is not None:
+        return True
+    path = path or library_path()
+    _tried = True
+    if not os.path.isfile(path):
+        _error = f"not built (no {path}); run `align-ti build-native`"
+        return False
+    try:
+        import torch
+
+        import align_ti.ops.fused_kl  # noqa: F401  (defines the op schema first)
+
+        torch.ops.load_library(path)
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("align_ti::kl_chunk", "CPU"):
+            raise RuntimeError("the library registered no CPU kernel for align_ti::kl_chunk")
+    except Exception as e:  # a broken / incompatible build: fall back, say so once
+        _error = f"{type(e).__name__}: {e}"
+        warnings.warn(f"align_ti: native CPU kernel {path} failed to load ({_error}); "
+                      "using the PyTorch path", RuntimeWarning, stacklevel=2)
+        return False
+    _loaded_path = path
+    _error = None
+    return True
+
+
+def native_available() -> bool:
+    """Whether the native CPU kernel is loaded (loading the cached build on first call)."""
+    if _loaded_path is None and not _tried:
+        load()
+    return _loaded_path is not None
+
+
+def set_enabled(flag: bool | None) -> None:
+    """Force the native kernel on (when loaded) or off; None = the ``ALIGN_TI_NATIVE`` default."""
+    global _enabled_override
+    _enabled_override = flag
+
+
+def enabled() -> bool:
+    """Whether the fused KL's torch path should dispatch its chunks to the native kernel."""
+    if _enabled_override is not None:
+        return _enabled_override and native_available()
+    if os.environ.get("ALIGN_TI_NATIVE", "1") == "0":
+        return False
+    return native_available()
+
+
+def info() -> dict:
+    """What `align-ti build-native` / `align-ti env` report."""
+    return {"available": native_available(), "path": _loaded_path or library_path(),
+            "error": _error}
+
+
+__all__ = ["build", "load", "native_available", "enabled", "set_enabled", "library_path",
+           "cache_dir", "source_dir", "info"]
