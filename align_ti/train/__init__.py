@@ -1,0 +1,49 @@
+"""The thin distillation trainer (imported lazily: `import align_ti.train` stays light).
+
+- `DistillConfig`, `load_config`: the one run configuration (`align_ti.train.config`).
+- `build_trainer`, `run_distill`, `DistillTrainer`, `DistillModule`, `LossSpec`,
+  `NonFiniteLossError`: the `transformers.Trainer` subclass and the loss wrapper
+  (`align_ti.train.trainer`).
+- `EncodedDataset`, `DistillCollator`, `check_tokenizers`, `load_model_and_processor`: data
+  and model glue (`align_ti.train.data`).
+- `run_demo`, `DemoSettings`: the `align-ti demo` (`align_ti.train.demo`).
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "DistillConfig": "align_ti.train.config",
+    "load_config": "align_ti.train.config",
+    "save_config": "align_ti.train.config",
+    "build_trainer": "align_ti.train.trainer",
+    "run_distill": "align_ti.train.trainer",
+    "DistillTrainer": "align_ti.train.trainer",
+    "DistillModule": "align_ti.train.trainer",
+    "LossSpec": "align_ti.train.trainer",
+    "NonFiniteLossError": "align_ti.train.trainer",
+    "resolve_iva_layer": "align_ti.train.trainer",
+    "EncodedDataset": "align_ti.train.data",
+    "DistillCollator": "align_ti.train.data",
+    "TokenizerMismatchError": "align_ti.train.data",
+    "check_tokenizers": "align_ti.train.data",
+    "load_model_and_processor": "align_ti.train.data",
+    "run_demo": "align_ti.train.demo",
+    "DemoSettings": "align_ti.train.demo",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'align_ti.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = list(_LAZY)
