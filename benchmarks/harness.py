@@ -115,6 +115,8 @@ def provenance(device: str) -> dict:
         "versions": versions(),
         "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # other work on the machine skews CPU timings: record how busy it was
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -303,6 +305,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Benchmark: {report['op']} on {report['device_type']}", "",
              f"Device: {prov['device']}  ", f"Versions: {prov['versions']}  ",
              f"Commit: {prov['git_commit']}  ", f"Date: {prov['date']}  ",
+             f"Load average (1, 5, 15 min) at start: {prov.get('load_average_at_start')}, "
+             f"at end: {report.get('load_average_at_end')}  ",
              f"Memory: {report['memory_metric']}", ""]
     if report.get("roofline_tflops"):
         lines += [f"Measured matmul roofline: {report['roofline_tflops']:.1f} TFLOP/s", ""]

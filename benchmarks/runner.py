@@ -136,6 +136,7 @@ def run(device: str = "cpu", ops=None, quick: bool = False, reps: int | None = N
                     log(f"{op:15s} {case.name:40s} {p:22s} {r['status']}")
             report["cases"].append({"name": case.name, "params": case.params, "x": case.x,
                                     "results": results, "summary": summarize(results)})
+        report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         stem = op + ("-quick" if quick else "")
         written += harness.write_report(report, out_dir, stem)
     return written
