@@ -284,14 +284,17 @@ _PAD_VALUES = {"attention_mask": 0, "labels": IGNORE_INDEX, "instruction_mask": 
 
 
 def pad_batch(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad encoded examples to the longest and stack (`pixel_values` are stacked as is)."""
+    """Right-pad encoded examples to the longest and stack. `pixel_values` holds the images of
+    the examples that have one, in order (what Llava splices into its image tokens); a batch
+    may mix image and text-only examples."""
     batch = {}
     longest = max(ex["input_ids"].numel() for ex in examples)
-    for key in examples[0]:
-        values = [ex[key] for ex in examples]
+    keys = list(dict.fromkeys(k for ex in examples for k in ex))
+    for key in keys:
         if key == "pixel_values":
-            batch[key] = torch.stack(values)
+            batch[key] = torch.stack([ex[key] for ex in examples if key in ex])
             continue
+        values = [ex[key] for ex in examples]
         fill = pad_token_id if key == "input_ids" else _PAD_VALUES.get(key, 0)
         out = torch.full((len(values), longest), fill, dtype=values[0].dtype)
         for i, v in enumerate(values):

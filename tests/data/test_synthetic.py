@@ -169,3 +169,19 @@ def test_load_llava_json_general_entries(tmp_path):
 def test_small_scene_space_fails_clearly():
     with pytest.raises(ValueError, match="could not draw"):
         synthetic_vqa("train", 500, config=SceneConfig(grid=2, min_objects=1, max_objects=1))
+
+
+def test_pad_batch_mixes_image_and_text_only_examples():
+    from align_ti.models.tiny import build_processor, build_tiny_llava
+
+    processor = build_processor()
+    with_image = synthetic_vqa("train", 1, seed=3)[0]
+    text_only = dict(with_image, image=None, question="Say hi.", answer="hi")
+    batch = pad_batch([encode_example(processor, x) for x in (text_only, with_image)],
+                      processor.tokenizer.pad_token_id)
+    assert batch["pixel_values"].shape[0] == 1  # only the example that has an image
+    model = build_tiny_llava("student").eval()
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"])
+    assert torch.isfinite(out.logits).all()
