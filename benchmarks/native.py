@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from . import harness
+from .fused_kl import _heads
+from .fused_kl import make_inputs as fused_kl_inputs
 from .harness import Case, OpBench
 
 V_QWEN = 151936
@@ -51,20 +53,7 @@ def make_inputs(p: dict, device: torch.device) -> dict:
         x = {"student_logits": torch.randn(n, v, **kw).mul_(3), "teacher_logits": torch.randn(n, v, **kw).mul_(3)}
         x["student_logits"].requires_grad_(True)
         return x
-    hs, ht = p["Hs"], p["Ht"]
-    x = {
-        "student_hidden": torch.randn(n, hs, **kw),
-        "student_weight": torch.randn(v, hs, **kw).mul_(hs ** -0.5),
-        "teacher_hidden": torch.randn(n, ht, **kw),
-        "teacher_weight": torch.randn(v, ht, **kw).mul_(ht ** -0.5),
-    }
-    x["student_hidden"].requires_grad_(True)
-    x["student_weight"].requires_grad_(True)
-    return x
-
-
-def _heads(x):
-    return x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"]
+    return fused_kl_inputs(p, device)
 
 
 def _align_ti(x, use_native: bool):
