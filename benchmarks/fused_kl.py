@@ -126,7 +126,7 @@ BENCH = OpBench(
     tolerance=_tolerance,
     available=_available,
     # --quick leaves out the providers whose compile time dominates a small case
-    quick_providers=("align_ti", "materialized", "torchtune_chunked", "liger_c256"),
+    quick_providers=("align_ti", "materialized", "torchtune_chunked", "liger_c256", "liger_c1024"),
 )
 
 _CHECK32 = dict(N=64, Hs=32, Ht=48, V=1300, dtype="float32")

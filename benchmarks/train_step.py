@@ -1,0 +1,406 @@
+"""End-to-end distillation training-step benchmark (issue 8, item 3).
+
+    python -m align_ti.benchmarks.train_step [--device cpu|cuda] [--scale full|tiny] [--out DIR]
+
+Times ONE distillation step (student + teacher forwards, loss, backward, optimizer step) and
+its peak memory, four ways:
+
+=============  ==============================================================================
+way            what runs
+=============  ==============================================================================
+paper-code     both models ``attn_implementation="eager"`` and ``output_attentions=True``;
+               full fp32 ``[B, L, V]`` logits of both models are materialised and every term
+               is computed on them in plain PyTorch (log_softmax / KL / cross-entropy).
+align-ti       both models ``sdpa``; the loss is `align_ti.train.trainer.DistillModule`'s
+               forward, built directly from the two models (fused_linear_distill,
+               capture_qk + attention_mass + topk_align, TPA with align_ti.ops.branches).
+=============  ==============================================================================
+
+each for two objectives:
+
+- ``vanilla-KD``: SFT (cross-entropy) + forward KL(p_T || p_S) over the response rows.
+- ``Align-TI``: vanilla-KD + IVA (teacher instruction->vision attention mass at one teacher
+  layer, weighting a KL at every vision token; ``iva_k=None``, i.e. all vision tokens
+  mass-weighted, the `LossSpec` default) + TPA (d = 4 candidates at 25% of the response
+  positions, sampled from the student).
+
+What the paper-code way does exactly (approximations, so the numbers are read correctly):
+
+- IVA: the teacher's forward returns all layers' attention probabilities (HF eager with
+  ``output_attentions=True``, as the paper code does); the IVA layer's ``[B, H, L, L]`` is
+  averaged over heads and summed over the instruction query rows -> mass over keys; the mass
+  on vision tokens, normalised per sample, weighs KL(p_T || p_S) computed from the
+  materialised logits at the vision rows. The student also runs with ``output_attentions=True``.
+- TPA: ``d`` separate extra forwards of the student (with grad) and the teacher (no grad).
+  Candidate ``i`` is a token sampled from the student's (detached) distribution at row t-1
+  for each branched position t; extra forward ``i`` is the full sequence with *all* branched
+  positions of a sample replaced by their i-th candidates at once (one forward per candidate
+  index, not one per (position, candidate): a lower bound on the paper code's cost), and the
+  KL(p_T || p_S) is taken on the materialised logits at those positions (the distribution that
+  follows the candidate). To keep the paper-code way's memory as low as it can honestly be,
+  the main loss is backpropagated first and each candidate forward is backpropagated right
+  after it (gradient accumulation), so at most one extra student graph is alive at a time.
+  The two ways therefore compute the same *kind* of terms at the same cost class; the loss
+  values are not identical (different candidate sampling, branches sharing a sequence).
+- Vocabularies differ (student 151936 rows, teacher 152064): both ways compare the first
+  V' = min(Vs, Vt) entries.
+
+Models (random weights, built from configs, nothing downloaded):
+
+- ``--scale full``: LlavaForConditionalGeneration with a Qwen2.5-0.5B-shaped student
+  (hidden 896, 24 layers, 14/2 heads, FFN 4864, vocab 151936) and a Qwen2-7B-shaped teacher
+  (hidden 3584, 28 layers, 28/4 heads, FFN 18944, vocab 152064); micro-batch 2, L = 2048 of
+  which 729 vision tokens; bf16 weights on CUDA, AdamW on the student's (bf16) parameters.
+  APPROXIMATION: the vision tower is a *tiny* 1-layer SigLIP (hidden 64) with 378 px / 14 px
+  patches = 729 patches, standing in for SigLIP-so400m: it produces the right number of image
+  tokens through the real LLaVA projector, but its own compute/memory (identical in all four
+  runs) is left out.
+- ``--scale tiny``: the `align_ti.models.tiny` pair (36 vision tokens, L = 160, fp32, CPU);
+  proves the script runs in well under a minute; its numbers say nothing about the real scale.
+
+Timing: median of ``--steps`` steps after ``--warmup`` steps (CUDA: synchronised). Peak memory:
+CUDA ``max_memory_allocated`` over the timed steps (models + optimizer state included);
+CPU: peak RSS sampled by `harness.RssSampler` during the timed steps. An out-of-memory run is
+reported as such instead of stopping the script.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import harness
+
+IGNORE_INDEX = -100
+
+
+# ------------------------------------------------------------------------------------------
+# models and batch
+# ------------------------------------------------------------------------------------------
+
+def _full_configs():
+    from transformers import LlavaConfig, Qwen2Config, SiglipVisionConfig
+
+    image_token_id, pad_id, eos_id = 151655, 151643, 151645
+
+    def text(**kw):
+        return Qwen2Config(max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                           pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **kw)
+
+    def llava(text_cfg):
+        vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                    num_attention_heads=4, image_size=378, patch_size=14,
+                                    vision_use_head=False)
+        return LlavaConfig(vision_config=vision, text_config=text_cfg, image_token_index=image_token_id,
+                           image_seq_length=729, vision_feature_select_strategy="full",
+                           vision_feature_layer=-1, projector_hidden_act="gelu", tie_word_embeddings=False)
+
+    student = llava(text(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2))
+    teacher = llava(text(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4))
+    return student, teacher, dict(image_token_id=image_token_id, pad_id=pad_id, batch=2, length=2048,
+                                  n_vision=729, image_size=378, iva_layer=14, token_low=1000,
+                                  token_high=150000)
+
+
+def build_setup(scale: str, device: torch.device, attn: str):
+    """(student, teacher, meta) with the given attention implementation."""
+    from transformers import LlavaForConditionalGeneration
+
+    if scale == "tiny":
+        from align_ti.models.tiny import IMAGE_SIZE, IMAGE_TOKEN_ID, PAD_TOKEN_ID, build_tiny_llava
+
+        student = build_tiny_llava("student", seed=0, attn_implementation=attn)
+        teacher = build_tiny_llava("teacher", seed=1, attn_implementation=attn)
+        n_vision = student.config.image_seq_length
+        meta = dict(image_token_id=IMAGE_TOKEN_ID, pad_id=PAD_TOKEN_ID, batch=2, length=160,
+                    n_vision=n_vision, image_size=IMAGE_SIZE, iva_layer=2, token_low=64, token_high=1000)
+    else:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        s_cfg, t_cfg, meta = _full_configs()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            student = LlavaForConditionalGeneration._from_config(s_cfg, attn_implementation=attn, dtype=dtype)
+            torch.manual_seed(1)
+            teacher = LlavaForConditionalGeneration._from_config(t_cfg, attn_implementation=attn, dtype=dtype)
+    student.to(device).train()
+    teacher.to(device).eval().requires_grad_(False)
+    return student, teacher, meta
+
+
+def make_batch(meta: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """[prefix 2][vision n_vision][instruction 32][response ...] per sample, seeded."""
+    g = torch.Generator().manual_seed(1234)
+    b, length, nv = meta["batch"], meta["length"], meta["n_vision"]
+    ids = torch.randint(meta["token_low"], meta["token_high"], (b, length), generator=g)
+    ids[:, 2:2 + nv] = meta["image_token_id"]
+    instr_end = 2 + nv + 32
+    instruction_mask = torch.zeros(b, length, dtype=torch.long)
+    instruction_mask[:, 2 + nv:instr_end] = 1
+    labels = ids.clone()
+    labels[:, :instr_end] = IGNORE_INDEX
+    pixel_values = torch.randn(b, 3, meta["image_size"], meta["image_size"], generator=g)
+    return {
+        "input_ids": ids.to(device), "attention_mask": torch.ones(b, length, dtype=torch.long, device=device),
+        "labels": labels.to(device), "instruction_mask": instruction_mask.to(device),
+        "pixel_values": pixel_values.to(device, dtype),
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# the paper-code way
+# ------------------------------------------------------------------------------------------
+
+def _kl_rows(s_logits, t_logits):
+    """forward KL(p_T || p_S) per row, fp32 materialised (what the paper code does)."""
+    lp_s = F.log_softmax(s_logits.float(), -1)
+    lp_t = F.log_softmax(t_logits.float(), -1)
+    return (lp_t.exp() * (lp_t - lp_s)).sum(-1)
+
+
+def paper_step_fn(student, teacher, batch, meta, align_ti: bool, tpa_d: int = 4, tpa_fraction: float = 0.25):
+    ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    pix = batch["pixel_values"]
+    vprime = min(student.config.text_config.vocab_size, teacher.config.text_config.vocab_size)
+    layer = meta["iva_layer"]
+
+    def loss_and_backward():
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        s_out = student(input_ids=ids, pixel_values=pix, attention_mask=am, use_cache=False,
+                        output_attentions=True)
+        s_logits = s_out.logits.float()[..., :vprime]  # fp32 [B, L, V']
+        with torch.no_grad():
+            t_out = teacher(input_ids=ids, pixel_values=pix, attention_mask=am, use_cache=False,
+                            output_attentions=True)
+            t_logits = t_out.logits.float()[..., :vprime]
+        tgt = torch.full_like(labels, IGNORE_INDEX)
+        tgt[:, :-1] = labels[:, 1:]
+        rows = tgt != IGNORE_INDEX
+        ce = F.cross_entropy(s_logits[rows], tgt[rows])
+        kd = _kl_rows(s_logits[rows], t_logits[rows]).mean()
+        loss = ce + kd
+        if align_ti:
+            # IVA: instruction->vision attention mass at one teacher layer
+            att = t_out.attentions[layer].float().mean(1)  # [B, L, L]
+            qmask = batch["instruction_mask"].bool()
+            mass = (att * qmask[..., None]).sum(1)  # [B, L] over keys
+            vmask = ids == meta["image_token_id"]
+            w = mass * vmask
+            w = w / w.sum(1, keepdim=True).clamp(min=1e-12)
+            kl_v = _kl_rows(s_logits, t_logits)  # [B, L]
+            loss = loss + (w * kl_v).sum(1).mean()
+        loss.backward()
+        if align_ti:
+            # TPA: d separate extra forwards per model on prefix + candidate
+            elig = rows.roll(1, 1) & (torch.arange(ids.shape[1], device=ids.device) >= 1)
+            n = elig.sum(1)
+            sel = torch.zeros_like(elig)
+            for b in range(ids.shape[0]):
+                pos = elig[b].nonzero().squeeze(1)
+                k = int(torch.ceil(n[b].double() * tpa_fraction))
+                pick = pos[torch.randperm(pos.numel(), generator=gen)[:k].to(pos.device)]
+                sel[b, pick] = True
+            probs_prev = F.softmax(s_logits.detach().roll(1, 1)[sel], -1)  # row t-1 for each t
+            cands = torch.multinomial(probs_prev.cpu(), tpa_d, replacement=False, generator=gen).to(ids.device)
+            n_cand = sel.sum() * tpa_d
+            del s_out, s_logits, t_out, t_logits
+            for i in range(tpa_d):
+                ids_i = ids.clone()
+                ids_i[sel] = cands[:, i]
+                s_l = student(input_ids=ids_i, pixel_values=pix, attention_mask=am, use_cache=False).logits
+                with torch.no_grad():
+                    t_l = teacher(input_ids=ids_i, pixel_values=pix, attention_mask=am, use_cache=False).logits
+                s_l = s_l.float()[..., :vprime]
+                t_l = t_l.float()[..., :vprime]
+                tpa = _kl_rows(s_l[sel], t_l[sel]).sum() / n_cand
+                tpa.backward()
+                del s_l, t_l, tpa
+        return loss.detach()
+
+    return loss_and_backward
+
+
+# ------------------------------------------------------------------------------------------
+# the align-ti way
+# ------------------------------------------------------------------------------------------
+
+def aligned_step_fn(student, teacher, batch, meta, align_ti: bool, device: torch.device):
+    from align_ti.train.trainer import DistillModule, LossSpec
+
+    spec = LossSpec(w_sft=1.0, w_kd=1.0, w_iva=1.0 if align_ti else 0.0, w_tpa=1.0 if align_ti else 0.0,
+                    iva_layer=meta["iva_layer"], tpa_d=4, tpa_fraction=0.25)
+    vprime = min(student.config.text_config.vocab_size, teacher.config.text_config.vocab_size)
+    module = DistillModule(student, teacher, spec, image_token_id=meta["image_token_id"],
+                           pad_token_id=meta["pad_id"], forbidden_ids=(meta["image_token_id"], meta["pad_id"]),
+                           vocab_limit=vprime)
+
+    def loss_and_backward():
+        out = module(**batch)
+        out["loss"].backward()
+        return out["loss"].detach()
+
+    return loss_and_backward
+
+
+# ------------------------------------------------------------------------------------------
+# measuring
+# ------------------------------------------------------------------------------------------
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(way: str, objective: str, scale: str, device: torch.device, warmup: int, steps: int) -> dict:
+    attn = "eager" if way == "paper-code" else "sdpa"
+    rec = {"way": way, "objective": objective, "attn_implementation": attn}
+    harness.release_memory()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    student = teacher = opt = None
+    try:
+        student, teacher, meta = build_setup(scale, device, attn)
+        batch = make_batch(meta, device, next(student.parameters()).dtype)
+        align = objective == "Align-TI"
+        if way == "paper-code":
+            fn = paper_step_fn(student, teacher, batch, meta, align)
+        else:
+            fn = aligned_step_fn(student, teacher, batch, meta, align, device)
+        opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
+
+        def step():
+            loss = fn()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        for _ in range(warmup):
+            step()
+        _sync(device)
+        times, losses = [], []
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                losses.append(float(step()))
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+            peak = torch.cuda.max_memory_allocated(device)
+        else:
+            harness.release_memory()
+            with harness.RssSampler() as rss:
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    losses.append(float(step()))
+                    times.append(time.perf_counter() - t0)
+            peak = rss.peak
+        rec.update(status="ok", step_s_median=statistics.median(times), step_s_all=times,
+                   peak_mem_bytes=int(peak), peak_mem_gib=peak / 2 ** 30, loss=losses[-1],
+                   batch=meta["batch"], length=meta["length"], n_vision=meta["n_vision"],
+                   dtype=str(next(student.parameters()).dtype))
+    except torch.OutOfMemoryError as e:  # noqa: PERF203
+        rec.update(status="OOM", error=str(e).splitlines()[0][:300])
+    finally:
+        del student, teacher, opt
+        harness.release_memory()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rec
+
+
+def _ratio(a, b, key):
+    if a.get("status") == "ok" and b.get("status") == "ok" and b[key]:
+        return a[key] / b[key]
+    return None
+
+
+def summarize(results: list[dict]) -> dict:
+    by = {(r["way"], r["objective"]): r for r in results}
+    out = {}
+    for way in ("paper-code", "align-ti"):
+        a, v = by[(way, "Align-TI")], by[(way, "vanilla-KD")]
+        out[f"{way}: Align-TI / vanilla-KD"] = {
+            "time_ratio": _ratio(a, v, "step_s_median"),
+            "extra_mem_gib": (a["peak_mem_gib"] - v["peak_mem_gib"]) if a.get("status") == v.get("status") == "ok" else None,
+            "mem_ratio": _ratio(a, v, "peak_mem_bytes")}
+    for obj in ("vanilla-KD", "Align-TI"):
+        a, p = by[("align-ti", obj)], by[("paper-code", obj)]
+        out[f"{obj}: align-ti / paper-code"] = {
+            "time_ratio": _ratio(a, p, "step_s_median"),
+            "mem_ratio": _ratio(a, p, "peak_mem_bytes")}
+    return out
+
+
+def _f(v, fmt="{:.4g}"):
+    return "-" if v is None else fmt.format(v)
+
+
+def markdown(report: dict) -> str:
+    prov = report["provenance"]
+    lines = [f"# Distillation training step ({report['scale']} scale, {prov['device']})", "",
+             f"torch {prov['versions'].get('torch')}, transformers {prov['versions'].get('transformers')}, "
+             f"commit {prov.get('git_commit')}, {prov.get('date')}. Median of {report['steps']} steps after "
+             f"{report['warmup']} warm-up; memory = {report['memory_metric']}.", "",
+             "| way | objective | attention | step time (s) | peak memory (GiB) | status |",
+             "|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        lines.append(f"| {r['way']} | {r['objective']} | {r['attn_implementation']} | "
+                     f"{_f(r.get('step_s_median'))} | {_f(r.get('peak_mem_gib'), '{:.3f}')} | {r['status']} |")
+    lines += ["", "| comparison | time ratio | memory ratio | extra memory (GiB) |", "|---|---|---|---|"]
+    for k, v in report["summary"].items():
+        lines.append(f"| {k} | {_f(v.get('time_ratio'), '{:.3f}x')} | {_f(v.get('mem_ratio'), '{:.3f}x')} | "
+                     f"{_f(v.get('extra_mem_gib'), '{:+.3f}')} |")
+    lines += ["", "The paper reports Align-TI / vanilla KD = 1.43x step time and +5 GiB (paper code).",
+              "See the module docstring of align_ti.benchmarks.train_step for what is approximated.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--scale", choices=("full", "tiny"), default=None,
+                   help="default: full on cuda, tiny on cpu")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/<device>/")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3)
+    args = p.parse_args(argv)
+    scale = args.scale or ("full" if args.device == "cuda" else "tiny")
+    device = torch.device(args.device)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", args.device)
+    torch.manual_seed(0)
+
+    results = []
+    for way in ("paper-code", "align-ti"):
+        for objective in ("vanilla-KD", "Align-TI"):
+            t0 = time.perf_counter()
+            r = measure(way, objective, scale, device, args.warmup, args.steps)
+            print(f"{way:>10} {objective:>10}: {r['status']:>3}  step {_f(r.get('step_s_median'))} s  "
+                  f"peak {_f(r.get('peak_mem_gib'), '{:.3f}')} GiB  (took {time.perf_counter() - t0:.1f} s)",
+                  flush=True)
+            results.append(r)
+    report = {
+        "benchmark": "train_step", "scale": scale, "warmup": args.warmup, "steps": args.steps,
+        "memory_metric": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak sampled RSS (process)",
+        "provenance": harness.provenance(args.device), "results": results, "summary": summarize(results),
+    }
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "train_step.json"), "w") as f:
+        import json
+
+        json.dump(report, f, indent=2)
+    md = markdown(report)
+    with open(os.path.join(out, "train_step.md"), "w") as f:
+        f.write(md)
+    print(md)
+    print(f"wrote {out}/train_step.json and train_step.md")
+    return report
+
+
+if __name__ == "__main__":
+    main()
