@@ -5,8 +5,9 @@ CLI's help, the config loader and the references do not pay for triton or transf
 """
 from __future__ import annotations
 
-import importlib
 import os
+
+from align_ti._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -46,17 +47,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'align_ti' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+__getattr__, __dir__ = lazy_exports("align_ti", _LAZY, globals())
 
 
 __all__ = ["__version__", *_LAZY]

@@ -10,7 +10,8 @@
 """
 from __future__ import annotations
 
-import importlib
+from align_ti._lazy import lazy_exports
+
 
 _LAZY = {
     "DistillConfig": "align_ti.train.config",
@@ -33,17 +34,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'align_ti.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+__getattr__, __dir__ = lazy_exports("align_ti.train", _LAZY, globals())
 
 
 __all__ = list(_LAZY)
