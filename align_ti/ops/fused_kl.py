@@ -178,24 +178,63 @@ def _log_softmax_into(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._log_softmax.out(x, -1, False, out=out)
 
 
+def _scratch_buf(scratch: dict, name: str, rows: int, cols: int, device) -> torch.Tensor:
+    """A reusable fp32 [rows, cols] buffer from `scratch` (grown when too small)."""
+    t = scratch.get(name)
+    if t is None or t.shape[0] < rows or t.shape[1] != cols:
+        t = scratch[name] = torch.empty(rows, cols, dtype=_F32, device=device)
+    return t[:rows]
+
+
 def _chunk_torch(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split, scratch=None):
-    """The per-chunk work on fp32 logits, in a fixed set of [r, V'] buffers.
+    """The per-chunk work on fp32 logits; the PyTorch implementation of `align_ti::kl_chunk`.
 
     zs: [r, ns] raw student logits (ns = V', or Vs when labels are given); overwritten with
         the gradient a * dD/dz (+ c * dCE/dz unless split) when need_grad.
     zt: [r, V'] raw teacher logits; used as scratch.
-    scratch: dict of reusable buffers ("s", "x": [>= r, V'], "ce": [>= r, ns]); missing ones
-        are allocated.
-    Returns (d [r], nll [r] or None, g or None, gce or None).
+    scratch: dict of reusable buffers; missing ones are allocated.
+    Returns (d [r], nll [r] or None, g or None, gce [r, ns] or None).
+
+    The rows go through `_chunk_torch_block` in sub-blocks sized by
+    `heuristics.elementwise_rows`: its temporaries (log p_S, the CE log-probs, a JSD buffer)
+    then take a few MiB instead of [r, V'] each, so they do not shrink the row chunk that
+    the matmuls see, and the ~10 elementwise passes run over cache-resident rows.
     """
     r = zs.shape[0]
     scratch = {} if scratch is None else scratch
+    has_ce = labels is not None
+    per_row = 4 * (v + (v if div_code == 2 else 0) + (zs.shape[1] if has_ce else 0))
+    step = _heur.elementwise_rows(per_row, zs.device)
+    if r <= step:
+        return _chunk_torch_block(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad,
+                                  split, scratch)
+    d = torch.empty(r, dtype=_F32, device=zs.device)
+    nll = torch.empty(r, dtype=_F32, device=zs.device) if has_ce else None
+    gce = None
+    if need_grad and has_ce and split:  # the block's CE gradient lives in scratch: keep it
+        gce = _scratch_buf(scratch, "gce", r, zs.shape[1], zs.device)
+    for s in range(0, r, step):
+        e = min(s + step, r)
+        d_b, nll_b, _, gce_b = _chunk_torch_block(
+            zs[s:e], zt[s:e], v, div_code, beta, inv_t, labels[s:e] if has_ce else None,
+            a[s:e] if need_grad else None, c[s:e] if (need_grad and has_ce) else None,
+            need_grad, split, scratch)
+        d[s:e] = d_b
+        if has_ce:
+            nll[s:e] = nll_b
+        if gce is not None:
+            gce[s:e] = gce_b
+    return d, nll, (zs if need_grad else None), gce
+
+
+def _chunk_torch_block(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split,
+                       scratch):
+    """`_chunk_torch` on one block of rows, in a fixed set of [r, V'] buffers ("s", "x":
+    [>= r, V'], "ce": [>= r, ns], taken from `scratch`)."""
+    r = zs.shape[0]
 
     def buf(name, cols):
-        t = scratch.get(name)
-        if t is None or t.shape[0] < r or t.shape[1] != cols:
-            t = scratch[name] = torch.empty(r, cols, dtype=_F32, device=zs.device)
-        return t[:r]
+        return _scratch_buf(scratch, name, r, cols, zs.device)
 
     nll = gce = None
     if labels is not None:
@@ -482,11 +521,9 @@ def _linear_driver(
     grads = grad_set() if need_grad else None
     grads_ce = grad_set() if (need_grad and has_ce and split) else None
 
-    # scratch per row: fp32 student + teacher logits (+ the torch path's temporaries,
-    # + the separate CE gradient when split)
+    # scratch per row: fp32 student + teacher logits (+ the separate CE gradient when split);
+    # the torch path's own temporaries are per sub-block (`_chunk_torch`), a few MiB
     per_row = 4 * (ns + v + (ns if has_ce and split else 0))
-    if impl == "torch":  # log p_S buffer (+ one for jsd, + the CE log-probs)
-        per_row += 4 * (v + (v if div_code == 2 else 0) + (ns if has_ce and not split else 0))
     r_chunk = _heur.rows_per_chunk(per_row, device, chunk_bytes if chunk_bytes > 0 else None)
 
     r_chunk = min(r_chunk, max(1, n_proc))

@@ -19,13 +19,14 @@ import torch
 MiB = 1 << 20
 
 # Scratch budget per op call for one row chunk (all per-row buffers together).
-# CPU: small enough that the fused KL's scratch stays far below the materialised logits
-# (~70 rows of two 151936-wide fp32 heads), large enough to keep the matmuls efficient.
-# 128 MiB (was 96): at N=1024, Hs=256, Ht=512, V=151936 fp32 the fused linear op used ~15%
-# less CPU time with the same measured peak extra memory (299 MiB, 7% of materialised;
-# benchmarks/native.py, benchmarks/results/cpu/native.md).
+# CPU: the fused KL's chunk holds the fp32 logits of both heads (~165 rows of two
+# 151936-wide heads at 192 MiB); the torch path's own temporaries are per sub-block
+# (ELEMENTWISE_BYTES), outside this budget. At N=1024, Hs=256, Ht=512, V=151936 fp32, MKL's
+# four matmuls per chunk take ~3.5 s at 54 rows, ~2.4 s at 110 and ~2.2 s at 165 (M=1024:
+# ~2.0 s), while the peak extra memory of the op is 314 / 357 / 421 MiB at 128 / 192 /
+# 256 MiB (the materialised-logits path: ~4150 MiB; the target is <= 10%).
 # CUDA: a few hundred rows of V=151936, which keeps cuBLAS at full speed.
-CHUNK_BYTES = {"cpu": 128 * MiB, "cuda": 1024 * MiB}
+CHUNK_BYTES = {"cpu": 192 * MiB, "cuda": 1024 * MiB}
 _DEFAULT_CHUNK_BYTES = 256 * MiB
 
 
@@ -55,6 +56,22 @@ def rows_per_chunk(bytes_per_row: int, device: torch.device, budget: int | None 
     if torch.device(device).type == "cuda" and rows >= 64:
         rows -= rows % 64  # whole MMA tiles for cuBLAS
     return rows
+
+
+#: The torch path's elementwise temporaries (log-probs etc.) are made for sub-blocks of a
+#: row chunk that fit this many bytes. CPU: a few MiB keeps the ~10 elementwise passes over
+#: cache-resident rows (measured at V=151936, 165-row chunks: 16-row blocks 0.63 s vs 0.79 s
+#: for the whole chunk at N=1024) and the temporaries out of the chunk budget. Elsewhere
+#: (impl="torch" on CUDA) one block per chunk: more launches would cost more than they save.
+ELEMENTWISE_BYTES = {"cpu": 16 * MiB}
+
+
+def elementwise_rows(bytes_per_row: int, device: torch.device) -> int:
+    """Rows per sub-block of the torch path's elementwise work (>= 1)."""
+    budget = ELEMENTWISE_BYTES.get(torch.device(device).type)
+    if budget is None:
+        return 1 << 62
+    return max(1, budget // max(1, int(bytes_per_row)))
 
 
 def vocab_block_rows(width: int, device: torch.device, budget: int | None = None) -> int:
