@@ -4,8 +4,49 @@
 never as a top-level `kernels` package, which would shadow the PyPI package `kernels` that
 transformers probes for. `benchmarks/` is installed as `align_ti.benchmarks` the same way, so
 that `align-ti bench` works from an installed package.
+
+The sources of the optional native CPU extension (CMakeLists.txt and csrc/ at the repository
+root) are copied into the package as data, `align_ti/_native_src/` with the same layout, so
+that `align-ti build-native` works from an installed package or wheel too (align_ti/native.py
+`source_dir()`); MANIFEST.in puts them in the sdist. Nothing is compiled at install time.
 """
+import os
+
 from setuptools import setup
+from setuptools.command.build_py import build_py as _build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NATIVE_PACKAGE_DIR = os.path.join("align_ti", "_native_src")  # inside the installed package
+
+
+def native_sources() -> list[str]:
+    """The native extension's source files, relative to the repository root."""
+    files = ["CMakeLists.txt"]
+    for dirpath, _, names in os.walk(os.path.join(HERE, "csrc")):
+        for name in sorted(names):
+            if name.endswith((".cpp", ".h", ".hpp", ".cmake")):
+                files.append(os.path.relpath(os.path.join(dirpath, name), HERE))
+    return sorted(files)
+
+
+class build_py(_build_py):
+    """build_py that also copies the native sources into align_ti/_native_src/."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):  # an editable install uses the checkout
+            return
+        for rel in native_sources():
+            dst = os.path.join(self.build_lib, NATIVE_PACKAGE_DIR, rel)
+            self.mkpath(os.path.dirname(dst))
+            self.copy_file(os.path.join(HERE, rel), dst)
+
+    def get_outputs(self, include_bytecode=True):
+        outs = super().get_outputs(include_bytecode)
+        if not getattr(self, "editable_mode", False):
+            outs += [os.path.join(self.build_lib, NATIVE_PACKAGE_DIR, rel) for rel in native_sources()]
+        return outs
+
 
 PACKAGES = [
     "align_ti",
@@ -43,4 +84,5 @@ setup(
         "flash": ["flash-attn"],
     },
     entry_points={"console_scripts": ["align-ti = align_ti.cli:main"]},
+    cmdclass={"build_py": build_py},
 )

@@ -6,7 +6,8 @@ implementation is PyTorch code, see `align_ti.ops.fused_kl`). The C++ kernel in
 
 - `build()` (or ``align-ti build-native``) configures ``CMakeLists.txt`` with CMake + Ninja
   against the torch that is installed now (no build isolation, so the ABI matches) and puts
-  ``libalign_ti_native.so`` in the cache. ``pip install`` never compiles anything.
+  ``libalign_ti_native.so`` in the cache. ``pip install`` never compiles anything; it ships
+  the sources as package data (``align_ti/_native_src/``, see `source_dir()`).
 - The cache is ``$ALIGN_TI_NATIVE_DIR`` or ``~/.cache/align_ti/native`` (``$XDG_CACHE_HOME``
   respected), one folder per torch version and, inside it, per CPU capability and source
   hash: a torch upgrade or a source change simply finds no build.
@@ -38,12 +39,27 @@ _enabled_override: bool | None = None
 # where things are
 # --------------------------------------------------------------------------------------------
 
+# An installed package (wheel, ``pip install .``) carries the sources as package data in
+# ``align_ti/_native_src/`` (setup.py's build_py copies them there, same layout); a checkout
+# or an editable install uses CMakeLists.txt and csrc/ at the repository root.
+PACKAGED_SOURCES = "_native_src"
+
+
+def _has_sources(path: str) -> bool:
+    return all(os.path.isfile(os.path.join(path, rel)) for rel in _SOURCES)
+
+
 def source_dir() -> str:
-    """The folder holding CMakeLists.txt and csrc/ (``$ALIGN_TI_NATIVE_SRC`` or the checkout)."""
+    """The folder holding CMakeLists.txt and csrc/: ``$ALIGN_TI_NATIVE_SRC``, else the copy
+    shipped inside the installed package, else the checkout root."""
     env = os.environ.get("ALIGN_TI_NATIVE_SRC")
     if env:
         return os.path.abspath(env)
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))
+    packaged = os.path.join(here, PACKAGED_SOURCES)
+    if _has_sources(packaged):
+        return packaged
+    return os.path.dirname(here)
 
 
 def _source_hash(src: str) -> str:
@@ -115,8 +131,9 @@ def build(force: bool = False, verbose: bool = False, jobs: int | None = None) -
     src = source_dir()
     if not os.path.isfile(os.path.join(src, "CMakeLists.txt")):
         raise RuntimeError(
-            f"native build: no CMakeLists.txt under {src}; build from a source checkout of "
-            "align-ti or point ALIGN_TI_NATIVE_SRC at one")
+            f"native build: no CMakeLists.txt under {src} (an installed align-ti carries its "
+            f"sources in align_ti/{PACKAGED_SOURCES}/); reinstall align-ti, or point "
+            "ALIGN_TI_NATIVE_SRC at a source checkout")
     out = library_path()
     if os.path.isfile(out) and not force:
         load(out)

@@ -5,15 +5,20 @@
 // TORCH_LIBRARY_IMPL when the extension is loaded (align_ti/native.py).
 //
 // One fused sweep per row (rows spread over ATen's intra-op thread pool, i.e. OpenMP in
-// the PyTorch wheels); a row of both models' fp32 logits (2 x 600 KB at V = 151936) is read
-// from memory once and then stays in L2:
+// the PyTorch wheels); a row of both models' logits (2 x 600 KB fp32, 2 x 300 KB bf16 at
+// V = 151936) is read from memory once and then stays in L2:
 //   pass 1: log-sum-exp of z_S / T and z_T / T (and of the raw student logits over all Vs
 //           columns for the CE when that differs), each in one streaming read: per L1-sized
 //           block its max, then its sum of exps, blocks combined with a rescale;
 //   pass 2: the divergence D (forward KL: also the gradient);
 //   pass 3: (reverse, jsd) the gradient, which needs D (or KL(p_S || M)) first.
 // The gradient is written in place over zs (zt is then scratch), or into g_out when given,
-// and zs, zt are then only read: the logits driver hands fp32 logits rows straight in.
+// and zs, zt are then only read: the logits driver hands the logits rows straight in.
+// Element types: zs and zt may each be float32, bfloat16 or float16 (the two may differ),
+// converted to fp32 on load (exact); the gradient (g_out, or zs in place) is float32 or zs's
+// dtype, rounded once at its store (round to nearest even, as torch's .to()). So bf16
+// logits need no fp32 chunk copies. The JSD's log M row lives in the fp32 gradient row, the
+// fp32 teacher row (in place), or else a per-thread fp32 buffer.
 // fp32 arithmetic with fp64 block sums; exp is an inlined AVX-512 polynomial (~1 ulp) or
 // ATen's exp_u20 elsewhere, log1p is ATen's (Sleef). The formulas are those of
 // `_chunk_torch`, so NaN/inf inputs give NaN results as there.
@@ -39,12 +44,20 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <tuple>
+#include <type_traits>
+#include <vector>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
+using BF16 = c10::BFloat16;
+using F16 = c10::Half;
 constexpr int64_t kW = Vec::size();
 constexpr int64_t kIgnore = -100;
 // fp32 lanes are flushed into fp64 every kBlock elements (accuracy of long sums).
@@ -97,34 +110,141 @@ inline Vec fexp(const Vec& x) {
 }
 #endif
 
+// ---- typed loads and stores: T in {float, BF16, F16}, fp32 lanes in registers ----------
+
+// kW elements at p, converted to fp32 (exact for bf16 and fp16).
+template <typename T>
+inline Vec ldv(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    if constexpr (std::is_same_v<T, BF16>) {
+      return Vec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    } else {
+      return Vec(_mm512_cvtph_ps(h));
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (std::is_same_v<T, BF16>) {
+      return Vec(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    } else {
+#if defined(__F16C__)
+      return Vec(_mm256_cvtph_ps(h));
+#else
+      float buf[kW];
+      for (int64_t i = 0; i < kW; ++i) buf[i] = static_cast<float>(p[i]);
+      return Vec::loadu(buf);
+#endif
+    }
+#else
+    float buf[kW];
+    for (int64_t i = 0; i < kW; ++i) buf[i] = static_cast<float>(p[i]);
+    return Vec::loadu(buf);
+#endif
+  }
+}
+
 // Load `cnt` (< kW) elements, the other lanes set to `fill`.
-inline Vec load_tail(const float* p, int64_t cnt, float fill) {
-  return Vec::set(Vec(fill), Vec::loadu(p, cnt), cnt);
+template <typename T>
+inline Vec load_tail(const T* p, int64_t cnt, float fill) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::set(Vec(fill), Vec::loadu(p, cnt), cnt);
+  } else {
+    float buf[kW];
+    for (int64_t i = 0; i < kW; ++i) buf[i] = i < cnt ? static_cast<float>(p[i]) : fill;
+    return Vec::loadu(buf);
+  }
+}
+
+// Store kW fp32 lanes as T (bf16: round to nearest even, NaN stays NaN, like c10::BFloat16).
+template <typename T>
+inline void stv(const Vec& x, T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    x.store(p);
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 xf = x;
+    if constexpr (std::is_same_v<T, BF16>) {
+      const __m512i u = _mm512_castps_si512(xf);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+      __m512i r = _mm512_srli_epi32(
+          _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+      const __mmask16 nan = _mm512_cmp_ps_mask(xf, xf, _CMP_UNORD_Q);
+      r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                          _mm512_cvtps_ph(xf, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    return;
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m256 xf = x;
+    if constexpr (std::is_same_v<T, BF16>) {
+      const __m256i u = _mm256_castps_si256(xf);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      __m256i r = _mm256_srli_epi32(
+          _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+      const __m256 nan = _mm256_cmp_ps(xf, xf, _CMP_UNORD_Q);
+      r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r),
+                                               _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0)), nan));
+      const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r),
+                                              _mm256_extracti128_si256(r, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+      return;
+    }
+#if defined(__F16C__)
+    else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                       _mm256_cvtps_ph(xf, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      return;
+    }
+#endif
+#endif
+    float buf[kW];
+    x.store(buf);
+    for (int64_t i = 0; i < kW; ++i) p[i] = T(buf[i]);
+  }
+}
+
+// Store the first `cnt` (< kW) lanes as T.
+template <typename T>
+inline void st_tail(const Vec& x, T* p, int64_t cnt) {
+  if constexpr (std::is_same_v<T, float>) {
+    x.store(p, static_cast<int>(cnt));
+  } else {
+    float buf[kW];
+    x.store(buf);
+    for (int64_t i = 0; i < cnt; ++i) p[i] = T(buf[i]);
+  }
 }
 
 // max over p[0, n)
-float row_max(const float* p, int64_t n) {
+template <typename T>
+float row_max(const T* p, int64_t n) {
   const float ninf = -std::numeric_limits<float>::infinity();
   Vec m0(ninf), m1(ninf);
   int64_t j = 0;
   for (; j + 2 * kW <= n; j += 2 * kW) {
-    m0 = at::vec::maximum(m0, Vec::loadu(p + j));
-    m1 = at::vec::maximum(m1, Vec::loadu(p + j + kW));
+    m0 = at::vec::maximum(m0, ldv(p + j));
+    m1 = at::vec::maximum(m1, ldv(p + j + kW));
   }
-  for (; j + kW <= n; j += kW) m0 = at::vec::maximum(m0, Vec::loadu(p + j));
+  for (; j + kW <= n; j += kW) m0 = at::vec::maximum(m0, ldv(p + j));
   if (j < n) m1 = at::vec::maximum(m1, load_tail(p + j, n - j, ninf));
   return hmax(at::vec::maximum(m0, m1));
 }
 
 // sum over p[0, n) of exp((p - m) * k)
-double row_sumexp(const float* p, int64_t n, float m, float k) {
+template <typename T>
+double row_sumexp(const T* p, int64_t n, float m, float k) {
   const Vec vm(m), vk(k);
   double total = 0.0;
   int64_t j = 0;
   while (j + kW <= n) {
     const int64_t end = std::min(n - n % kW, j + kBlock);
     Vec acc(0.f);
-    for (; j < end; j += kW) acc = acc + fexp((Vec::loadu(p + j) - vm) * vk);
+    for (; j < end; j += kW) acc = acc + fexp((ldv(p + j) - vm) * vk);
     total += hsum(acc);
   }
   if (j < n) {
@@ -139,7 +259,8 @@ double row_sumexp(const float* p, int64_t n, float m, float k) {
 // with one rescale each. Returns max * k + log(sum); NaN when the row holds NaN (or +inf).
 constexpr int64_t kL1Block = 2048;
 
-float row_lse(const float* p, int64_t n, float k) {
+template <typename T>
+float row_lse(const T* p, int64_t n, float k) {
   const float ninf = -std::numeric_limits<float>::infinity();
   float m = ninf;
   double total = 0.0;
@@ -174,13 +295,15 @@ inline void sweep(int64_t n, F&& body) {
   if (j < n) body(j, n - j);
 }
 
-inline Vec ld(const float* p, int64_t cnt, float fill = 0.f) {
-  return cnt == kW ? Vec::loadu(p) : load_tail(p, cnt, fill);
+template <typename T>
+inline Vec ld(const T* p, int64_t cnt, float fill = 0.f) {
+  return cnt == kW ? ldv(p) : load_tail(p, cnt, fill);
 }
 
-inline void st(const Vec& x, float* p, int64_t cnt) {
-  if (cnt == kW) x.store(p);
-  else x.store(p, static_cast<int>(cnt));
+template <typename T>
+inline void st(const Vec& x, T* p, int64_t cnt) {
+  if (cnt == kW) stv(x, p);
+  else st_tail(x, p, cnt);
 }
 
 inline Vec keep(const Vec& x, int64_t cnt) {  // zero lanes >= cnt
@@ -208,14 +331,16 @@ struct Acc {
 };
 
 // One row. s: [ns] raw student logits; t: [v] raw teacher logits; gd: [ns] where the gradient
-// goes (== s: in place, and then t is scratch; else s and t are only read); gce: [ns] split
-// CE gradient or nullptr.
-void kl_row(const float* s, float* t, float* gd, float* gce, const Opts& o, int64_t label,
-            float a, float c, float* d_out, float* nll_out) {
+// goes (== s: in place; else s and t are only read); gce: [ns] split CE gradient (fp32) or
+// nullptr; lm: [v] fp32 scratch for the JSD's log M (may be t, or gd when it is fp32 and not
+// s). The gradient is computed in fp32 and rounded to G once, at its store.
+template <typename TS, typename TT, typename G>
+void kl_row(const TS* s, const TT* t, G* gd, float* gce, float* lm, const Opts& o,
+            int64_t label, float a, float c, float* d_out, float* nll_out) {
   const int64_t v = o.v, ns = o.ns;
   const float inv_t = o.inv_t;
   const bool valid = o.has_ce && label != kIgnore;
-  const float z_label = valid ? s[label] : 0.f;
+  const float z_label = valid ? static_cast<float>(s[label]) : 0.f;
 
   // pass 1: log-sum-exp of z_S / T and z_T / T over [0, v) (one streaming read each)
   const float lse_s = row_lse(s, v, inv_t);
@@ -236,6 +361,18 @@ void kl_row(const float* s, float* t, float* gd, float* gce, const Opts& o, int6
       vlce(lse_ce);
   // CE gradient term exp(z - lse_ce) * cc for raw z (vector)
   auto ce_term = [&](const Vec& z) { return fexp(z - vlce) * vcc; };
+  // the one-hot part of the CE gradient (-cc at the label) goes into the split CE gradient
+  // after the sweeps; unsplit, into the gradient lanes before they are rounded and stored
+  const bool fix_label = ce_grad && valid && !o.split;
+  auto emit = [&](Vec g, int64_t j, int64_t cnt) {  // store gradient lanes [j, j + cnt)
+    if (fix_label && static_cast<uint64_t>(label - j) < static_cast<uint64_t>(cnt)) {
+      float buf[kW];
+      g.store(buf);
+      buf[label - j] -= cc;
+      g = Vec::loadu(buf);
+    }
+    st(g, gd + j, cnt);
+  };
 
   if (o.div == 0) {  // forward KL(p_T || p_S); gradient p_S - p_T in the same pass
     Acc acc;
@@ -253,7 +390,7 @@ void kl_row(const float* s, float* t, float* gd, float* gce, const Opts& o, int6
           if (o.split) st(ce, gce + j, cnt);
           else g = g + ce;
         }
-        st(g, gd + j, cnt);
+        emit(g, j, cnt);
       }
     });
     *d_out = static_cast<float>(acc.get());
@@ -279,13 +416,12 @@ void kl_row(const float* s, float* t, float* gd, float* gce, const Opts& o, int6
           if (o.split) st(ce, gce + j, cnt);
           else g = g + ce;
         }
-        st(g, gd + j, cnt);
+        emit(g, j, cnt);
       });
     }
   } else {  // jsd: beta KL(p_T || M) + (1 - beta) KL(p_S || M)
     const Vec vlb(std::log(o.beta)), vlb1(std::log1p(-o.beta));
-    // log M is kept for the gradient pass in the gradient row (or, in place, over t)
-    float* lm_buf = gd != s ? gd : t;
+    // log M is kept for the gradient pass in the fp32 row `lm`
     Acc acc_t, acc_s;
     sweep(v, [&](int64_t j, int64_t cnt) {
       const Vec ls = at::vec::fmsub(ld(s + j, cnt), vinv, vls);
@@ -293,10 +429,10 @@ void kl_row(const float* s, float* t, float* gd, float* gce, const Opts& o, int6
       // log M = logaddexp(lt + log beta, ls + log(1 - beta))
       const Vec x = lt + vlb, y = ls + vlb1;
       const Vec mx = at::vec::maximum(x, y);
-      const Vec lm = mx + fexp(Vec(0.f) - (x - y).abs()).log1p();
-      acc_t.add(keep(fexp(lt) * (lt - lm), cnt));
-      acc_s.add(keep(fexp(ls) * (ls - lm), cnt));
-      if (grad) st(lm, lm_buf + j, cnt);
+      const Vec lmv = mx + fexp(Vec(0.f) - (x - y).abs()).log1p();
+      acc_t.add(keep(fexp(lt) * (lt - lmv), cnt));
+      acc_s.add(keep(fexp(ls) * (ls - lmv), cnt));
+      if (grad) st(lmv, lm + j, cnt);
     });
     const double dt = acc_t.get(), kls = acc_s.get();
     *d_out = static_cast<float>(o.beta * dt + (1.0 - o.beta) * kls);
@@ -306,13 +442,13 @@ void kl_row(const float* s, float* t, float* gd, float* gce, const Opts& o, int6
         const Vec zs = ld(s + j, cnt);
         const Vec ls = at::vec::fmsub(zs, vinv, vls);
         const Vec ps = fexp(ls);
-        Vec g = ps * (ls - ld(lm_buf + j, cnt) - vkls) * vk;
+        Vec g = ps * (ls - ld(lm + j, cnt) - vkls) * vk;
         if (ce_grad) {
           const Vec ce = ce_shared ? ps * vcc : ce_term(zs);
           if (o.split) st(ce, gce + j, cnt);
           else g = g + ce;
         }
-        st(g, gd + j, cnt);
+        emit(g, j, cnt);
       });
     }
   }
@@ -320,24 +456,86 @@ void kl_row(const float* s, float* t, float* gd, float* gce, const Opts& o, int6
   // columns [v, ns): no divergence gradient; the CE term only
   if (ns > v) {
     sweep(ns - v, [&](int64_t j, int64_t cnt) {
-      float* p = gd + v + j;
       if (ce_grad) {
         const Vec ce = ce_term(ld(s + v + j, cnt));
         if (o.split) {
           st(ce, gce + v + j, cnt);
-          st(Vec(0.f), p, cnt);
+          st(Vec(0.f), gd + v + j, cnt);
         } else {
-          st(ce, p, cnt);
+          emit(ce, v + j, cnt);
         }
       } else {
-        st(Vec(0.f), p, cnt);
+        st(Vec(0.f), gd + v + j, cnt);
       }
     });
   }
-  if (ce_grad && valid) {
-    if (o.split) gce[label] -= cc;
-    else gd[label] -= cc;
+  if (ce_grad && valid && o.split) gce[label] -= cc;
+}
+
+// Everything kl_row needs besides the element types.
+struct Rows {
+  const void* zs;
+  const void* zt;
+  void* g;
+  int64_t szs, szt, sg;  // row strides (elements)
+  bool in_place;         // g == zs (then zt is scratch too)
+  float* gce;
+  float* d;
+  float* nll;
+  const int64_t* lab;
+  const float* a;
+  const float* c;
+  int64_t r;
+};
+
+template <typename TS, typename TT, typename G>
+void run_rows(const Rows& p, const Opts& o) {
+  const TS* zs = static_cast<const TS*>(p.zs);
+  const TT* zt = static_cast<const TT*>(p.zt);
+  G* g = static_cast<G*>(p.g);
+  const int64_t ns = o.ns;
+  // where the JSD keeps log M: the fp32 gradient row when it is not the input, the fp32
+  // teacher row when in place (scratch then), else a per-thread buffer
+  const bool jsd_grad = o.div == 2 && o.need_grad;
+  const bool lm_in_g = std::is_same_v<G, float> && !p.in_place;
+  const bool lm_in_t = std::is_same_v<TT, float> && p.in_place;
+  const bool lm_scratch = jsd_grad && !lm_in_g && !lm_in_t;
+  at::parallel_for(0, p.r, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(lm_scratch ? o.v : 0);
+    for (int64_t i = begin; i < end; ++i) {
+      G* gi = p.in_place ? reinterpret_cast<G*>(const_cast<TS*>(zs + i * p.szs)) : g + i * p.sg;
+      float* lm = nullptr;
+      if (jsd_grad) {
+        if (lm_in_g) lm = reinterpret_cast<float*>(gi);
+        else if (lm_in_t) lm = reinterpret_cast<float*>(const_cast<TT*>(zt + i * p.szt));
+        else lm = scratch.data();
+      }
+      float nll_i = 0.f;
+      kl_row<TS, TT, G>(zs + i * p.szs, zt + i * p.szt, gi, p.gce ? p.gce + i * ns : nullptr, lm, o,
+                        p.lab ? p.lab[i] : kIgnore, p.a ? p.a[i] : 0.f, p.c ? p.c[i] : 0.f,
+                        p.d + i, &nll_i);
+      if (p.nll) p.nll[i] = nll_i;
+    }
+  });
+}
+
+template <typename TS, typename TT>
+void dispatch_g(at::ScalarType gt, const Rows& p, const Opts& o) {
+  if (gt == at::kFloat) run_rows<TS, TT, float>(p, o);
+  else run_rows<TS, TT, TS>(p, o);  // gt == zs's dtype (checked)
+}
+
+template <typename TS>
+void dispatch_tt(at::ScalarType tt, at::ScalarType gt, const Rows& p, const Opts& o) {
+  switch (tt) {
+    case at::kFloat: return dispatch_g<TS, float>(gt, p, o);
+    case at::kBFloat16: return dispatch_g<TS, BF16>(gt, p, o);
+    default: return dispatch_g<TS, F16>(gt, p, o);
   }
+}
+
+bool supported(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_chunk_cpu(
@@ -347,8 +545,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_chunk_cpu(
     const std::optional<at::Tensor>& g_out) {
   TORCH_CHECK(zs.dim() == 2 && zt.dim() == 2, "kl_chunk: zs and zt must be 2-D, got ",
               zs.sizes(), " and ", zt.sizes());
-  TORCH_CHECK(zs.scalar_type() == at::kFloat && zt.scalar_type() == at::kFloat,
-              "kl_chunk: zs and zt must be float32 (the fp32 chunk buffers), got ",
+  TORCH_CHECK(supported(zs.scalar_type()) && supported(zt.scalar_type()),
+              "kl_chunk: zs and zt must be float32, bfloat16 or float16, got ",
               zs.scalar_type(), " and ", zt.scalar_type());
   TORCH_CHECK(zs.stride(1) == 1 && zt.stride(1) == 1, "kl_chunk: rows must be contiguous");
   const int64_t r = zs.size(0), ns = zs.size(1);
@@ -380,39 +578,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_chunk_cpu(
     }
   }
   const bool has_out = need_grad && g_out.has_value() && g_out->defined();
+  at::ScalarType gt = zs.scalar_type();
   if (has_out) {
-    TORCH_CHECK(g_out->scalar_type() == at::kFloat && g_out->dim() == 2 && g_out->size(0) == r &&
-                    g_out->size(1) == ns && g_out->stride(1) == 1,
-                "kl_chunk: g_out must be float32 [", r, ", ", ns, "] with contiguous rows, got ",
-                g_out->scalar_type(), " ", g_out->sizes());
+    gt = g_out->scalar_type();
+    TORCH_CHECK((gt == at::kFloat || gt == zs.scalar_type()) && g_out->dim() == 2 &&
+                    g_out->size(0) == r && g_out->size(1) == ns && g_out->stride(1) == 1,
+                "kl_chunk: g_out must be float32 or zs's dtype (", zs.scalar_type(), "), [", r,
+                ", ", ns, "] with contiguous rows, got ", g_out->scalar_type(), " ",
+                g_out->sizes());
   }
-  float* zs_p = zs.data_ptr<float>();
-  float* g_p = has_out ? g_out->data_ptr<float>() : zs_p;
-  const int64_t sg = has_out ? g_out->stride(0) : zs.stride(0);
-  float* zt_p = zt.data_ptr<float>();
-  const int64_t szs = zs.stride(0), szt = zt.stride(0);
-  float* d_p = d.data_ptr<float>();
-  float* nll_p = has_ce ? nll.data_ptr<float>() : nullptr;
-  float* gce_p = want_gce ? gce.data_ptr<float>() : nullptr;
-  const int64_t* lab_p = has_ce ? lab.data_ptr<int64_t>() : nullptr;
-  const float* a_p = need_grad ? av.data_ptr<float>() : nullptr;
-  const float* c_p = (need_grad && has_ce) ? cv.data_ptr<float>() : nullptr;
+  Rows p{};
+  p.zs = zs.data_ptr();
+  p.zt = zt.data_ptr();
+  p.in_place = !has_out;
+  p.g = has_out ? g_out->data_ptr() : zs.data_ptr();
+  p.szs = zs.stride(0);
+  p.szt = zt.stride(0);
+  p.sg = has_out ? g_out->stride(0) : zs.stride(0);
+  p.d = d.data_ptr<float>();
+  p.nll = has_ce ? nll.data_ptr<float>() : nullptr;
+  p.gce = want_gce ? gce.data_ptr<float>() : nullptr;
+  p.lab = has_ce ? lab.data_ptr<int64_t>() : nullptr;
+  p.a = need_grad ? av.data_ptr<float>() : nullptr;
+  p.c = (need_grad && has_ce) ? cv.data_ptr<float>() : nullptr;
+  p.r = r;
   if (has_ce) {
     for (int64_t i = 0; i < r; ++i) {
-      const int64_t y = lab_p[i];
+      const int64_t y = p.lab[i];
       TORCH_CHECK(y == kIgnore || (y >= 0 && y < ns), "kl_chunk: label ", y,
                   " out of range [0, ", ns, ")");
     }
   }
-  at::parallel_for(0, r, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      float nll_i = 0.f;
-      kl_row(zs_p + i * szs, zt_p + i * szt, g_p + i * sg, gce_p ? gce_p + i * ns : nullptr, o,
-             has_ce ? lab_p[i] : kIgnore, a_p ? a_p[i] : 0.f, c_p ? c_p[i] : 0.f, d_p + i,
-             &nll_i);
-      if (nll_p) nll_p[i] = nll_i;
-    }
-  });
+  switch (zs.scalar_type()) {
+    case at::kFloat: dispatch_tt<float>(zt.scalar_type(), gt, p, o); break;
+    case at::kBFloat16: dispatch_tt<BF16>(zt.scalar_type(), gt, p, o); break;
+    default: dispatch_tt<F16>(zt.scalar_type(), gt, p, o); break;
+  }
   return {d, nll, gce};
 }
 

@@ -356,22 +356,27 @@ def _chunk_triton(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, spl
 
 # The per-chunk step as a custom op. Its default implementation is `_chunk_torch`; the native
 # CPU extension (align_ti/native.py, csrc/fused_kl_cpu.cpp) overrides it for CPU tensors via
-# TORCH_LIBRARY_IMPL when loaded. Returns (d [r], nll [r] or [0], gce [r, ns] or [0]). With
-# need_grad the gradient is written in place over zs (zt is scratch), or, when g_out (fp32
-# [r, ns]) is given, into g_out, and zs, zt are then only read (the native kernel reads them
-# without copies; the default implementation copies them first). Columns >= v of the
-# gradient hold only the CE term.
+# TORCH_LIBRARY_IMPL when loaded. Returns (d [r], nll [r] or [0], gce [r, ns] fp32 or [0]).
+# zs and zt may each be float32, bfloat16 or float16 (`_NATIVE_DTYPES`); the math is fp32.
+# With need_grad the gradient is written in place over zs (in zs's dtype; zt is scratch), or,
+# when g_out ([r, ns], float32 or zs's dtype) is given, into g_out, and zs, zt are then only
+# read (the native kernel reads them without copies and rounds the gradient once, at its
+# store; the default implementation computes on fp32 copies). Columns >= v of the gradient
+# hold only the CE term.
 @torch.library.custom_op("align_ti::kl_chunk", mutates_args=("zs", "zt", "g_out"))
 def _kl_chunk_op(
     zs: torch.Tensor, zt: torch.Tensor, v: int, div_code: int, beta: float, inv_t: float,
     labels: Optional[torch.Tensor], a: Optional[torch.Tensor], c: Optional[torch.Tensor],
     need_grad: bool, split: bool, g_out: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if g_out is not None:
+    dest = g_out
+    if g_out is None and zs.dtype != _F32:
+        dest = zs  # in place in a low-precision zs: compute on fp32 copies, then store
+    if dest is not None or zt.dtype != _F32:
         zs, zt = zs.to(_F32, copy=True), zt.to(_F32, copy=True)
     d, nll, g, gce = _chunk_torch(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split)
-    if g_out is not None and g is not None:
-        g_out.copy_(g)
+    if dest is not None and g is not None:
+        dest.copy_(g)
     return d, (nll if nll is not None else _empty(zs.device)), (gce if gce is not None else _empty(zs.device))
 
 
@@ -383,12 +388,19 @@ def _(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split, g_out=No
     return zs.new_empty((r,), dtype=_F32), nll, gce
 
 
+# logits dtypes the native kernel reads directly (fp32 math; gradient stored in zs's dtype)
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _use_native(zs, zt) -> bool:
-    return (zs.device.type == "cpu" and zs.dtype == _F32 and zt.dtype == _F32
+    return (zs.device.type == "cpu" and zs.dtype in _NATIVE_DTYPES and zt.dtype in _NATIVE_DTYPES
             and zs.stride(-1) == 1 and zt.stride(-1) == 1 and _native.enabled())
 
 
 def _chunk(impl, zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split, scratch=None):
+    """The per-chunk step (`_chunk_torch`'s contract) on the chosen implementation. zs, zt
+    are fp32 chunk buffers, or (only when `_use_native(zs, zt)`) bf16/fp16 rows, whose
+    gradient is then written in place in their dtype."""
     if impl == "triton":
         return _chunk_triton(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split)
     if _use_native(zs, zt):
@@ -762,15 +774,30 @@ def _logits_driver(zs_in, zt_in, idx, mask, w, divergence, beta, temperature, vo
         a = _kl_coefficients(w_eff, n_proc, device, reduction, grad)
         if mask is not None:
             a = torch.where(mask, a, torch.zeros((), dtype=_F32, device=device))
-        grad_logits = torch.zeros(zs_in.shape, dtype=zs_in.dtype, device=device)
-    per_row = 4 * (2 * v + ((v + (v if div_code == 2 else 0)) if impl == "torch" else 0))
+    # The native CPU kernel reads fp32, bf16 and fp16 logits rows in their dtype. All rows:
+    # it reads them where they are and writes the gradient rows straight into grad_logits (no
+    # chunk copies, no copy-back). Selected rows: gathered copies in the logits' dtype, the
+    # gradient in place over them. Otherwise (PyTorch chunk code): fp32 chunk copies.
+    native = impl == "torch" and _use_native(zs_in, zt_in)
+    direct = native and idx is None and mask is None
+    if need_grad:
+        if direct:  # every row's first v columns are written by the kernel
+            grad_logits = torch.empty(zs_in.shape, dtype=zs_in.dtype, device=device)
+            if zs_in.shape[1] > v:
+                grad_logits[:, v:].zero_()
+        else:
+            grad_logits = torch.zeros(zs_in.shape, dtype=zs_in.dtype, device=device)
+    ws, wt = (zs_in.dtype, zt_in.dtype) if native else (_F32, _F32)  # chunk working dtypes
+    # bytes per row of a chunk: the two chunk copies (none when direct: the size then only
+    # sets how many rows one kernel call gets); the PyTorch chunk code's own temporaries are
+    # per sub-block (`_chunk_torch`)
+    if direct:
+        per_row = v * (zs_in.element_size() + zt_in.element_size())
+    else:
+        per_row = v * (torch.finfo(ws).bits + torch.finfo(wt).bits) // 8
     r_chunk = _heur.rows_per_chunk(per_row, device, chunk_bytes if chunk_bytes > 0 else None)
     d_all = torch.zeros(n_proc, dtype=_F32, device=device)
     scratch = {}
-    # fp32 logits with the native CPU kernel: it reads the rows in place and writes the
-    # gradient rows directly (no fp32 chunk copies, no gradient copy-back)
-    direct = (idx is None and mask is None and impl == "torch" and zs_in.dtype == _F32
-              and zt_in.dtype == _F32 and _use_native(zs_in, zt_in))
     for s in range(0, n_proc, r_chunk):
         e = min(s + r_chunk, n_proc)
         if direct:
@@ -781,15 +808,15 @@ def _logits_driver(zs_in, zt_in, idx, mask, w, divergence, beta, temperature, vo
             d_all[s:e] = d
             continue
         if idx is None:
-            zs = zs_in[s:e, :v].to(_F32, copy=True)
-            zt = zt_in[s:e, :v].to(_F32, copy=True)
+            zs = zs_in[s:e, :v].to(ws, copy=True, memory_format=torch.contiguous_format)
+            zt = zt_in[s:e, :v].to(wt, copy=True, memory_format=torch.contiguous_format)
             if mask is not None:  # unselected rows: exactly 0, even if they hold NaN/inf
                 zs.masked_fill_(~mask[s:e, None], 0.0)
                 zt.masked_fill_(~mask[s:e, None], 0.0)
         else:
             sel = idx[s:e]
-            zs = zs_in[:, :v].index_select(0, sel).to(_F32)
-            zt = zt_in[:, :v].index_select(0, sel).to(_F32)
+            zs = zs_in[:, :v].index_select(0, sel).to(ws)
+            zt = zt_in[:, :v].index_select(0, sel).to(wt)
         d, _, g, _ = _chunk(impl, zs, zt, v, div_code, beta, inv_t, None,
                             a[s:e] if need_grad else None, None, need_grad, False, scratch)
         d_all[s:e] = d

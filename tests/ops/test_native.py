@@ -6,10 +6,13 @@ compiler are present (CI installs cmake and ninja from PyPI with the `test` extr
 them the tests are skipped with the reason; with them a failing build is a test failure.
 Set ALIGN_TI_NATIVE_TESTS=0 to skip the build and these tests.
 
-Checks: the kernel against the PyTorch chunk code (`_chunk_torch`, every option), and the
-public ops with the kernel against the fp32 reference (each divergence, temperatures, fp32
-and bf16, odd V, V' slicing, ignored labels, NaN propagation), the fallback on a broken
-build, and the CLI.
+Checks: the kernel against the PyTorch chunk code (`_chunk_torch`, every option), also with
+bf16 / fp16 / mixed input rows read directly and the gradient stored in their dtype (exactly
+the fp32 gradient rounded once), and the public ops with the kernel against the fp32
+reference (each divergence, temperatures, fp32, bf16 and fp16, odd V, V' slicing, ignored
+labels, NaN propagation, no fp32 chunk copies on the bf16 logits path), the fallback on a
+broken build, the CLI, and packaging (a wheel built from the sdist carries the sources, and
+an installed package finds them).
 """
 from __future__ import annotations
 
@@ -403,3 +406,275 @@ def test_fused_kl_direct_rows_native(use_native, divergence, reduction):
              upstream=up, divergence=divergence, temperature=2.0, reduction=reduction,
              weights=torch.rand(N))
     assert torch.equal(zs.detach(), zs0) and torch.equal(zt, zt0)  # inputs untouched
+
+
+# --------------------------------------------------------------------------------------------
+# bf16 / fp16 logits read directly (no fp32 chunk copies), gradient stored in their dtype
+# --------------------------------------------------------------------------------------------
+
+_DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_LOW_PAIRS = [(s, t) for s in _DT for t in _DT if (s, t) != ("fp32", "fp32")]
+
+
+def _low_chunk_args(ts, tt, div, mode):
+    """Odd V (1271, a tail of 7 lanes), student wider than V' when labels are given, teacher
+    rows strided (a [:, :v] view of 1300 columns), labels in the tail and beyond V'."""
+    g = torch.Generator().manual_seed(11 * div + len(mode))
+    r, v = 9, 1271
+    extra = 0 if mode in ("plain", "ce_shared") else 29
+    ns = v + extra
+    zs = (torch.randn(r, ns, generator=g) * 3).to(_DT[ts])
+    zt = (torch.randn(r, 1300, generator=g) * 3).to(_DT[tt])
+    labels = torch.randint(0, ns, (r,), generator=g)
+    labels[2] = -100
+    labels[5] = ns - 1
+    labels[6] = v - 1
+    a, c = torch.rand(r, generator=g), torch.rand(r, generator=g)
+    with_labels = mode != "plain"
+    inv_t = 1.0 if mode == "ce_shared" else 0.5
+    args = (v, div, 0.3, inv_t, labels if with_labels else None, a, c if with_labels else None,
+            True, mode == "ce_split")
+    return zs, zt, args
+
+
+@pytest.mark.parametrize("mode", ["plain", "ce", "ce_split", "ce_shared"])
+@pytest.mark.parametrize("div", [0, 1, 2])
+@pytest.mark.parametrize("ts,tt", _LOW_PAIRS)
+def test_kernel_low_precision_inputs(native_lib, ts, tt, div, mode):
+    """bf16/fp16 (and mixed) rows read directly: the fp32 math matches the PyTorch chunk code on
+    exact fp32 copies; a gradient stored in zs's dtype (g_out, or in place) is exactly the fp32
+    gradient rounded once; the inputs are only read when g_out is given."""
+    zs, zt, args = _low_chunk_args(ts, tt, div, mode)
+    v = args[0]
+    zs0, zt0 = zs.clone(), zt.clone()
+    d1, nll1, g1, gce1 = F._chunk_torch(zs.to(torch.float32, copy=True),
+                                    zt[:, :v].to(torch.float32, copy=True), *args)
+
+    g32 = torch.empty(zs.shape, dtype=torch.float32)
+    d2, nll2, gce2 = torch.ops.align_ti.kl_chunk(zs, zt[:, :v], *args, g32)
+    assert torch.equal(zs, zs0) and torch.equal(zt, zt0), "inputs were written"
+    assert_close(d2, d1, atol=2e-5, rtol=1e-5, name="d")
+    if mode != "plain":
+        assert_close(nll2, nll1, atol=2e-5, rtol=1e-5, name="nll")
+    assert_close(g32, g1, atol=1e-7, rtol=1e-4, name="grad fp32")
+    if mode == "ce_split":
+        assert_close(gce2, gce1, atol=1e-7, rtol=1e-4, name="grad ce")
+
+    if zs.dtype != torch.float32:
+        glo = torch.empty(zs.shape, dtype=zs.dtype)
+        d3, _, _ = torch.ops.align_ti.kl_chunk(zs, zt[:, :v], *args, glo)
+        assert_close(d3, d2, atol=1e-7, rtol=1e-6, name="d (low-precision g_out)")
+        _assert_rounded(glo, g32, "low-precision g_out")
+        zs_ip, zt_ip = zs.clone(), zt[:, :v].clone()  # in place: zs gets the gradient
+        d4, _, _ = torch.ops.align_ti.kl_chunk(zs_ip, zt_ip, *args)
+        assert_close(d4, d2, atol=1e-7, rtol=1e-6, name="d (in place)")
+        _assert_rounded(zs_ip, g32, "in-place low-precision gradient")
+
+
+def _ulp(dtype):
+    """(relative ulp, smallest subnormal) of a low-precision dtype."""
+    return (2.0 ** -7, 2.0 ** -133) if dtype == torch.bfloat16 else (2.0 ** -10, 2.0 ** -24)
+
+
+def _assert_rounded(lo, g32, name):
+    """lo is the fp32 gradient rounded once to lo's dtype: exactly that almost everywhere (the
+    fp32 values of two kernel instantiations may differ in the last bit), within one ulp."""
+    exact = lo == g32.to(lo.dtype)
+    assert exact.float().mean().item() > 0.999, f"{name}: {int((~exact).sum())} entries not the rounded fp32 value"
+    rel, tiny = _ulp(lo.dtype)
+    assert_close(lo, g32, atol=tiny, rtol=rel, name=name)
+
+
+@pytest.mark.parametrize("ts,tt", [("bf16", "bf16"), ("fp16", "fp32")])
+def test_op_default_implementation_low_precision(ts, tt):
+    """The op's PyTorch implementation (no extension) accepts bf16/fp16 rows the same way."""
+    zs, zt, args = _low_chunk_args(ts, tt, 2, "ce")
+    v = args[0]
+    d1, nll1, g1, _ = F._chunk_torch(zs.to(torch.float32, copy=True),
+                                    zt[:, :v].to(torch.float32, copy=True), *args)
+    g_out = torch.empty(zs.shape, dtype=zs.dtype)
+    d2, nll2, _ = F._kl_chunk_op._init_fn(zs, zt[:, :v], *args, g_out)
+    assert torch.equal(d2, d1) and torch.equal(nll2, nll1)
+    assert torch.equal(g_out, g1.to(zs.dtype))
+    zs_ip = zs.clone()
+    d3, _, _ = F._kl_chunk_op._init_fn(zs_ip, zt[:, :v].clone(), *args)
+    assert torch.equal(d3, d1) and torch.equal(zs_ip, g1.to(zs.dtype))
+
+
+def test_opcheck_native_kernel_bf16(native_lib):
+    zs, zt, args = _low_chunk_args("bf16", "fp16", 0, "ce")
+    v = args[0]
+    for g_out in (None, torch.zeros(zs.shape, dtype=torch.bfloat16), torch.zeros(zs.shape)):
+        torch.library.opcheck(torch.ops.align_ti.kl_chunk.default,
+                              (zs.clone(), zt[:, :v].clone(), *args, g_out),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_kernel_rejects_bad_dtypes(native_lib):
+    zs, zt, args = _low_chunk_args("bf16", "bf16", 0, "plain")
+    v = args[0]
+    with pytest.raises(RuntimeError, match="g_out must be float32 or zs's dtype"):
+        torch.ops.align_ti.kl_chunk(zs, zt[:, :v], *args, torch.zeros(zs.shape, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        torch.ops.align_ti.kl_chunk(zs.double(), zt[:, :v], *args)
+
+
+@pytest.mark.parametrize("rows", ["all", "index", "mask_inside"])
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_kl_low_precision_native_vs_torch_path_and_reference(native_lib, monkeypatch, dtype,
+                                                                   divergence, rows):
+    """bf16/fp16 logits, Vs = 1300 > Vt = 1271 (student rows strided, gradient columns >= V'
+    zero): the native path (rows read in place, or gathered in their dtype) gives the loss of
+    the fp32 reference and a gradient within one rounding of the PyTorch path's."""
+    if rows == "mask_inside":
+        monkeypatch.setattr(F, "MASK_AS_INDICES_DEVICES", ())
+    g = torch.Generator().manual_seed(21)
+    zs = (torch.randn(N, VT, generator=g) * 3).to(dtype).requires_grad_()
+    zt = (torch.randn(N, VS, generator=g) * 3).to(dtype)
+    sel = {"all": None, "index": torch.randperm(N, generator=g)[:40],
+           "mask_inside": torch.rand(N, generator=g) > 0.3}[rows]
+    m = N if sel is None else (40 if rows == "index" else int(sel.sum()))
+    kw = dict(rows=sel, weights=torch.rand(m, generator=g) if rows != "mask_inside" else None,
+              divergence=divergence, temperature=2.0, beta=0.3)
+    res = {}
+    for flag in (True, False):
+        native.set_enabled(flag)
+        try:
+            res[flag] = _run(align_ti.fused_kl, {"student_logits": zs, "teacher_logits": zt},
+                             impl="torch", **kw)
+        finally:
+            native.set_enabled(None)
+    (loss_n,), gn = res[True]
+    (loss_t,), gt = res[False]
+    hi = zs.detach().float().requires_grad_()
+    (loss_r,), gr = _run(fused_kl_reference, {"student_logits": hi, "teacher_logits": zt.float()}, **kw)
+    assert gn["student_logits"].dtype == dtype
+    assert_close(loss_n, loss_r, atol=2e-6, rtol=1e-5, name="loss vs fp32 reference")
+    assert_close(loss_n, loss_t, atol=2e-6, rtol=1e-5, name="loss vs torch path")
+    # both paths round an fp32 gradient once: one ulp apart at most, plus the fp32 difference
+    # of p_S - p_T where the two nearly cancel (absolute, ~1e-13 here)
+    rel, tiny = _ulp(dtype)
+    tiny = max(tiny, 1e-9)
+    assert_close(gn["student_logits"], gt["student_logits"], atol=tiny, rtol=rel, name="grad vs torch path")
+    assert_close(gn["student_logits"], gr["student_logits"], atol=tiny, rtol=rel, name="grad vs reference")
+    assert (gn["student_logits"][:, VS:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_logits_driver_native_makes_no_fp32_chunk_copies(native_lib, dtype):
+    """All rows, native: no [rows, V] fp32 tensor is created (no chunk copies, no fp32
+    gradient); with the kernel off, the PyTorch path does make them (the check can fail)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t is not args[0]:
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    g = torch.Generator().manual_seed(2)
+    v = 1300
+    zs = (torch.randn(N, v, generator=g) * 3).to(torch.bfloat16)
+    zt = (torch.randn(N, v, generator=g) * 3).to(torch.bfloat16)
+    if dtype == torch.float32:  # fp32 student, bf16 teacher
+        zs = zs.float()
+    seen = {}
+    for flag in (True, False):
+        native.set_enabled(flag)
+        try:
+            with Largest() as rec:
+                loss, grad = F._logits_driver(zs, zt, None, None, None, "jsd", 0.5, 1.0, v, "mean",
+                                              "torch", True, None, 0)
+        finally:
+            native.set_enabled(None)
+        seen[flag] = (rec.largest, loss, grad)
+    big_fp32 = seen[True][0]
+    if dtype == torch.bfloat16:
+        assert big_fp32 < v, f"native path made an fp32 tensor of {big_fp32} elements"
+    else:  # the fp32 student gradient [N, V] is the output itself; nothing else that size
+        assert big_fp32 <= N * v
+    assert seen[False][0] >= v, "the PyTorch path made no fp32 chunk copies: the check is void"
+    assert seen[True][2].dtype == zs.dtype
+    assert_close(seen[True][1], seen[False][1], atol=2e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# packaging: an installed align-ti (wheel, built from the sdist) carries the native sources
+# --------------------------------------------------------------------------------------------
+
+def _copy_project(dst):
+    def ignore(folder, names):
+        return [n for n in names if n in ("__pycache__", "results", ".pytest_cache")
+                or n.endswith((".pyc", ".egg-info"))]
+
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "CMakeLists.txt"):
+        if os.path.exists(os.path.join(ROOT, name)):
+            shutil.copy2(os.path.join(ROOT, name), os.path.join(dst, name))
+    for name in ("align_ti", "kernels", "benchmarks", "csrc"):
+        shutil.copytree(os.path.join(ROOT, name), os.path.join(dst, name), ignore=ignore)
+
+
+def test_installed_package_can_build_native(native_lib, tmp_path):
+    """sdist -> wheel -> installed into a folder: the wheel holds align_ti/_native_src/ (the
+    same CMakeLists.txt and csrc/ as the checkout, so the same source hash), `source_dir()`
+    of the installed package points there and `build()` finds its (cached) library."""
+    pytest.importorskip("setuptools")
+    import tarfile
+    import zipfile
+
+    src, out, site = tmp_path / "src", tmp_path / "out", tmp_path / "site"
+    for d in (src, out, site):
+        d.mkdir()
+    _copy_project(str(src))
+    run = dict(capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c",
+                           "from setuptools import build_meta as b; print(b.build_sdist(%r))" % str(out)],
+                          cwd=src, **run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sdist = out / proc.stdout.strip().splitlines()[-1]
+    with tarfile.open(sdist) as tf:
+        names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
+    assert {"CMakeLists.txt", "csrc/fused_kl_cpu.cpp"} <= names, sorted(names)
+
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                           "-q", "-w", str(out), str(sdist)], **run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = out.glob("*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        for rel in native._SOURCES:
+            packaged = "align_ti/_native_src/" + rel.replace(os.sep, "/")
+            assert packaged in names, sorted(n for n in names if "native" in n)
+            with open(os.path.join(ROOT, rel), "rb") as f:
+                assert zf.read(packaged) == f.read(), rel
+        assert not any(n.endswith((".so", ".o")) for n in names)  # nothing compiled
+
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                           str(site), str(wheel)], **run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    code = (
+        "import os, align_ti\n"
+        "from align_ti import native\n"
+        "assert align_ti.__file__.startswith(%r), align_ti.__file__\n"
+        "src = native.source_dir()\n"
+        "assert src == os.path.join(os.path.dirname(align_ti.__file__), '_native_src'), src\n"
+        "print('HASH', native._source_hash(src))\n"
+        "print('LIB', native.build())\n"
+    ) % str(site)
+    env = dict(os.environ, PYTHONPATH=str(site))
+    env.pop("ALIGN_TI_NATIVE_SRC", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, **run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(ln.split(" ", 1) for ln in proc.stdout.splitlines() if ln.startswith(("HASH", "LIB")))
+    assert lines["HASH"] == native._source_hash(ROOT)
+    assert lines["LIB"] == native_lib
+
+
+def test_checkout_source_dir_is_repo_root():
+    assert native.source_dir() in (ROOT, os.path.abspath(os.environ.get("ALIGN_TI_NATIVE_SRC", ROOT)))
