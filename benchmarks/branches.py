@@ -1,9 +1,14 @@
 """TPA expanded forward: cost of one forward over the expanded sequence vs the plain forward and
 vs d separate forwards (issue 6, point 6).
 
-Standalone (the expanded forward has no scalar reference, so it does not fit OpBench):
+An op of the benchmark registry (benchmarks/runner.py) with its own case runner: the expanded
+forward has no scalar reference shared by all providers (``plain`` computes less, by design), so
+it does not fit OpBench; the module gives `CASES` and `run_cases`, which the runner calls:
 
-    python -m align_ti.benchmarks.branches [--device cpu|cuda] [--reps N] [--out DIR]
+    align-ti bench --op branches [--device cpu|cuda] [--quick] [--reps N] [--out DIR]
+    python -m align_ti.benchmarks.branches [--device cpu|cuda] [--reps N] [--out DIR] [--models tiny,qwen]
+
+``--quick`` runs the tiny model at B=2, L=64, fraction 0.25 only.
 
 Models (random weights, fp32 on CPU / bf16 on CUDA, decoder only: the LM heads are the fused
 KL's business and are not run here; ``logits_to_keep=1``):
@@ -34,6 +39,7 @@ during fwd+bwd minus RSS before, in this process (after gc + malloc_trim), so it
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -41,9 +47,20 @@ import time
 import torch
 
 from . import harness
+from .harness import Case
 
 D = 4
 FRACTIONS = (0.25, 1.0)
+MODELS = ("tiny", "qwen")
+DEFAULT_REPS = 3  # the qwen-shaped cases take minutes on the 2-core CPU; repetitions are capped here
+
+# the registry's view: one case per (model, fraction); run by `run_cases`, not by OpBench
+BENCH = None
+CASES = [Case("branches", f"{m} d={D} fraction={f}", {"model": m, "fraction": f}, reps=DEFAULT_REPS)
+         for m in MODELS for f in FRACTIONS]
+# --quick: the tiny model at B=2, L=64 (every provider runs; a few seconds on an idle 2-core CPU)
+CASES.append(Case("branches", f"tiny-quick d={D} fraction=0.25",
+                  {"model": "tiny", "fraction": 0.25, "batch": 2, "length": 64}, quick=True, reps=DEFAULT_REPS))
 
 
 def model_specs(device: str) -> dict:
@@ -211,28 +228,41 @@ def run_case(spec, fraction: float, device, dtype, reps: int, log=print) -> dict
             "x": None, "results": results, "summary": summary}
 
 
+def run_cases(cases, device: str, reps: int | None = None, log=print, quick: bool = False) -> dict:
+    """The report (harness format: provenance, cases, results, summaries) of the given CASES."""
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    specs = model_specs(device)
+    description = next(p for p in __doc__.split("\n\n") if p.startswith("Models"))
+    report = {"op": "branches", "description": description, "device_type": device,
+              "provenance": harness.provenance(device), "quick": quick,
+              "memory_metric": ("max_memory_allocated during fwd+bwd minus allocated before" if device == "cuda"
+                                else "max sampled RSS during fwd+bwd minus RSS before, in-process (indicative)"),
+              "cases": []}
+    t0 = time.perf_counter()
+    for case in cases:
+        case_reps = min(reps or DEFAULT_REPS, case.reps or DEFAULT_REPS)
+        spec = dict(specs[case.params["model"]], **{k: case.params[k] for k in ("batch", "length")
+                                                     if k in case.params})
+        report["cases"].append(run_case(spec, case.params["fraction"], dev, dtype, case_reps, log=log))
+    report["wall_s"] = time.perf_counter() - t0
+    report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return report
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m align_ti.benchmarks.branches", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=DEFAULT_REPS)
     parser.add_argument("--out", default=None)
     parser.add_argument("--models", default="tiny,qwen", help="comma list of: tiny, qwen")
     args = parser.parse_args(argv)
     dev_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(dev_type)
-    dtype = torch.bfloat16 if dev_type == "cuda" else torch.float32
-    specs = model_specs(dev_type)
-    report = {"op": "branches", "description": __doc__.split("\n\n")[2], "device_type": dev_type,
-              "provenance": harness.provenance(dev_type),
-              "memory_metric": ("max_memory_allocated during fwd+bwd minus allocated before" if dev_type == "cuda"
-                                else "max sampled RSS during fwd+bwd minus RSS before, in-process (indicative)"),
-              "cases": []}
-    t0 = time.perf_counter()
-    for key in args.models.split(","):
-        for fraction in FRACTIONS:
-            report["cases"].append(run_case(specs[key], fraction, device, dtype, args.reps))
-    report["wall_s"] = time.perf_counter() - t0
-    report["load_average_at_end"] = os.getloadavg()
+    models = args.models.split(",")
+    # standalone, --reps is taken as given (the runner caps it at DEFAULT_REPS)
+    cases = [dataclasses.replace(c, reps=args.reps) for m in models for c in CASES
+             if c.params["model"] == m and not c.quick]
+    report = run_cases(cases, dev_type, reps=args.reps)
     out_dir = args.out or os.path.join(harness.ROOT, "benchmarks", "results", dev_type)
     for p in harness.write_report(report, out_dir, "branches"):
         print("wrote", p)

@@ -2,6 +2,8 @@
 
 Providers (each returns a forward function; the runner differentiates its scalar loss):
 - align_ti:          align_ti.fused_linear_kl (impl="auto": chunked torch on CPU, Triton on CUDA)
+- align_ti_native:   the same with the native CPU kernel for the per-chunk step (listed only
+                     where `align-ti build-native` has built it)
 - materialized:      plain PyTorch with [N, V] fp32 logits of both heads (TRL, LLaVA-KD)
 - torch_compile:     torch.compile of the materialized path
 - torchtune_chunked: torchtune-style chunked forward KL (8 row chunks; autograd keeps each
@@ -44,10 +46,19 @@ def _heads(x):
     return x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"]
 
 
-def provider_align_ti(x):
+def provider_align_ti(x, native: bool = False):
+    """align_ti as installed by pip (native=False: the chunked PyTorch path on CPU, even when
+    the native kernel is built), or with the native CPU kernel (`align-ti build-native`)."""
     import align_ti
+    from align_ti import native as _native
 
-    return lambda: align_ti.fused_linear_kl(*_heads(x))
+    def fwd():
+        _native.set_enabled(native)
+        try:
+            return align_ti.fused_linear_kl(*_heads(x))
+        finally:
+            _native.set_enabled(None)
+    return fwd
 
 
 def _materialized_loss(hs, ws, ht, wt):
@@ -92,6 +103,7 @@ def provider_liger(x, chunk_size: int):
 LIGER_CHUNKS = (128, 256, 1024)
 PROVIDERS = {
     "align_ti": provider_align_ti,
+    "align_ti_native": lambda x: provider_align_ti(x, native=True),
     "materialized": provider_materialized,
     "torch_compile": provider_torch_compile,
     "torchtune_chunked": provider_torchtune_chunked,
@@ -108,6 +120,10 @@ def reference(x):
 def _available(provider: str) -> bool:
     if provider.startswith("liger"):
         return importlib.util.find_spec("liger_kernel") is not None
+    if provider == "align_ti_native":  # only where `align-ti build-native` has been run
+        from align_ti import native
+
+        return native.native_available()
     return True
 
 
@@ -126,7 +142,7 @@ BENCH = OpBench(
     tolerance=_tolerance,
     available=_available,
     # --quick leaves out the providers whose compile time dominates a small case
-    quick_providers=("align_ti", "materialized", "torchtune_chunked", "liger_c256", "liger_c1024"),
+    quick_providers=("align_ti", "align_ti_native", "materialized", "torchtune_chunked", "liger_c256", "liger_c1024"),
 )
 
 _CHECK32 = dict(N=64, Hs=32, Ht=48, V=1300, dtype="float32")

@@ -13,6 +13,8 @@ The runner (benchmarks/runner.py) measures each provider of each case:
 - memory: CUDA: max_memory_allocated during fwd+bwd minus what was allocated before. CPU: each
   provider runs in a fresh process; the maximum of the sampled current RSS during fwd+bwd minus
   the RSS just before it (imports and inputs in place, gradients included).
+
+`overhead` measures the harness itself against a bare timing loop (benchmarks/overhead.py).
 """
 from __future__ import annotations
 
@@ -162,6 +164,11 @@ def release_memory() -> None:
         pass
 
 
+# the timer of `measure` and `bare_times`: wall clock; `overhead(clock="cpu")` swaps in process
+# CPU time, which other processes on a shared machine disturb far less
+_clock = time.perf_counter
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -241,14 +248,14 @@ def measure(bench: OpBench, provider: str, params: dict, device: torch.device, r
     t_fwd, t_bwd, t_both = [], [], []
     for _ in range(reps):
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = _clock()
         out = fwd()
         _sync(device)
-        t1 = time.perf_counter()
+        t1 = _clock()
         if grad:
             _scalar(out).backward()
             _sync(device)
-        t2 = time.perf_counter()
+        t2 = _clock()
         t_fwd.append(t1 - t0)
         t_bwd.append(t2 - t1)
         t_both.append(t2 - t0)
@@ -262,6 +269,73 @@ def measure(bench: OpBench, provider: str, params: dict, device: torch.device, r
         flop = bench.flops(params)
         result["tflops"] = flop / result["fwd_bwd"]["median_s"] / 1e12
     return result
+
+
+def bare_times(bench: OpBench, provider: str, x: dict, device: torch.device, reps: int) -> list[float]:
+    """fwd+bwd seconds of `reps` runs of the provider's callable in a bare loop (the yardstick
+    for the harness's own overhead): one warm-up run, then the clock around forward +
+    backward only; gradients are cleared outside the timed region, as `measure` does."""
+    fwd = bench.providers[provider](x)
+    grad = bench.backward and bool(bench.grad_inputs)
+    out = fwd()
+    if grad:
+        _scalar(out).backward()
+    _clear_grads(x, bench.grad_inputs)
+    del out
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = _clock()
+        out = fwd()
+        if grad:
+            (out if out.dim() == 0 else _scalar(out)).backward()
+        _sync(device)
+        times.append(_clock() - t0)
+        del out
+        _clear_grads(x, bench.grad_inputs)
+    return times
+
+
+def overhead(bench: OpBench, provider: str, params: dict, device: torch.device, reps: int = 7,
+             rounds: int = 5, clock: str = "wall") -> dict:
+    """The harness's overhead on measured times: `measure`'s reported fwd+bwd median against a
+    bare timing loop of the same callable on the same inputs in the same process.
+
+    The two alternate (A B B A ...) for `rounds` rounds of `reps` runs each, so that load from
+    other processes falls on both alike. overhead = median of the harness's per-round medians /
+    median of the bare per-round medians - 1; `paired` is the median of the per-round ratios - 1;
+    `min_overhead` compares the fastest round medians (the least disturbed by other load).
+    clock="cpu" (CPU device only) times both with process CPU time on one torch thread: on a
+    machine shared with other work, wall-clock round medians swing several-fold, CPU time little.
+    """
+    global _clock
+    if clock not in ("wall", "cpu") or (clock == "cpu" and device.type != "cpu"):
+        raise ValueError(f"clock must be 'wall', or 'cpu' on a CPU device; got {clock!r} on {device.type}")
+    torch.manual_seed(0)
+    x = bench.make_inputs(params, device)
+    h_med, b_med = [], []
+    threads = torch.get_num_threads()
+    if clock == "cpu":
+        _clock = time.process_time
+        torch.set_num_threads(1)  # no OpenMP threads spinning while a sibling is preempted
+    try:
+        for i in range(rounds):
+            order = ("harness", "bare") if i % 2 == 0 else ("bare", "harness")
+            for which in order:
+                if which == "harness":
+                    h_med.append(measure(bench, provider, params, device, reps)["fwd_bwd"]["median_s"])
+                else:
+                    b_med.append(statistics.median(bare_times(bench, provider, x, device, reps)))
+    finally:
+        _clock = time.perf_counter
+        torch.set_num_threads(threads)
+    h, b = statistics.median(h_med), statistics.median(b_med)
+    return {"op": bench.name, "provider": provider, "params": params, "reps": reps, "rounds": rounds, "clock": clock,
+            "harness_median_s": h, "bare_median_s": b, "overhead": h / b - 1,
+            "paired_overhead": statistics.median(hh / bb for hh, bb in zip(h_med, b_med)) - 1,
+            # the least disturbed round of each (a loaded machine makes round medians swing)
+            "min_overhead": min(h_med) / min(b_med) - 1,
+            "harness_round_medians_s": h_med, "bare_round_medians_s": b_med}
 
 
 def matmul_roofline_tflops(device: torch.device, dtype: torch.dtype, size: int = 8192, reps: int = 10) -> float:

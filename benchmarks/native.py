@@ -13,9 +13,11 @@ Each provider runs in a fresh process (its own RSS; same metric as benchmarks/ru
 an agreement check against the fp32 reference. Because a loaded machine skews sequential runs,
 the native vs torch_chunked ratio is also measured interleaved in one process (A/B/A/B...).
 
-    python -m benchmarks.native [--reps 3] [--ab-reps 4] [--case SUBSTR] [--out DIR]
+    python -m benchmarks.native [--reps 3] [--ab-reps 4] [--case SUBSTR] [--quick] [--out DIR]
+    align-ti bench --device cpu --op native [--quick]      (the same cases via the registry)
 
-Writes native.json and native.md (provenance, load averages) to benchmarks/results/cpu/.
+Writes native.json and native.md (provenance, load averages) to benchmarks/results/cpu/
+(native-quick.* for the quick cases).
 """
 from __future__ import annotations
 
@@ -139,7 +141,7 @@ def _bench(step: str) -> OpBench:
     )
 
 
-def _case(step, dtype, n=1024, hs=256, ht=512, reps=None):
+def _case(step, dtype, n=1024, hs=256, ht=512, reps=None, quick=False):
     params = dict(step=step, N=n, V=V_QWEN, dtype=dtype)
     check = dict(step=step, N=37, V=1271, dtype=dtype)
     if step == "linear":
@@ -148,13 +150,19 @@ def _case(step, dtype, n=1024, hs=256, ht=512, reps=None):
         name = f"linear N={n} Hs={hs} Ht={ht} V={V_QWEN} {dtype}"
     else:
         name = f"logits N={n} V={V_QWEN} {dtype}"
-    return Case("native", name, params, check, devices=("cpu",), reps=reps)
+    return Case("native", name, params, check, devices=("cpu",), reps=reps, quick=quick)
 
 
 # The CPU bf16 fused linear op is slow (~40 s per fwd+bwd here: bf16 weights are upcast in
 # blocks): one timed repetition and one interleaved round.
+# Quick cases (`align-ti bench --op native --quick`, `--quick` here): the logits step at N=64.
 CASES = [_case("logits", "float32"), _case("logits", "bfloat16"),
-         _case("linear", "float32"), _case("linear", "bfloat16", reps=1)]
+         _case("linear", "float32"), _case("linear", "bfloat16", reps=1),
+         _case("logits", "float32", n=64, quick=True), _case("logits", "bfloat16", n=64, quick=True)]
+
+# In the benchmark registry (benchmarks/runner.py OPS): no single OpBench (two steps with their
+# own inputs, plus the interleaved A/B), so the cases have their own runner, `run_cases`.
+BENCH = None
 
 
 def _providers_for(case: Case) -> list[str]:
@@ -248,21 +256,24 @@ def _chunk_budget() -> int:
     return heuristics.chunk_bytes(torch.device("cpu"))
 
 
-def run(reps: int = 3, ab_reps: int = 4, only: str | None = None, out_dir: str | None = None,
-        providers=None, log=print) -> list[str]:
+def run_cases(cases, device: str = "cpu", reps: int | None = None, log=print, quick: bool = False,
+              ab_reps: int | None = None, providers=None) -> dict:
+    """The report (harness format, plus each case's interleaved A/B) of the given cases; the
+    registry's entry point (benchmarks/runner.py: `align-ti bench --op native`)."""
     from align_ti import native
 
-    out_dir = out_dir or os.path.join(harness.ROOT, "benchmarks", "results", "cpu")
+    if device != "cpu":
+        raise ValueError(f"the native benchmark is CPU only, got device {device!r}")
+    reps = reps or 3
+    ab_reps = min(4, reps) if ab_reps is None else ab_reps
     report = {"op": "native", "description": _bench("logits").description, "device_type": "cpu",
-              "provenance": harness.provenance("cpu"),
+              "provenance": harness.provenance("cpu"), "quick": quick,
               "native": {"available": native.native_available(), "path": native.info()["path"],
                          "torch_threads": torch.get_num_threads()},
               "cpu_chunk_bytes": _chunk_budget(),
               "memory_metric": "max sampled RSS during fwd+bwd minus RSS before, fresh process per provider",
               "cases": []}
-    for case in CASES:
-        if only and only not in case.name:
-            continue
+    for case in cases:
         results = []
         for p in _providers_for(case):
             if providers and p not in providers:
@@ -276,13 +287,28 @@ def run(reps: int = 3, ab_reps: int = 4, only: str | None = None, out_dir: str |
             else:
                 log(f"{case.name:45s} {p:14s} {r.get('status')}")
         ab = interleaved_ab(case, min(ab_reps, case.reps or ab_reps)) if ab_reps > 0 else None
+        summary = _summary(results)
         if ab and "speedup_median" in ab:
             log(f"{case.name:45s} interleaved A/B: native {ab['median_s']['native']:.3f} s, torch_chunked "
                 f"{ab['median_s']['torch_chunked']:.3f} s -> {ab['speedup_median']:.2f}x (load {ab['load_avg_1min']})")
+            summary["interleaved_speedup_vs_torch_chunked"] = ab["speedup_median"]
         report["cases"].append({"name": case.name, "params": case.params, "x": None, "results": results,
-                                "summary": _summary(results), "interleaved_ab": ab})
+                                "summary": summary, "interleaved_ab": ab})
+    report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return report
+
+
+def run(reps: int = 3, ab_reps: int = 4, only: str | None = None, out_dir: str | None = None,
+        providers=None, log=print, quick: bool = False) -> list[str]:
+    """Run the full-size cases (the quick ones with quick=True) whose name contains `only`;
+    writes native.json / native.md (native-quick.* when quick)."""
+    cases = [c for c in CASES if c.quick == quick and (not only or only in c.name)]
+    report = run_cases(cases, "cpu", reps=reps, log=log, quick=quick, ab_reps=ab_reps,
+                       providers=providers)
+    out_dir = out_dir or os.path.join(harness.ROOT, "benchmarks", "results", "cpu")
     os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, "native.json"), os.path.join(out_dir, "native.md")]
+    stem = "native" + ("-quick" if quick else "")
+    paths = [os.path.join(out_dir, f"{stem}.json"), os.path.join(out_dir, f"{stem}.md")]
     with open(paths[0], "w") as f:
         json.dump(report, f, indent=2)
     with open(paths[1], "w") as f:
@@ -319,11 +345,13 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per provider")
     parser.add_argument("--ab-reps", type=int, default=4, help="interleaved native/torch rounds (0 = skip)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/cpu)")
+    parser.add_argument("--quick", action="store_true", help="the small quick cases only")
     a = parser.parse_args(argv)
     if a.worker:
         print("RESULT " + json.dumps(_worker(a.case, a.provider[0], a.reps)), flush=True)
         return 0
-    for p in run(reps=a.reps, ab_reps=a.ab_reps, only=a.case, out_dir=a.out, providers=a.provider):
+    for p in run(reps=a.reps, ab_reps=a.ab_reps, only=a.case, out_dir=a.out, providers=a.provider,
+                 quick=a.quick):
         print("wrote", p)
     return 0
 

@@ -1,9 +1,10 @@
 """The one benchmark runner: `align-ti bench [--device cpu|cuda] [--op NAME] [--quick]`.
 
 The registry is `OPS`: op name -> module that defines `BENCH` (an OpBench) and `CASES` (a list
-of Case). Every provider of every case is first checked against the reference (a provider that
-disagrees is refused, never timed), then measured: on CUDA in this process, on CPU in a fresh
-process per provider so that RSS readings are its own. Results land as JSON (with provenance),
+of Case), or `BENCH = None`, `CASES` and its own `run_cases` (benchmarks/branches.py). Every
+provider of every case is first checked against the reference (a provider that disagrees is
+refused, never timed), then measured: on CUDA in this process, on CPU in a process of its own
+per provider (forked from a zygote process, see `_run_isolated`) so that RSS readings are its own. Results land as JSON (with provenance),
 markdown and PNG under benchmarks/results/<device>/.
 """
 from __future__ import annotations
@@ -23,14 +24,22 @@ OPS = {
     "fused_kl": "fused_kl",
     "attention_mass": "attention_mass",
     "topk_align": "topk_align",
+    "branches": "branches",  # own case runner (module.run_cases): see benchmarks/branches.py
+    "native": "native",  # CPU only, own case runner (module.run_cases): see benchmarks/native.py
 }
 
 
-def load_op(name: str):
+def load_module(name: str):
     if name not in OPS:
         raise ValueError(f"unknown benchmark op {name!r}; known: {', '.join(OPS)}")
-    module = importlib.import_module(f"{__package__}.{OPS[name]}")
-    return module.BENCH, module.CASES
+    return importlib.import_module(f"{__package__}.{OPS[name]}")
+
+
+def load_op(name: str):
+    """(BENCH, CASES) of an op. BENCH is None for an op with its own case runner: a module that
+    defines ``run_cases(cases, device, reps, log, quick) -> report`` (harness report format)."""
+    module = load_module(name)
+    return getattr(module, "BENCH", None), module.CASES
 
 
 def _worker_cmd(op, case, provider, device, reps):
@@ -46,6 +55,97 @@ def _run_worker(op, case, provider, device, reps) -> dict:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         return {"provider": provider, "status": f"failed: {tail[0]}"}
     return json.loads(lines[-1][len("RESULT "):])
+
+
+# On CPU every provider gets a process of its own (its RSS is then its own). A fresh interpreter
+# per provider pays ~2-4 s of imports (torch, align_ti, liger-kernel) each time, a third of a
+# --quick run; so the processes are forked from a "zygote": one interpreter (`--zygote`) that
+# imports those modules once, never runs a tensor op (no OpenMP threads to inherit), and forks
+# one child per provider. A forked child is a fresh process in every respect the measurement
+# sees: its own RSS baseline (taken after its inputs are made), allocator and thread pool.
+# (multiprocessing's forkserver would re-import the caller's __main__ in every child.)
+_PRELOAD = ("torch", "align_ti", "align_ti.ops.fused_kl", "align_ti.ops.attention_mass",
+            "align_ti.ops.topk_align", "align_ti.benchmarks.harness", "liger_kernel.chunked_loss")
+_ZYGOTE = None
+
+
+def _zygote_main() -> int:
+    """`--zygote`: import once, then per request line on stdin (JSON: op, case, provider,
+    device, reps) fork a child that measures it; answer one ``RESULT <json>`` line each."""
+    for name in (*_PRELOAD, *(f"{__package__}.{m}" for m in OPS.values())):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # optional (liger-kernel)
+            pass
+    for line in sys.stdin:
+        req = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: measure, write the result to the pipe, leave at once
+            os.close(r)
+            try:
+                import torch
+
+                bench, case = _find_case(req["op"], req["case"])
+                res = measure_provider(bench, case, req["provider"], torch.device(req["device"]), req["reps"])
+            except BaseException as e:  # noqa: BLE001  (reported to the parent)
+                res = {"provider": req["provider"], "status": f"failed: {type(e).__name__}: {e}"}
+            with os.fdopen(w, "w") as f:
+                f.write(json.dumps(res))
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            data = f.read()
+        _, status = os.waitpid(pid, 0)
+        if not data:  # the child died without a word (a crash, the OOM killer)
+            data = json.dumps({"provider": req["provider"],
+                               "status": f"failed: worker exited with code {os.waitstatus_to_exitcode(status)}"})
+        print("RESULT " + data, flush=True)
+    return 0
+
+
+def _stop_zygote():
+    global _ZYGOTE
+    if _ZYGOTE is not None:
+        try:
+            _ZYGOTE.stdin.close()
+            _ZYGOTE.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            _ZYGOTE.kill()
+        _ZYGOTE = None
+
+
+def _run_isolated(op, case, provider, device, reps) -> dict:
+    """One provider in a process of its own: forked by the zygote, or (without os.fork) a
+    fresh interpreter in worker mode."""
+    global _ZYGOTE
+    if not hasattr(os, "fork"):
+        return _run_worker(op, case, provider, device, reps)
+    if _ZYGOTE is None or _ZYGOTE.poll() is not None:
+        import atexit
+        import tempfile
+
+        err = tempfile.TemporaryFile(mode="w+")
+        _ZYGOTE = subprocess.Popen([sys.executable, "-m", f"{__package__}.runner", "--zygote"], text=True,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+        _ZYGOTE.err_file = err
+        atexit.register(_stop_zygote)
+    z = _ZYGOTE
+    try:
+        z.stdin.write(json.dumps({"op": op, "case": case, "provider": provider, "device": device,
+                                  "reps": reps}) + "\n")
+        z.stdin.flush()
+        for line in z.stdout:  # other lines are whatever the child printed
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT "):])
+    except OSError:
+        pass
+    z.err_file.seek(0)
+    tail = z.err_file.read().strip().splitlines()[-1:] or ["no output"]
+    _stop_zygote()
+    return {"provider": provider, "status": f"failed: the benchmark zygote exited: {tail[0]}"}
 
 
 def measure_provider(bench, case, provider, device, reps: int) -> dict:
@@ -71,16 +171,19 @@ def summarize(results: list[dict], baseline: str = "align_ti") -> dict:
     ok = {r["provider"]: r for r in results if r.get("status") == "ok"}
     if baseline not in ok:
         return {}
-    ours = ok[baseline]
-    peers = {k: v for k, v in ok.items() if k != baseline}
+    # peers: everything that is not one of our own variants (align_ti, align_ti_native, ...)
+    peers = {k: v for k, v in ok.items() if not k.startswith(baseline)}
     out = {}
     if peers:
         fastest = min(peers.values(), key=lambda r: r["fwd_bwd"]["median_s"])
-        out["fastest_peer"] = fastest["provider"]
-        out["time_vs_fastest_peer"] = ours["fwd_bwd"]["median_s"] / fastest["fwd_bwd"]["median_s"]
         leanest = min(peers.values(), key=lambda r: r["peak_extra_mib"])
+        out["fastest_peer"] = fastest["provider"]
         out["leanest_peer"] = leanest["provider"]
-        out["memory_vs_leanest_peer"] = ours["peak_extra_mib"] / max(leanest["peak_extra_mib"], 1e-9)
+        for name in sorted(k for k in ok if k.startswith(baseline)):
+            ours = ok[name]
+            prefix = "" if name == baseline else f"{name}_"
+            out[f"{prefix}time_vs_fastest_peer"] = ours["fwd_bwd"]["median_s"] / fastest["fwd_bwd"]["median_s"]
+            out[f"{prefix}memory_vs_leanest_peer"] = ours["peak_extra_mib"] / max(leanest["peak_extra_mib"], 1e-9)
     return out
 
 
@@ -104,6 +207,12 @@ def run(device: str = "cpu", ops=None, quick: bool = False, reps: int | None = N
         if not cases:
             log(f"{op}: no {'quick ' if quick else ''}cases for {device}")
             continue
+        if bench is None:  # an op with its own case runner (module.run_cases, in this process)
+            custom = load_module(op).run_cases
+            report = custom(cases, device, reps=reps, log=log, quick=quick)
+            report.setdefault("load_average_at_end", [round(x, 2) for x in os.getloadavg()])
+            written += harness.write_report(report, out_dir, op + ("-quick" if quick else ""))
+            continue
         report = {"op": op, "description": bench.description, "device_type": device,
                   "provenance": harness.provenance(device), "quick": quick,
                   "memory_metric": ("max_memory_allocated during fwd+bwd minus allocated before"
@@ -120,7 +229,7 @@ def run(device: str = "cpu", ops=None, quick: bool = False, reps: int | None = N
                 t0 = time.perf_counter()
                 case_reps = min(reps, case.reps) if case.reps else reps
                 if isolate if isolate is not None else device == "cpu":
-                    r = _run_worker(op, case.name, p, device, case_reps)
+                    r = _run_isolated(op, case.name, p, device, case_reps)
                 else:
                     r = measure_provider(bench, case, p, torch.device(device), case_reps)
                     if device == "cuda":
@@ -167,6 +276,8 @@ def main(argv=None) -> int:
 
     if argv is None:
         argv = sys.argv[1:]
+    if argv == ["--zygote"]:  # forks the per-provider processes of a CPU run (_run_isolated)
+        return _zygote_main()
     if "--worker" in argv:  # child mode: one provider of one case, result on stdout
         p = argparse.ArgumentParser()
         for a in ("--op", "--case", "--provider", "--device"):

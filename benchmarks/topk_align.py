@@ -19,8 +19,10 @@ FLOP count for the roofline fraction: 2 * V * (Ht + 3 * Hs) * M, M = selected ro
 CPU cases are reduced so that a CPU run takes < 2 minutes (B=2, L=160, Nv=81 = 9x9 patches,
 Hs=64, Ht=128, V=151936 fp32); CUDA cases are the issue's full size (B=8, L=1024, Nv=729,
 Qwen2.5-0.5B student Hs=896 / Qwen2-7B teacher Ht=3584, V=151936, bf16).
-The IVA term's share of a full vanilla-KD step (teacher and student forward included) is not
-measured here: it needs real 0.5B/7B models on a GPU (see the report of the issue).
+The IVA term's share of a full vanilla-KD step (teacher and student forward included) is
+measured by `python -m align_ti.benchmarks.train_step --iva-share` (the trainer's real step,
+vanilla KD vs vanilla KD + IVA, alternating; CPU: ``--scale reduced --threads 1``), results in
+benchmarks/results/<device>/train_step-iva_share.{json,md}.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """End-to-end distillation training-step benchmark (issue 8, item 3).
 
-    python -m align_ti.benchmarks.train_step [--device cpu|cuda] [--scale full|tiny] [--out DIR]
+    python -m align_ti.benchmarks.train_step [--device cpu|cuda] [--scale full|reduced|tiny] [--out DIR]
+    python -m align_ti.benchmarks.train_step --iva-share [--scale ...] [--steps N] [--threads 1]
 
 Times ONE distillation step (student + teacher forwards, loss, backward, optimizer step) and
 its peak memory, four ways:
@@ -55,8 +56,20 @@ Models (random weights, built from configs, nothing downloaded):
   patches = 729 patches, standing in for SigLIP-so400m: it produces the right number of image
   tokens through the real LLaVA projector, but its own compute/memory (identical in all four
   runs) is left out.
+- ``--scale reduced``: the full-scale pair with every width (hidden, FFN, head_dim), both
+  vocabularies, L, the vision and the instruction lengths divided by 8, layer and head counts
+  kept (student hidden 112, teacher 448, V 18992 / 19008, L = 228 with 81 = 9 x 9 vision and
+  4 instruction tokens): per token, body (~H^2 per layer) : LM head (V*H) : attention (L*H)
+  costs keep the full-scale proportions, so cost *shares* carry over; runs on a CPU.
 - ``--scale tiny``: the `align_ti.models.tiny` pair (36 vision tokens, L = 160, fp32, CPU);
   proves the script runs in well under a minute; its numbers say nothing about the real scale.
+
+``--iva-share`` (issue 5): instead of the four ways, vanilla KD vs vanilla KD + IVA (no TPA) with
+the align-ti way (`DistillModule`, i.e. the trainer's step) on the same models, alternating
+steps, and the IVA share = (t[KD+IVA] - t[KD]) / t[KD+IVA] from wall-clock medians, minima,
+per-round pairs and process CPU time, plus a same-step cross-check (time inside attention_mass +
+topk_align / step time); writes train_step-iva_share.{json,md}. On a shared CPU, ``--threads 1``
+makes process CPU time meaningful (no OpenMP threads spinning for a preempted sibling).
 
 Timing: median of ``--steps`` steps after ``--warmup`` steps (CUDA: synchronised). Peak memory:
 CUDA ``max_memory_allocated`` over the timed steps (models + optimizer state included);
@@ -76,16 +89,31 @@ import torch.nn.functional as F
 from . import harness
 
 IGNORE_INDEX = -100
+REDUCED_DIVISOR = 8  # --scale reduced: full-scale widths, vocabularies and lengths / 8
 
 
 # ------------------------------------------------------------------------------------------
 # models and batch
 # ------------------------------------------------------------------------------------------
 
-def _full_configs():
+def _full_configs(div: int = 1):
+    """The full-scale pair, or (``div`` > 1) the same pair with every width, the vocabularies,
+    the sequence, vision and instruction lengths divided by ``div`` (layer and head counts kept).
+
+    Why that keeps the cost shares: per token, a decoder layer costs ~H^2 and an LM head V*H, so
+    dividing H and V by the same factor keeps every body : head ratio (student, teacher, both
+    heads) with the layer counts unchanged; attention costs L*H per token, so L shrinks with H;
+    and the vision / instruction / response fractions of the sequence stay the same.
+    """
     from transformers import LlavaConfig, Qwen2Config, SiglipVisionConfig
 
     image_token_id, pad_id, eos_id = 151655, 151643, 151645
+    # reduced vocabularies keep the special ids below the vocabulary size
+    if div > 1:
+        image_token_id, pad_id, eos_id = (151936 // div) - 3, (151936 // div) - 2, (151936 // div) - 1
+    n_side = max(2, int((729 / div) ** 0.5))  # SigLIP-so400m-384: 27 x 27 patches; div 8: 9 x 9
+    n_vision = n_side * n_side
+    length = 2048 if div == 1 else round(n_vision * 2048 / 729)
 
     def text(**kw):
         return Qwen2Config(max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
@@ -94,19 +122,22 @@ def _full_configs():
 
     def llava(text_cfg):
         vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                    num_attention_heads=4, image_size=378, patch_size=14,
+                                    num_attention_heads=4, image_size=14 * n_side, patch_size=14,
                                     vision_use_head=False)
         return LlavaConfig(vision_config=vision, text_config=text_cfg, image_token_index=image_token_id,
-                           image_seq_length=729, vision_feature_select_strategy="full",
+                           image_seq_length=n_vision, vision_feature_select_strategy="full",
                            vision_feature_layer=-1, projector_hidden_act="gelu", tie_word_embeddings=False)
 
-    student = llava(text(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2))
-    teacher = llava(text(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                         num_attention_heads=28, num_key_value_heads=4))
-    return student, teacher, dict(image_token_id=image_token_id, pad_id=pad_id, batch=2, length=2048,
-                                  n_vision=729, image_size=378, iva_layer=14, token_low=1000,
-                                  token_high=150000)
+    student = llava(text(vocab_size=151936 // div, hidden_size=896 // div, intermediate_size=4864 // div,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         head_dim=64 // div))
+    teacher = llava(text(vocab_size=152064 // div, hidden_size=3584 // div, intermediate_size=18944 // div,
+                         num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                         head_dim=128 // div))
+    return student, teacher, dict(image_token_id=image_token_id, pad_id=pad_id, batch=2, length=length,
+                                  n_vision=n_vision, n_instruction=max(1, 32 // div), image_size=14 * n_side,
+                                  iva_layer=14, token_low=1000 // div, token_high=150000 // div,
+                                  divisor=div)
 
 
 def build_setup(scale: str, device: torch.device, attn: str):
@@ -123,7 +154,7 @@ def build_setup(scale: str, device: torch.device, attn: str):
                     n_vision=n_vision, image_size=IMAGE_SIZE, iva_layer=2, token_low=64, token_high=1000)
     else:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        s_cfg, t_cfg, meta = _full_configs()
+        s_cfg, t_cfg, meta = _full_configs(REDUCED_DIVISOR if scale == "reduced" else 1)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             student = LlavaForConditionalGeneration._from_config(s_cfg, attn_implementation=attn, dtype=dtype)
@@ -135,12 +166,12 @@ def build_setup(scale: str, device: torch.device, attn: str):
 
 
 def make_batch(meta: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """[prefix 2][vision n_vision][instruction 32][response ...] per sample, seeded."""
+    """[prefix 2][vision n_vision][instruction n_instruction (32)][response ...] per sample, seeded."""
     g = torch.Generator().manual_seed(1234)
     b, length, nv = meta["batch"], meta["length"], meta["n_vision"]
     ids = torch.randint(meta["token_low"], meta["token_high"], (b, length), generator=g)
     ids[:, 2:2 + nv] = meta["image_token_id"]
-    instr_end = 2 + nv + 32
+    instr_end = 2 + nv + meta.get("n_instruction", 32)
     instruction_mask = torch.zeros(b, length, dtype=torch.long)
     instruction_mask[:, 2 + nv:instr_end] = 1
     labels = ids.clone()
@@ -314,6 +345,170 @@ def measure(way: str, objective: str, scale: str, device: torch.device, warmup: 
     return rec
 
 
+def measure_iva_share(scale: str, device: torch.device, warmup: int, steps: int, log=print) -> dict:
+    """Step time of vanilla KD vs vanilla KD + IVA (no TPA), the align-ti way, and the IVA share.
+
+    Both objectives are `DistillModule`s over the *same* student and teacher (the trainer's real
+    step: one student forward with grad, one teacher forward without, fused SFT+KD over the
+    response rows; + IVA: the teacher pass captures the IVA layer's q/k, `attention_mass` and
+    `topk_align` over the vision rows), each followed by backward and the AdamW step. The steps
+    alternate A B B A ... so that load from other processes falls on both alike; the share uses
+    the medians and, as a check, the median of the per-round paired shares.
+    """
+    from align_ti.train.trainer import DistillModule, LossSpec
+
+    student, teacher, meta = build_setup(scale, device, "sdpa")
+    batch = make_batch(meta, device, next(student.parameters()).dtype)
+    vprime = min(student.config.text_config.vocab_size, teacher.config.text_config.vocab_size)
+    modules = {}
+    for name, w_iva in (("vanilla-KD", 0.0), ("vanilla-KD + IVA", 1.0)):
+        spec = LossSpec(w_sft=1.0, w_kd=1.0, w_iva=w_iva, w_tpa=0.0, iva_layer=meta["iva_layer"])
+        modules[name] = DistillModule(student, teacher, spec, image_token_id=meta["image_token_id"],
+                                      pad_token_id=meta["pad_id"],
+                                      forbidden_ids=(meta["image_token_id"], meta["pad_id"]), vocab_limit=vprime)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
+    terms = {}
+
+    def step(name):
+        out = modules[name](**batch)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        terms[name] = sorted(out["terms"])
+
+    names = list(modules)
+    for _ in range(warmup):
+        for name in names:
+            step(name)
+    times = {name: [] for name in names}
+    cpu = {name: [] for name in names}  # process CPU time: less skewed by other processes
+    inside = []  # per KD+IVA step: seconds inside the IVA ops (cross-check, same step)
+    for i in range(steps):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            _sync(device)
+            with _timed_iva_ops(device) as spent:
+                t0, c0 = time.perf_counter(), time.process_time()
+                step(name)
+                _sync(device)
+                t1 = time.perf_counter()
+            times[name].append(t1 - t0)
+            cpu[name].append(time.process_time() - c0)
+            if name == names[1]:
+                inside.append(spent[0] / (t1 - t0))
+        log(f"  round {i + 1}/{steps}: " + ", ".join(f"{n} {times[n][-1]:.3f} s (cpu {cpu[n][-1]:.3f} s)"
+                                                     for n in names) + f", IVA ops {inside[-1]:.1%} of the step")
+    kd, iva = (times[n] for n in names)
+    med_kd, med_iva = statistics.median(kd), statistics.median(iva)
+    paired = [(b - a) / b for a, b in zip(kd, iva)]
+    ckd, civa = (statistics.median(cpu[n]) for n in names)
+    results = [{"way": "align-ti", "objective": n, "attn_implementation": "sdpa", "status": "ok",
+                "terms": terms[n], "step_s_median": statistics.median(times[n]), "step_s_min": min(times[n]),
+                "step_s_all": times[n], "cpu_s_median": statistics.median(cpu[n]), "cpu_s_all": cpu[n]}
+               for n in names]
+    return {
+        "results": results,
+        "iva_share": {
+            "definition": "(t[KD+IVA] - t[KD]) / t[KD+IVA], medians of alternating steps",
+            "share_of_medians": (med_iva - med_kd) / med_iva,
+            "share_paired_median": statistics.median(paired),
+            "share_of_minima": (min(iva) - min(kd)) / min(iva),
+            "share_of_cpu_time_medians": (civa - ckd) / civa,
+            "share_inside_iva_ops_median": statistics.median(inside),
+            "inside_definition": "time inside attention_mass + topk_align (forward; its gradient is computed "
+                                 "there, the backward only scales it) / the same KD+IVA step's time",
+            "iva_s_median": med_iva - med_kd,
+        },
+        "shape": {k: meta[k] for k in ("batch", "length", "n_vision", "n_instruction", "iva_layer", "divisor")
+                  if k in meta} | {
+            "student": _shape(student), "teacher": _shape(teacher),
+            "dtype": str(next(student.parameters()).dtype)},
+    }
+
+
+class _timed_iva_ops:
+    """Adds the wall time spent inside attention_mass and topk_align (the trainer looks them
+    up on their modules at call time) to ``spent[0]`` while active."""
+
+    def __init__(self, device):
+        self.device = device
+        self.spent = [0.0]
+        self.events = []
+
+    def __enter__(self):
+        import align_ti.ops.attention_mass as am
+        import align_ti.ops.topk_align as ta
+
+        self.saved = [(am, "attention_mass", am.attention_mass), (ta, "topk_align", ta.topk_align)]
+        for mod, attr, fn in self.saved:
+            setattr(mod, attr, self._wrap(fn))
+        return self.spent
+
+    def _wrap(self, fn):
+        def timed(*args, **kwargs):
+            if self.device.type == "cuda":  # events: no host syncs inside the step
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn(*args, **kwargs)
+                end.record()
+                self.events.append((start, end))
+                return out
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.spent[0] += time.perf_counter() - t0
+            return out
+        return timed
+
+    def __exit__(self, *exc):
+        for mod, attr, fn in self.saved:
+            setattr(mod, attr, fn)
+        if self.events:
+            torch.cuda.synchronize(self.device)
+            self.spent[0] += sum(a.elapsed_time(b) for a, b in self.events) / 1e3
+
+
+def _shape(model) -> dict:
+    c = model.config.text_config
+    return {"hidden": c.hidden_size, "layers": c.num_hidden_layers, "heads": c.num_attention_heads,
+            "kv_heads": c.num_key_value_heads, "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads, "ffn": c.intermediate_size,
+            "vocab": c.vocab_size}
+
+
+def iva_markdown(report: dict) -> str:
+    prov, sh, share = report["provenance"], report["shape"], report["iva_share"]
+    lines = [f"# IVA share of a vanilla-KD distillation step ({report['scale']} scale, {prov['device']})", "",
+             f"torch {prov['versions'].get('torch')}, transformers {prov['versions'].get('transformers')}, "
+             f"commit {prov.get('git_commit')}, {prov.get('date')}. {report['steps']} alternating rounds after "
+             f"{report['warmup']} warm-up round(s).  ",
+             f"Load average (1, 5, 15 min) at start: {prov.get('load_average_at_start')}, "
+             f"at end: {report.get('load_average_at_end')}", "",
+             f"Shape: micro-batch {sh['batch']}, L = {sh['length']} ({sh['n_vision']} vision, "
+             f"{sh.get('n_instruction', 32)} instruction tokens), IVA layer {sh['iva_layer']}, {sh['dtype']}; "
+             f"student {sh['student']}; teacher {sh['teacher']}"
+             + (f" (the full-scale Qwen2.5-0.5B / Qwen2-7B pair with widths, vocabularies and lengths / "
+                f"{sh['divisor']}, layer and head counts kept)" if sh.get("divisor", 1) > 1 else "") + ".", "",
+             "| way | objective | loss terms | step median (s) | step min (s) | process CPU time median (s) | status |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        lines.append(f"| {r['way']} | {r['objective']} | {', '.join(r['terms'])} | {_f(r['step_s_median'])} | "
+                     f"{_f(r['step_s_min'])} | {_f(r.get('cpu_s_median'))} | {r['status']} |")
+    lines += ["", f"**IVA share of the step** = (KD+IVA - KD) / (KD+IVA): {share['share_of_medians']:.2%} "
+                  f"(medians; median of paired rounds {share['share_paired_median']:.2%}, minima "
+                  f"{share['share_of_minima']:.2%}, process CPU time medians "
+                  f"{share['share_of_cpu_time_medians']:.2%}); IVA costs {share['iva_s_median'] * 1e3:.1f} ms "
+                  f"per step.  ",
+              f"Cross-check in the same steps: time inside attention_mass + topk_align / KD+IVA step time = "
+              f"{share['share_inside_iva_ops_median']:.2%} (median over steps).", "",
+              "Each step: student forward + backward, teacher forward (no grad), fused SFT + KD on the response "
+              "rows, AdamW; + IVA: q/k capture at the IVA layer, attention_mass, topk_align over all vision rows "
+              "(mass-weighted, the LossSpec default). The paper reports IVA as nearly free; the FLOP estimate "
+              "was ~4%.", "",
+              "Reading the numbers: IVA adds a few percent to a step, so on a machine shared with other work the "
+              "wall-clock difference of two noisy step times is the least reliable estimate (see the minimum "
+              "and maximum step times); process CPU time (with one torch thread) and the same-step cross-check "
+              "are the steadier ones.", ""]
+    return "\n".join(lines)
+
+
 def _ratio(a, b, key):
     if a.get("status") == "ok" and b.get("status") == "ok" and b[key]:
         return a[key] / b[key]
@@ -364,16 +559,26 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--scale", choices=("full", "tiny"), default=None,
-                   help="default: full on cuda, tiny on cpu")
+    p.add_argument("--scale", choices=("full", "reduced", "tiny"), default=None,
+                   help="default: full on cuda, tiny on cpu (reduced: full / %d, see _full_configs)" % REDUCED_DIVISOR)
+    p.add_argument("--iva-share", action="store_true",
+                   help="instead of the four ways: vanilla KD vs vanilla KD + IVA (align-ti), alternating "
+                        "steps, and the IVA share of the step; writes train_step-iva_share.{json,md}")
     p.add_argument("--out", default=None, help="default: benchmarks/results/<device>/")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's). 1 makes process CPU time a load-proof "
+                        "measure on a shared machine (no OpenMP spin-waiting for preempted threads)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     scale = args.scale or ("full" if args.device == "cuda" else "tiny")
     device = torch.device(args.device)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", args.device)
     torch.manual_seed(0)
+    if args.iva_share:
+        return _main_iva_share(args, scale, device, out)
 
     results = []
     for way in ("paper-code", "align-ti"):
@@ -399,6 +604,26 @@ def main(argv=None) -> dict:
         f.write(md)
     print(md)
     print(f"wrote {out}/train_step.json and train_step.md")
+    return report
+
+
+def _main_iva_share(args, scale: str, device: torch.device, out: str) -> dict:
+    import json
+
+    prov = harness.provenance(args.device)
+    t0 = time.perf_counter()
+    r = measure_iva_share(scale, device, args.warmup, args.steps)
+    report = {"benchmark": "train_step", "variant": "iva_share", "scale": scale, "warmup": args.warmup,
+              "steps": args.steps, "torch_threads": torch.get_num_threads(), "provenance": prov, **r, "wall_s": time.perf_counter() - t0,
+              "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "train_step-iva_share.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    md = iva_markdown(report)
+    with open(os.path.join(out, "train_step-iva_share.md"), "w") as f:
+        f.write(md)
+    print(md)
+    print(f"wrote {out}/train_step-iva_share.json and train_step-iva_share.md")
     return report
 
 

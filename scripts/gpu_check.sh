@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot check on a machine with an NVIDIA GPU and no network (e.g. a lent H100/H200):
 # GPU tests, then the CUDA benchmarks, everything written under $OUT (default ./gpu-results).
-# Finishes in <= 8 minutes on an H100: each stage has its own time limit (2 + 3.5 + 1 + 2 min; the full registry is `align-ti bench --device cuda`).
+# Finishes in <= 8 minutes on an H100: each stage has its own time limit (2 + 3 + 0.75 + 1.5 + 0.75 min; the full registry is `align-ti bench --device cuda`).
 #
 # Wheels the machine lacks (liger-kernel, for comparison) travel in .whl/ (ignored by git):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -41,14 +41,17 @@ tests_rc=${PIPESTATUS[0]}
 log "GPU tests exit $tests_rc"
 
 log "CUDA benchmarks"
-timeout 210 python3 -m align_ti.benchmarks.runner --device cuda --quick --out "$work/results" 2>&1 | tee "$work/bench.log"
+timeout 180 python3 -m align_ti.benchmarks.runner --device cuda --quick --out "$work/results" 2>&1 | tee "$work/bench.log"
 bench_rc=${PIPESTATUS[0]}
 log "benchmarks exit $bench_rc"
 log "TPA expanded-forward benchmark"
-timeout 60 python3 -m align_ti.benchmarks.branches --device cuda --out "$work/results" 2>&1 | tee "$work/bench-branches.log"
+timeout 45 python3 -m align_ti.benchmarks.branches --device cuda --out "$work/results" 2>&1 | tee "$work/bench-branches.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || bench_rc=1
 log "end-to-end distillation step benchmark (0.5B-shaped student, 7B-shaped teacher)"
-timeout 120 python3 -m align_ti.benchmarks.train_step --device cuda --scale full --steps 2 --out "$work/results" 2>&1 | tee "$work/bench-train-step.log"
+timeout 90 python3 -m align_ti.benchmarks.train_step --device cuda --scale full --steps 2 --out "$work/results" 2>&1 | tee "$work/bench-train-step.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || bench_rc=1
+log "IVA term's share of a vanilla-KD step (same models, alternating steps)"
+timeout 45 python3 -m align_ti.benchmarks.train_step --device cuda --scale full --iva-share --steps 3 --out "$work/results" 2>&1 | tee "$work/bench-iva-share.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || bench_rc=1
 
 # Few files come back from a lent machine: one archive holds everything, plus the summaries.

@@ -1,5 +1,7 @@
 """The benchmark registry and runner on CPU: results with provenance, disagreeing providers refused."""
+import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -50,7 +52,10 @@ def test_runner_writes_results_and_refuses_disagreeing_provider(tmp_path, monkey
 def test_registry_cases_are_well_formed():
     for op in runner.OPS:
         bench, cases = runner.load_op(op)
-        assert "align_ti" in bench.providers
+        if bench is None:  # an op with its own case runner
+            assert callable(runner.load_module(op).run_cases), op
+        else:
+            assert "align_ti" in bench.providers
         assert any(c.quick and "cpu" in c.devices for c in cases), f"{op} has no quick CPU case"
         for c in cases:
             assert c.op == op and set(c.devices) <= {"cpu", "cuda"}
@@ -70,3 +75,79 @@ def test_quick_cpu_run_of_a_real_op_in_fresh_processes(tmp_path):
     assert results["align_ti"]["max_error"] <= 1e-5
     assert results["align_ti"]["peak_extra_mib"] < results["eager_softmax"]["peak_extra_mib"]
     assert any(p.endswith(".md") for p in paths)
+
+
+# ---- branches: an op of the registry with its own case runner ------------------------------
+
+def test_branches_is_a_registry_op_and_writes_results_like_the_others(tmp_path, monkeypatch):
+    from align_ti.benchmarks import branches
+
+    bench, cases = runner.load_op("branches")
+    assert bench is None and callable(branches.run_cases)
+    assert [c.params for c in cases if c.quick] == [{"model": "tiny", "fraction": 0.25, "batch": 2, "length": 64}]
+    # the quick case at an even smaller length, so that the test stays cheap
+    small = [dataclasses.replace(c, params=dict(c.params, length=32)) for c in cases]
+    monkeypatch.setattr(branches, "CASES", small)
+    paths = runner.run("cpu", ops=["branches"], quick=True, reps=1, out_dir=str(tmp_path), log=lambda *a: None)
+    assert {os.path.basename(p) for p in paths} == {"branches-quick.json", "branches-quick.md"}
+    report = json.loads((tmp_path / "branches-quick.json").read_text())
+    assert report["op"] == "branches" and report["quick"] and report["provenance"]["git_commit"]
+    assert report["load_average_at_end"]
+    (case,) = report["cases"]
+    status = {r["provider"]: r["status"] for r in case["results"]}
+    assert status == {"plain": "ok", "expanded_sdpa": "ok", "separate_d": "ok", "expanded_eager": "ok"}
+    for r in case["results"]:
+        assert r["fwd_bwd"]["reps"] == 1 and r["fwd_nograd"]["median_s"] > 0 and r["peak_extra_mib"] == r["peak_extra_mib"]
+    s = case["summary"]
+    assert s["L"] == 32 and s["T"] > s["L"] and s["token_ratio_T_over_L"] == s["T"] / s["L"]
+    assert s["expanded_sdpa_fwd_bwd_x_plain"] > 0 and s["separate_d_fwd_bwd_x_plain"] > 0
+    assert "plain" in (tmp_path / "branches-quick.md").read_text()
+
+
+# ---- the harness's overhead measurement -----------------------------------------------------
+
+def test_overhead_measurement_compares_the_harness_with_a_bare_loop():
+    # structure only: DESIGN.md keeps timing assertions out of tests (the number is in
+    # benchmarks/README.md and benchmarks/results/cpu/overhead.md)
+    bench = _toy_bench()
+    r = harness.overhead(bench, "align_ti", {"N": 64}, torch.device("cpu"), reps=3, rounds=2)
+    assert len(r["harness_round_medians_s"]) == len(r["bare_round_medians_s"]) == 2
+    assert r["harness_median_s"] > 0 and r["bare_median_s"] > 0
+    assert r["overhead"] == pytest.approx(r["harness_median_s"] / r["bare_median_s"] - 1)
+    x = bench.make_inputs({"N": 8}, torch.device("cpu"))
+    times = harness.bare_times(bench, "align_ti", x, torch.device("cpu"), reps=4)
+    assert len(times) == 4 and x["x"].grad is None  # gradients cleared as in measure
+
+
+# ---- train_step: the IVA-share variant and the reduced scale --------------------------------
+
+def test_train_step_reduced_scale_keeps_the_full_scale_proportions():
+    from align_ti.benchmarks.train_step import REDUCED_DIVISOR, _full_configs
+
+    fs, ft, fm = _full_configs(1)
+    rs, rt, rm = _full_configs(REDUCED_DIVISOR)
+    for full, red in ((fs.text_config, rs.text_config), (ft.text_config, rt.text_config)):
+        assert red.num_hidden_layers == full.num_hidden_layers
+        assert red.num_attention_heads == full.num_attention_heads
+        assert red.num_key_value_heads == full.num_key_value_heads
+        # body : head cost per token (H^2 vs V*H) is kept: H / V unchanged to within rounding
+        assert red.hidden_size / red.vocab_size == pytest.approx(full.hidden_size / full.vocab_size, rel=1e-3)
+        assert red.intermediate_size / red.hidden_size == pytest.approx(full.intermediate_size / full.hidden_size,
+                                                                       rel=1e-2)
+    assert rm["n_vision"] / rm["length"] == pytest.approx(fm["n_vision"] / fm["length"], rel=0.02)
+    assert rm["n_vision"] == rs.image_seq_length == (rm["image_size"] // 14) ** 2
+    assert max(rm["image_token_id"], rm["pad_id"]) < min(rs.text_config.vocab_size, rt.text_config.vocab_size)
+
+
+@pytest.mark.e2e
+def test_train_step_iva_share_variant_runs_the_trainer_step(tmp_path):
+    from align_ti.benchmarks import train_step
+
+    report = train_step.main(["--device", "cpu", "--scale", "tiny", "--iva-share", "--warmup", "1", "--steps", "1",
+                              "--out", str(tmp_path)])
+    terms = {r["objective"]: r["terms"] for r in report["results"]}
+    assert terms == {"vanilla-KD": ["kd", "sft"], "vanilla-KD + IVA": ["iva", "kd", "sft"]}
+    share = report["iva_share"]
+    assert share["share_of_medians"] < 1 and "definition" in share
+    assert "IVA share of the step" in (tmp_path / "train_step-iva_share.md").read_text()
+    assert json.loads((tmp_path / "train_step-iva_share.json").read_text())["provenance"]["git_commit"]
