@@ -356,14 +356,20 @@ def matmul_roofline_tflops(device: torch.device, dtype: torch.dtype, size: int =
 # output
 # ------------------------------------------------------------------------------------------
 
-def write_report(report: dict, out_dir: str, stem: str) -> list[str]:
-    """JSON + markdown table + PNG plots (time and memory vs the case's x parameter)."""
+def write_json_md(report: dict, md: str, out_dir: str, stem: str) -> list[str]:
+    """`<stem>.json` (the report) and `<stem>.md` (its markdown) under out_dir; their paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, f"{stem}.json"), os.path.join(out_dir, f"{stem}.md")]
     with open(paths[0], "w") as f:
         json.dump(report, f, indent=2)
     with open(paths[1], "w") as f:
-        f.write(markdown(report))
+        f.write(md)
+    return paths
+
+
+def write_report(report: dict, out_dir: str, stem: str) -> list[str]:
+    """JSON + markdown table + PNG plots (time and memory vs the case's x parameter)."""
+    paths = write_json_md(report, markdown(report), out_dir, stem)
     png = plot(report, os.path.join(out_dir, f"{stem}.png"))
     if png:
         paths.append(png)

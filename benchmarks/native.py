@@ -306,14 +306,8 @@ def run(reps: int = 3, ab_reps: int = 4, only: str | None = None, out_dir: str |
     report = run_cases(cases, "cpu", reps=reps, log=log, quick=quick, ab_reps=ab_reps,
                        providers=providers)
     out_dir = out_dir or os.path.join(harness.ROOT, "benchmarks", "results", "cpu")
-    os.makedirs(out_dir, exist_ok=True)
     stem = "native" + ("-quick" if quick else "")
-    paths = [os.path.join(out_dir, f"{stem}.json"), os.path.join(out_dir, f"{stem}.md")]
-    with open(paths[0], "w") as f:
-        json.dump(report, f, indent=2)
-    with open(paths[1], "w") as f:
-        f.write(markdown(report))
-    return paths
+    return harness.write_json_md(report, markdown(report), out_dir, stem)
 
 
 def markdown(report: dict) -> str:

@@ -17,7 +17,6 @@ overhead.md (provenance, load averages) to benchmarks/results/<device>/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -103,12 +102,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     report = run(args.device, args.reps, args.rounds, clocks=args.clock)
     out = args.out or os.path.join(harness.ROOT, "benchmarks", "results", args.device)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "overhead.json"), "w") as f:
-        json.dump(report, f, indent=2)
     md = markdown(report)
-    with open(os.path.join(out, "overhead.md"), "w") as f:
-        f.write(md)
+    harness.write_json_md(report, md, out, "overhead")
     print(md)
     print(f"wrote {out}/overhead.json and overhead.md")
     return 0

@@ -594,34 +594,22 @@ def main(argv=None) -> dict:
         "memory_metric": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak sampled RSS (process)",
         "provenance": harness.provenance(args.device), "results": results, "summary": summarize(results),
     }
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "train_step.json"), "w") as f:
-        import json
-
-        json.dump(report, f, indent=2)
     md = markdown(report)
-    with open(os.path.join(out, "train_step.md"), "w") as f:
-        f.write(md)
+    harness.write_json_md(report, md, out, "train_step")
     print(md)
     print(f"wrote {out}/train_step.json and train_step.md")
     return report
 
 
 def _main_iva_share(args, scale: str, device: torch.device, out: str) -> dict:
-    import json
-
     prov = harness.provenance(args.device)
     t0 = time.perf_counter()
     r = measure_iva_share(scale, device, args.warmup, args.steps)
     report = {"benchmark": "train_step", "variant": "iva_share", "scale": scale, "warmup": args.warmup,
               "steps": args.steps, "torch_threads": torch.get_num_threads(), "provenance": prov, **r, "wall_s": time.perf_counter() - t0,
               "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "train_step-iva_share.json"), "w") as f:
-        json.dump(report, f, indent=2)
     md = iva_markdown(report)
-    with open(os.path.join(out, "train_step-iva_share.md"), "w") as f:
-        f.write(md)
+    harness.write_json_md(report, md, out, "train_step-iva_share")
     print(md)
     print(f"wrote {out}/train_step-iva_share.json and train_step-iva_share.md")
     return report
