@@ -20,8 +20,10 @@ All address arithmetic is int64.
 import triton
 import triton.language as tl
 
-_LN2 = 0.6931471805599453
-_LOG2E = 1.4426950408889634
+# Globals read inside @triton.jit code must be tl.constexpr: the compiler rejects plain
+# Python floats (the interpreter does not; scripts/cuda_compile_check.py catches it).
+_LN2 = tl.constexpr(0.6931471805599453)
+_LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
