@@ -155,7 +155,9 @@ def build_setup(scale: str, device: torch.device, attn: str):
     else:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         s_cfg, t_cfg, meta = _full_configs(REDUCED_DIVISOR if scale == "reduced" else 1)
-        with torch.random.fork_rng(devices=[]):
+        # built on the target device: a 7B-shaped teacher's random init takes tens of seconds
+        # on a CPU and well under one on a GPU (a lent GPU's time is short)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
             torch.manual_seed(0)
             student = LlavaForConditionalGeneration._from_config(s_cfg, attn_implementation=attn, dtype=dtype)
             torch.manual_seed(1)
