@@ -30,6 +30,10 @@ def _cmd_env(args) -> int:
             info[name] = getattr(module, "__version__", "installed")
         except Exception:  # not installed, or broken: report, don't fail
             info[name] = None
+    from align_ti import native
+
+    nat = native.info()  # loads a cached build if there is one; never builds
+    info["native_cpu_kernel"] = nat["path"] if nat["available"] else (nat["error"] or "not built")
     if args.json:
         print(json.dumps(info, indent=2))
     else:

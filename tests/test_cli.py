@@ -17,6 +17,7 @@ def test_env_json(capsys):
     assert main(["env", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["torch"] and "cuda_available" in info
+    assert info["native_cpu_kernel"]  # its path, or why it is not there
 
 
 def test_synth_writes_llava_json(tmp_path, capsys):
