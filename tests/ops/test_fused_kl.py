@@ -179,9 +179,16 @@ def test_explicit_vocab_size_slices_heads():
     assert torch.all(grads["student_bias"][v:] == 0)
 
 
+@pytest.mark.parametrize("sub_blocks", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
-def test_fused_kl_logits(divergence, reduction):
+def test_fused_kl_logits(divergence, reduction, sub_blocks, monkeypatch):
+    if sub_blocks:  # the PyTorch chunk path's elementwise work in 2-row sub-blocks
+        from align_ti import native
+        from align_ti.ops import heuristics
+
+        monkeypatch.setattr(native, "_enabled_override", False)
+        monkeypatch.setitem(heuristics.ELEMENTWISE_BYTES, "cpu", 2 * 4 * 2 * VT)
     g = torch.Generator().manual_seed(5)
     zs = (torch.randn(N, VS, generator=g) * 3).requires_grad_()
     zt = torch.randn(N, VT, generator=g) * 3
@@ -237,8 +244,10 @@ def test_chunk_size_invariance():
 def test_elementwise_sub_blocks_match_reference(monkeypatch, divergence, reduction):
     """The torch path's elementwise work in sub-blocks of a row chunk (2 rows here, chunks
     of ~12) gives the reference, split CE gradient included."""
+    from align_ti import native
     from align_ti.ops import heuristics
 
+    monkeypatch.setattr(native, "_enabled_override", False)  # the PyTorch chunk path itself
     monkeypatch.setitem(heuristics.ELEMENTWISE_BYTES, "cpu", 2 * 4 * (2 * VT + VS))
     t = make()
     rows, m = rows_of("index")
