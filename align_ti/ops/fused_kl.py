@@ -421,7 +421,20 @@ def _has_mm_out_dtype() -> bool:
     return hasattr(torch.ops.aten.mm, "dtype")
 
 
-def _head_logits(h, weight, bias, ncols, out):
+def _weight_blocks(w, scratch):
+    """(start, fp32 copy of w[start:start + step]) over the rows of a low-precision [V, H]
+    weight (CPU bf16/fp16 path: no fp32 matmul of low-precision inputs there). The copies go
+    into one reused buffer from `scratch` (a fresh allocation per block costs page faults:
+    ~4x the conversion itself)."""
+    step = _heur.vocab_block_rows(w.shape[1], w.device)
+    scratch = {} if scratch is None else scratch
+    buf = _scratch_buf(scratch, f"w{w.shape[1]}", min(step, w.shape[0]), w.shape[1], w.device)
+    for s in range(0, w.shape[0], step):
+        e = min(s + step, w.shape[0])
+        yield s, buf[: e - s].copy_(w[s:e])
+
+
+def _head_logits(h, weight, bias, ncols, out, scratch=None):
     """out (fp32 [r, ncols]) <- h @ weight[:ncols]^T + bias[:ncols], accumulated in fp32."""
     w = weight[:ncols]
     if h.dtype == _F32:
@@ -430,20 +443,19 @@ def _head_logits(h, weight, bias, ncols, out):
         out.copy_(torch.mm(h, w.t(), out_dtype=_F32))
     else:  # CPU bf16/fp16: upcast the weight in vocabulary blocks of bounded size
         hf = h.to(_F32)
-        step = _heur.vocab_block_rows(w.shape[1], h.device)
-        for s in range(0, ncols, step):
-            out[:, s:s + step] = hf @ w[s:s + step].to(_F32).t()
+        for s, wf in _weight_blocks(w, scratch):
+            torch.mm(hf, wf.t(), out=out[:, s:s + wf.shape[0]])
     if bias is not None:
         out += bias[:ncols].to(_F32)
     return out
 
 
-def _grad_matmuls(g, h, weight, ncols, dh_acc, dh_rows, dw_acc, db_acc, first=False):
+def _grad_matmuls(g, h, weight, ncols, dh_acc, dh_rows, dw_acc, db_acc, first=False, scratch=None):
     """dh_acc[rows] += g @ W[:ncols]; dw_acc[:ncols] += g^T h; db_acc[:ncols] += g.sum(0).
 
     g is fp32 [r, ncols]; the accumulators are fp32. `dh_rows` is an int64 index tensor
     (duplicates add up) or a slice. With `first`, an fp32 dw_acc[:ncols] is written, not
-    added to (it may be uninitialised)."""
+    added to (it may be uninitialised). `scratch`: reusable buffers (CPU low precision)."""
     w = weight[:ncols]
     low = h.dtype != _F32
     if dh_acc is not None:
@@ -452,11 +464,9 @@ def _grad_matmuls(g, h, weight, ncols, dh_acc, dh_rows, dw_acc, db_acc, first=Fa
         elif h.is_cuda and _has_mm_out_dtype():
             gh = torch.mm(g.to(h.dtype), w, out_dtype=_F32)
         else:
-            step = _heur.vocab_block_rows(w.shape[1], h.device)
-            gh = None
-            for s in range(0, ncols, step):
-                part = g[:, s:s + step] @ w[s:s + step].to(_F32)
-                gh = part if gh is None else gh.add_(part)
+            gh = torch.zeros(g.shape[0], w.shape[1], dtype=_F32, device=g.device)
+            for s, wf in _weight_blocks(w, scratch):
+                gh.addmm_(g[:, s:s + wf.shape[0]], wf)
         if isinstance(dh_rows, slice):
             dh_acc[dh_rows] += gh
         else:
@@ -557,8 +567,8 @@ def _linear_driver(
         else:
             sel = idx[s:e]
             hs_c, ht_c = hs.index_select(0, sel), ht.index_select(0, sel)
-        zs = _head_logits(hs_c, ws, bs, ns, buf_s[: e - s])
-        zt = _head_logits(ht_c, wt_d, bt_d, v, buf_t[: e - s])
+        zs = _head_logits(hs_c, ws, bs, ns, buf_s[: e - s], scratch)
+        zt = _head_logits(ht_c, wt_d, bt_d, v, buf_t[: e - s], scratch)
         lab_c = labels[s:e] if has_ce else None
         a_c = a[s:e] if need_grad else None
         c_c = c[s:e] if (need_grad and has_ce) else None
@@ -569,9 +579,10 @@ def _linear_driver(
             nll_all[s:e] = nll
         if need_grad:
             first = s == 0
-            _grad_matmuls(g, hs_c, ws, ns, grads[0], sel, grads[1], grads[2], first)
+            _grad_matmuls(g, hs_c, ws, ns, grads[0], sel, grads[1], grads[2], first, scratch)
             if gce is not None:
-                _grad_matmuls(gce, hs_c, ws, ns, grads_ce[0], sel, grads_ce[1], grads_ce[2], first)
+                _grad_matmuls(gce, hs_c, ws, ns, grads_ce[0], sel, grads_ce[1], grads_ce[2], first,
+                              scratch)
         del zs, zt, g, gce
     del buf_s, buf_t, scratch
 
