@@ -19,6 +19,12 @@ ships inside the triton wheel.
    allows; spills are reported, not failed.
 
 Usage: python scripts/cuda_compile_check.py [--arch 90] [--json OUT] [-k PYTEST_EXPR]
+       [--save-launches FILE | --launches FILE]
+The GPU image's triton can differ from the local one: record with this triton
+(--save-launches), then compile with another on PYTHONPATH (--launches); e.g. triton 3.6,
+the lent H100's: `pip install --no-deps --target /tmp/t36 triton==3.6.0` and
+`PYTHONPATH=/tmp/t36 python scripts/cuda_compile_check.py --launches FILE` (82 of 82 compile).
+(Its interpreter cannot record: triton 3.6's interpreter fails on scalar loop bounds.)
 Exit status: 0 when every launch compiles and fits, 1 otherwise.
 """
 from __future__ import annotations
@@ -224,10 +230,18 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100/H200)")
     p.add_argument("--json", default=None, help="write the per-launch results here")
     p.add_argument("-k", default=None, help="only the interpreter tests matching this pytest expression")
+    p.add_argument("--save-launches", default=None,
+                   help="also write the recorded launches to this JSON file")
+    p.add_argument("--launches", default=None,
+                   help="compile the launches of this file (from --save-launches) instead of recording: "
+                        "e.g. recorded with one triton, compiled with another")
     p.add_argument("--record", default=None, help=argparse.SUPPRESS)  # child mode
     args = p.parse_args(argv)
     if args.record:
         return record(args.record, ["-k", args.k] if args.k else [])
+    if args.launches:
+        with open(args.launches) as f:
+            return compile_all(json.load(f), args.arch, args.json)
 
     with tempfile.TemporaryDirectory() as tmp:
         launches_file = os.path.join(tmp, "launches.json")
@@ -242,6 +256,16 @@ def main(argv=None) -> int:
             return 1
         with open(launches_file) as f:
             launches = json.load(f)
+    if args.save_launches:
+        with open(args.save_launches, "w") as f:
+            json.dump(launches, f, indent=1)
+    return compile_all(launches, args.arch, args.json)
+
+
+def compile_all(launches: list, arch: int, json_out: str | None) -> int:
+    """Compile each launch (+ its production variants) for sm_<arch>; 0 when all compile and fit."""
+    import triton
+
     if not launches:
         print("cuda_compile_check: no kernel launches recorded")
         return 1
@@ -255,10 +279,10 @@ def main(argv=None) -> int:
                 expanded.append(e)
     launches = expanded
     results, failed = [], 0
-    print(f"compiling {len(launches)} distinct launches for sm_{args.arch}")
+    print(f"compiling {len(launches)} distinct launches for sm_{arch} with triton {triton.__version__}")
     for entry in launches:
         try:
-            info = compile_launch(entry, args.arch)
+            info = compile_launch(entry, arch)
         except Exception as e:  # a compile error is what this check is for
             info = {"status": f"compile error: {type(e).__name__}: {str(e).splitlines()[0][:300]}"}
         failed += info["status"] != "ok"
@@ -266,10 +290,10 @@ def main(argv=None) -> int:
         extra = (f"shared {info['shared_bytes']} B, {info['registers']} regs, "
                  f"local (spills) {info['local_bytes']} B, {info['compile_s']} s") if "shared_bytes" in info else ""
         print(f"  {info['status']:>4}  {_describe(entry)}  {extra}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"arch": args.arch, "results": results}, f, indent=1)
-    print(f"cuda_compile_check: {len(results) - failed} of {len(results)} launches compile for sm_{args.arch}"
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump({"arch": arch, "triton": triton.__version__, "results": results}, f, indent=1)
+    print(f"cuda_compile_check: {len(results) - failed} of {len(results)} launches compile for sm_{arch}"
           + (f", {failed} FAILED" if failed else ""))
     return 1 if failed else 0
 
