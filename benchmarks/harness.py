@@ -164,11 +164,6 @@ def release_memory() -> None:
         pass
 
 
-# the timer of `measure` and `bare_times`: wall clock; `overhead(clock="cpu")` swaps in process
-# CPU time, which other processes on a shared machine disturb far less
-_clock = time.perf_counter
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -215,8 +210,10 @@ def _stats(times: list[float]) -> dict:
             "iqr_s": q[2] - q[0], "reps": len(times)}
 
 
-def measure(bench: OpBench, provider: str, params: dict, device: torch.device, reps: int) -> dict:
-    """Time and memory of one provider at one shape, in this process."""
+def measure(bench: OpBench, provider: str, params: dict, device: torch.device, reps: int,
+            clock=time.perf_counter) -> dict:
+    """Time and memory of one provider at one shape, in this process (`clock`: the timer;
+    `overhead` passes process CPU time)."""
     torch.manual_seed(0)
     x = bench.make_inputs(params, device)
     fwd = bench.providers[provider](x)
@@ -248,14 +245,14 @@ def measure(bench: OpBench, provider: str, params: dict, device: torch.device, r
     t_fwd, t_bwd, t_both = [], [], []
     for _ in range(reps):
         _sync(device)
-        t0 = _clock()
+        t0 = clock()
         out = fwd()
         _sync(device)
-        t1 = _clock()
+        t1 = clock()
         if grad:
             _scalar(out).backward()
             _sync(device)
-        t2 = _clock()
+        t2 = clock()
         t_fwd.append(t1 - t0)
         t_bwd.append(t2 - t1)
         t_both.append(t2 - t0)
@@ -271,7 +268,8 @@ def measure(bench: OpBench, provider: str, params: dict, device: torch.device, r
     return result
 
 
-def bare_times(bench: OpBench, provider: str, x: dict, device: torch.device, reps: int) -> list[float]:
+def bare_times(bench: OpBench, provider: str, x: dict, device: torch.device, reps: int,
+               clock=time.perf_counter) -> list[float]:
     """fwd+bwd seconds of `reps` runs of the provider's callable in a bare loop (the yardstick
     for the harness's own overhead): one warm-up run, then the clock around forward +
     backward only; gradients are cleared outside the timed region, as `measure` does."""
@@ -285,12 +283,12 @@ def bare_times(bench: OpBench, provider: str, x: dict, device: torch.device, rep
     times = []
     for _ in range(reps):
         _sync(device)
-        t0 = _clock()
+        t0 = clock()
         out = fwd()
         if grad:
-            (out if out.dim() == 0 else _scalar(out)).backward()
+            _scalar(out).backward()
         _sync(device)
-        times.append(_clock() - t0)
+        times.append(clock() - t0)
         del out
         _clear_grads(x, bench.grad_inputs)
     return times
@@ -308,26 +306,24 @@ def overhead(bench: OpBench, provider: str, params: dict, device: torch.device, 
     clock="cpu" (CPU device only) times both with process CPU time on one torch thread: on a
     machine shared with other work, wall-clock round medians swing several-fold, CPU time little.
     """
-    global _clock
     if clock not in ("wall", "cpu") or (clock == "cpu" and device.type != "cpu"):
         raise ValueError(f"clock must be 'wall', or 'cpu' on a CPU device; got {clock!r} on {device.type}")
     torch.manual_seed(0)
     x = bench.make_inputs(params, device)
     h_med, b_med = [], []
     threads = torch.get_num_threads()
+    timer = time.process_time if clock == "cpu" else time.perf_counter
     if clock == "cpu":
-        _clock = time.process_time
         torch.set_num_threads(1)  # no OpenMP threads spinning while a sibling is preempted
     try:
         for i in range(rounds):
             order = ("harness", "bare") if i % 2 == 0 else ("bare", "harness")
             for which in order:
                 if which == "harness":
-                    h_med.append(measure(bench, provider, params, device, reps)["fwd_bwd"]["median_s"])
+                    h_med.append(measure(bench, provider, params, device, reps, timer)["fwd_bwd"]["median_s"])
                 else:
-                    b_med.append(statistics.median(bare_times(bench, provider, x, device, reps)))
+                    b_med.append(statistics.median(bare_times(bench, provider, x, device, reps, timer)))
     finally:
-        _clock = time.perf_counter
         torch.set_num_threads(threads)
     h, b = statistics.median(h_med), statistics.median(b_med)
     return {"op": bench.name, "provider": provider, "params": params, "reps": reps, "rounds": rounds, "clock": clock,

@@ -53,16 +53,16 @@ def run(device: str = "cpu", reps: int = 5, rounds: int = 9, cases=None, log=pri
     report = {"benchmark": "harness_overhead", "device_type": device, "provenance": harness.provenance(device),
               "target": "harness fwd+bwd median within 5% of a bare loop", "results": []}
     for clock in clocks or (("cpu", "wall") if device == "cpu" else ("wall",)):
-      for op, provider, params in cases or CASES[device]:  # noqa: E111
-        bench = _null_bench() if op == "null" else load_op(op)[0]
-        t0 = time.perf_counter()
-        r = harness.overhead(bench, provider, params, dev, reps=reps, rounds=rounds, clock=clock)
-        r["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-        report["results"].append(r)
-        log(f"{clock:4s} {op:15s} {provider:13s} {params}: harness {r['harness_median_s'] * 1e3:8.2f} ms, bare "
-            f"{r['bare_median_s'] * 1e3:8.2f} ms, overhead {r['overhead']:+.2%} (paired {r['paired_overhead']:+.2%}, "
-            f"fastest rounds {r['min_overhead']:+.2%})"
-            f"  ({time.perf_counter() - t0:.0f} s)")
+        for op, provider, params in cases or CASES[device]:
+            bench = _null_bench() if op == "null" else load_op(op)[0]
+            t0 = time.perf_counter()
+            r = harness.overhead(bench, provider, params, dev, reps=reps, rounds=rounds, clock=clock)
+            r["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+            report["results"].append(r)
+            log(f"{clock:4s} {op:15s} {provider:13s} {params}: harness {r['harness_median_s'] * 1e3:8.2f} ms, "
+                f"bare {r['bare_median_s'] * 1e3:8.2f} ms, overhead {r['overhead']:+.2%} "
+                f"(paired {r['paired_overhead']:+.2%}, fastest rounds {r['min_overhead']:+.2%})"
+                f"  ({time.perf_counter() - t0:.0f} s)")
     report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return report
 
