@@ -802,10 +802,7 @@ def _logits_driver(zs_in, zt_in, idx, mask, w, divergence, beta, temperature, vo
     # bytes per row of a chunk: the two chunk copies (none when direct: the size then only
     # sets how many rows one kernel call gets); the PyTorch chunk code's own temporaries are
     # per sub-block (`_chunk_torch`)
-    if direct:
-        per_row = v * (zs_in.element_size() + zt_in.element_size())
-    else:
-        per_row = v * (torch.finfo(ws).bits + torch.finfo(wt).bits) // 8
+    per_row = v * (torch.finfo(ws).bits + torch.finfo(wt).bits) // 8
     r_chunk = _heur.rows_per_chunk(per_row, device, chunk_bytes if chunk_bytes > 0 else None)
     d_all = torch.zeros(n_proc, dtype=_F32, device=device)
     scratch = {}
