@@ -33,6 +33,7 @@ from align_ti.reference.fused_kl import (
     fused_linear_distill_reference,
     fused_linear_kl_reference,
 )
+from tests.ops.test_fused_kl import make  # the same seeded heads and hidden states
 from tests.utils import assert_close, assert_three_way
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -133,20 +134,6 @@ def test_kernel_propagates_nan_and_inf(native_lib):
 # the public ops with the kernel, against the fp32 reference
 # --------------------------------------------------------------------------------------------
 
-def _make(dtype=torch.float32, vs=VS, vt=VT, bias=True):
-    g = torch.Generator().manual_seed(1234)
-    t = {
-        "student_hidden": torch.randn(N, HS, generator=g),
-        "student_weight": torch.randn(vs, HS, generator=g) * 0.4,
-        "teacher_hidden": torch.randn(N, HT, generator=g),
-        "teacher_weight": torch.randn(vt, HT, generator=g) * 0.4,
-    }
-    if bias:
-        t["student_bias"] = torch.randn(vs, generator=g) * 0.2
-        t["teacher_bias"] = torch.randn(vt, generator=g) * 0.2
-    return {k: x.to(dtype).requires_grad_(k.startswith("student")) for k, x in t.items()}
-
-
 def _run(fn, tensors, upstream=None, **kw):
     for x in tensors.values():
         x.grad = None
@@ -174,7 +161,7 @@ def _compare(fast, ref, tensors, upstream=None, atol=2e-5, rtol=1e-4, **kw):
 @pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
 def test_linear_kl_native_vs_reference(use_native, divergence, temperature):
     rows = torch.randperm(N)[:40]
-    _compare(align_ti.fused_linear_kl, fused_linear_kl_reference, _make(), rows=rows,
+    _compare(align_ti.fused_linear_kl, fused_linear_kl_reference, make(), rows=rows,
              weights=torch.rand(40), divergence=divergence, beta=0.3, temperature=temperature)
 
 
@@ -182,7 +169,7 @@ def test_linear_kl_native_vs_reference(use_native, divergence, temperature):
 @pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
 def test_distill_native_ignored_labels_and_vocab_slice(use_native, divergence, reduction):
     """CE with -100 labels, V' < Vs (the student's CE columns beyond V'), T = 2, odd V."""
-    t = _make(vs=1300, vt=1271)
+    t = make(vs=1300, vt=1271)
     rows = torch.arange(0, N, 2)
     m = rows.numel()
     labels = torch.randint(0, 1300, (m,))
@@ -196,14 +183,14 @@ def test_distill_native_ignored_labels_and_vocab_slice(use_native, divergence, r
 
 def test_distill_vocab_slice_torch_path(use_torch):
     """Regression: V' < Vs with labels on the PyTorch chunk path (a strided log-softmax out)."""
-    t = _make(vs=1300, vt=1271)
+    t = make(vs=1300, vt=1271)
     labels = torch.randint(0, 1300, (N,))
     _compare(align_ti.fused_linear_distill, fused_linear_distill_reference, t, labels=labels,
              temperature=1.0, vocab_size=1271)
 
 
 def test_distill_all_labels_ignored_native(use_native):
-    t = _make()
+    t = make()
     labels = torch.full((N,), -100)
     (kl, ce), grads = _run(align_ti.fused_linear_distill, t, labels=labels, impl="torch")
     assert ce.item() == 0.0 and torch.isfinite(kl)
@@ -254,7 +241,7 @@ def test_fused_kl_bf16_three_way_native(use_native, divergence):
 
 
 def test_bf16_linear_distill_native_matches_torch_path(native_lib):
-    t = _make(torch.bfloat16)
+    t = make(torch.bfloat16, torch.bfloat16)
     labels = torch.randint(0, VS, (N,))
     labels[::4] = -100
     res = {}
@@ -274,7 +261,7 @@ def test_bf16_linear_distill_native_matches_torch_path(native_lib):
 
 
 def test_nonfinite_propagates_native(use_native):
-    t = _make()
+    t = make()
     with torch.no_grad():
         t["teacher_hidden"][3, 0] = float("nan")
     (kl,), _ = _run(align_ti.fused_linear_kl, t, impl="torch")
