@@ -45,6 +45,22 @@ def _load_tile(PTR, base, pos, pvalid, stride_l, stride_d, D, BLOCK_D: tl.conste
 
 
 @triton.jit
+def _scores(q, k, rpos, rvalid, kpos, kreal, qk_scale2, DOT_PREC: tl.constexpr):
+    """log2-scaled scores of a row tile against a key tile, and which pairs count: not a later
+    key (causal), not a padding key, not a row slot that holds no selected row."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale2
+    ok = (kpos[None, :] <= rpos[:, None]) & kreal[None, :] & rvalid[:, None]
+    return s, ok
+
+
+@triton.jit
+def _probs(q, k, rpos, rvalid, kpos, kreal, lse2, qk_scale2, DOT_PREC: tl.constexpr):
+    """The attention probabilities P of the tile (0 where the pair does not count)."""
+    s, ok = _scores(q, k, rpos, rvalid, kpos, kreal, qk_scale2, DOT_PREC)
+    return tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+
+
+@triton.jit
 def _attention_mass_lse(
     Q, K, ORDER, NSEL, REAL, LSE,
     sqb, sqh, sql, sqd,
@@ -73,8 +89,7 @@ def _attention_mass_lse(
         kin = kpos < L
         kreal = tl.load(REAL + b * L + kpos, mask=kin, other=0) != 0
         k = _load_tile(K, b * skb + kvh * skh, kpos, kin, skl, skd, D, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale2
-        ok = (kpos[None, :] <= rpos[:, None]) & kreal[None, :] & rvalid[:, None]
+        s, ok = _scores(q, k, rpos, rvalid, kpos, kreal, qk_scale2, DOT_PREC)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -112,9 +127,7 @@ def _attention_mass_fwd(
             rpos, rvalid = _load_rows(ORDER, NSEL, b, m0, L, BLOCK_M)
             q = _load_tile(Q, b * sqb + h * sqh, rpos, rvalid, sql, sqd, D, BLOCK_D)
             lse2 = tl.load(LSE + b * slb + h * slh + rpos * sll, mask=rvalid, other=0.0) * _LOG2E
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale2
-            ok = (kpos[None, :] <= rpos[:, None]) & kreal[None, :] & rvalid[:, None]
-            p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+            p = _probs(q, k, rpos, rvalid, kpos, kreal, lse2, qk_scale2, DOT_PREC)
             acc += tl.sum(p, axis=0)
         acc = acc / n.to(tl.float32)
     tl.store(MASS + b * smb + h * smh + kpos * sml, acc, mask=kin)
@@ -157,9 +170,7 @@ def _attention_mass_bwd_dq(
         kreal = tl.load(REAL + b * L + kpos, mask=kin, other=0) != 0
         k = _load_tile(K, b * skb + kvh * skh, kpos, kin, skl, skd, D, BLOCK_D)
         g = tl.load(G + b * sgb + h * sgh + kpos * sgl, mask=kin, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale2
-        ok = (kpos[None, :] <= rpos[:, None]) & kreal[None, :] & rvalid[:, None]
-        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        p = _probs(q, k, rpos, rvalid, kpos, kreal, lse2, qk_scale2, DOT_PREC)
         delta += tl.sum(p * g[None, :], axis=1)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, last + 1, BLOCK_N):
@@ -168,9 +179,7 @@ def _attention_mass_bwd_dq(
         kreal = tl.load(REAL + b * L + kpos, mask=kin, other=0) != 0
         k = _load_tile(K, b * skb + kvh * skh, kpos, kin, skl, skd, D, BLOCK_D)
         g = tl.load(G + b * sgb + h * sgh + kpos * sgl, mask=kin, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale2
-        ok = (kpos[None, :] <= rpos[:, None]) & kreal[None, :] & rvalid[:, None]
-        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        p = _probs(q, k, rpos, rvalid, kpos, kreal, lse2, qk_scale2, DOT_PREC)
         ds = p * (g[None, :] - delta[:, None])
         dq += tl.dot(ds, k.to(tl.float32), input_precision="ieee")
     dq = dq * scale
@@ -215,9 +224,7 @@ def _attention_mass_bwd_dk(
                 q = _load_tile(Q, b * sqb + h * sqh, rpos, rvalid, sql, sqd, D, BLOCK_D)
                 lse2 = tl.load(LSE + b * slb + h * slh + rpos * sll, mask=rvalid, other=0.0) * _LOG2E
                 dlt = tl.load(DELTA + b * sdb + h * sdh + rpos * sdl, mask=rvalid, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale2
-                ok = (kpos[None, :] <= rpos[:, None]) & kreal[None, :] & rvalid[:, None]
-                p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+                p = _probs(q, k, rpos, rvalid, kpos, kreal, lse2, qk_scale2, DOT_PREC)
                 ds = p * (g[None, :] - dlt[:, None])
                 dk += tl.dot(tl.trans(ds), q.to(tl.float32), input_precision="ieee")
         dk = dk * scale
