@@ -72,6 +72,11 @@ class OpBench:
 # ------------------------------------------------------------------------------------------
 
 def git_commit() -> str:
+    """HEAD of the repo, or, in a copy of the tree without .git (a lent GPU machine),
+    ALIGN_TI_GIT_COMMIT as set by whoever shipped it (scripts/gpu_check.sh's usage)."""
+    shipped = os.environ.get("ALIGN_TI_GIT_COMMIT")
+    if not os.path.isdir(os.path.join(ROOT, ".git")) and shipped:
+        return f"{shipped} (shipped tree)"
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         commit = out.stdout.strip() if out.returncode == 0 else "unknown"

@@ -213,6 +213,7 @@ def run(device: str = "cpu", ops=None, quick: bool = False, reps: int | None = N
             report.setdefault("load_average_at_end", [round(x, 2) for x in os.getloadavg()])
             written += harness.write_report(report, out_dir, op + ("-quick" if quick else ""))
             continue
+        stem = op + ("-quick" if quick else "")
         report = {"op": op, "description": bench.description, "device_type": device,
                   "provenance": harness.provenance(device), "quick": quick,
                   "memory_metric": ("max_memory_allocated during fwd+bwd minus allocated before"
@@ -245,8 +246,9 @@ def run(device: str = "cpu", ops=None, quick: bool = False, reps: int | None = N
                     log(f"{op:15s} {case.name:40s} {p:22s} {r['status']}")
             report["cases"].append({"name": case.name, "params": case.params, "x": case.x,
                                     "results": results, "summary": summarize(results)})
+            # the cases so far, so a run stopped by a time limit (a lent GPU) keeps them
+            harness.write_json_md(report, harness.markdown(report), out_dir, stem)
         report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-        stem = op + ("-quick" if quick else "")
         written += harness.write_report(report, out_dir, stem)
     return written
 

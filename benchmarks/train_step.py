@@ -521,13 +521,17 @@ def summarize(results: list[dict]) -> dict:
     by = {(r["way"], r["objective"]): r for r in results}
     out = {}
     for way in ("paper-code", "align-ti"):
-        a, v = by[(way, "Align-TI")], by[(way, "vanilla-KD")]
+        a, v = by.get((way, "Align-TI")), by.get((way, "vanilla-KD"))
+        if a is None or v is None:  # a partial report (written after every way)
+            continue
         out[f"{way}: Align-TI / vanilla-KD"] = {
             "time_ratio": _ratio(a, v, "step_s_median"),
             "extra_mem_gib": (a["peak_mem_gib"] - v["peak_mem_gib"]) if a.get("status") == v.get("status") == "ok" else None,
             "mem_ratio": _ratio(a, v, "peak_mem_bytes")}
     for obj in ("vanilla-KD", "Align-TI"):
-        a, p = by[("align-ti", obj)], by[("paper-code", obj)]
+        a, p = by.get(("align-ti", obj)), by.get(("paper-code", obj))
+        if a is None or p is None:
+            continue
         out[f"{obj}: align-ti / paper-code"] = {
             "time_ratio": _ratio(a, p, "step_s_median"),
             "mem_ratio": _ratio(a, p, "peak_mem_bytes")}
@@ -583,6 +587,7 @@ def main(argv=None) -> dict:
         return _main_iva_share(args, scale, device, out)
 
     results = []
+    prov = harness.provenance(args.device)
     for way in ("paper-code", "align-ti"):
         for objective in ("vanilla-KD", "Align-TI"):
             t0 = time.perf_counter()
@@ -591,13 +596,15 @@ def main(argv=None) -> dict:
                   f"peak {_f(r.get('peak_mem_gib'), '{:.3f}')} GiB  (took {time.perf_counter() - t0:.1f} s)",
                   flush=True)
             results.append(r)
-    report = {
-        "benchmark": "train_step", "scale": scale, "warmup": args.warmup, "steps": args.steps,
-        "memory_metric": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak sampled RSS (process)",
-        "provenance": harness.provenance(args.device), "results": results, "summary": summarize(results),
-    }
-    md = markdown(report)
-    harness.write_json_md(report, md, out, "train_step")
+            # after every way, so a run stopped by a time limit (a lent GPU) keeps the ones done
+            report = {
+                "benchmark": "train_step", "scale": scale, "warmup": args.warmup, "steps": args.steps,
+                "memory_metric": ("torch.cuda.max_memory_allocated" if device.type == "cuda"
+                                  else "peak sampled RSS (process)"),
+                "provenance": prov, "results": results, "summary": summarize(results),
+            }
+            md = markdown(report)
+            harness.write_json_md(report, md, out, "train_step")
     print(md)
     print(f"wrote {out}/train_step.json and train_step.md")
     return report

@@ -397,12 +397,15 @@ def _use_native(zs, zt) -> bool:
             and zs.stride(-1) == 1 and zt.stride(-1) == 1 and _native.enabled())
 
 
-def _chunk(impl, zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split, scratch=None):
+def _chunk(impl, zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split, scratch=None,
+           g_out=None):
     """The per-chunk step (`_chunk_torch`'s contract) on the chosen implementation. zs, zt
     are fp32 chunk buffers, or (only when `_use_native(zs, zt)`) bf16/fp16 rows, whose
-    gradient is then written in place in their dtype."""
+    gradient is then written in place in their dtype. `g_out` (Triton only): where the
+    gradient goes instead of over zs."""
     if impl == "triton":
-        return _chunk_triton(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split)
+        return _chunk_triton(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split, g_out)
+    assert g_out is None, "g_out is a Triton-path option"
     if _use_native(zs, zt):
         d, nll, gce = torch.ops.align_ti.kl_chunk(zs, zt, v, div_code, beta, inv_t, labels, a, c,
                                                   need_grad, split)
@@ -417,8 +420,11 @@ def _chunk(impl, zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, spli
 # matmuls with an fp32 result
 # --------------------------------------------------------------------------------------------
 
-def _has_mm_out_dtype() -> bool:
-    return hasattr(torch.ops.aten.mm, "dtype")
+def _cuda_low_precision_mm(h: torch.Tensor) -> bool:
+    """bf16/fp16 CUDA operands multiply with an fp32 result in cuBLAS (`out_dtype`, torch >=
+    2.8: aten mm/addmm .dtype_out); older torch takes the upcasting path below."""
+    return (h.is_cuda and h.dtype != _F32 and hasattr(torch.ops.aten.mm, "dtype_out")
+            and hasattr(torch.ops.aten.addmm, "dtype_out"))
 
 
 def _weight_blocks(w, scratch):
@@ -439,8 +445,8 @@ def _head_logits(h, weight, bias, ncols, out, scratch=None):
     w = weight[:ncols]
     if h.dtype == _F32:
         torch.mm(h, w.t(), out=out)
-    elif h.is_cuda and _has_mm_out_dtype():
-        out.copy_(torch.mm(h, w.t(), out_dtype=_F32))
+    elif _cuda_low_precision_mm(h):
+        torch.mm(h, w.t(), out_dtype=_F32, out=out)  # cuBLAS writes fp32 straight into `out`
     else:  # CPU bf16/fp16: upcast the weight in vocabulary blocks of bounded size
         hf = h.to(_F32)
         for s, wf in _weight_blocks(w, scratch):
@@ -453,16 +459,22 @@ def _head_logits(h, weight, bias, ncols, out, scratch=None):
 def _grad_matmuls(g, h, weight, ncols, dh_acc, dh_rows, dw_acc, db_acc, first=False, scratch=None):
     """dh_acc[rows] += g @ W[:ncols]; dw_acc[:ncols] += g^T h; db_acc[:ncols] += g.sum(0).
 
-    g is fp32 [r, ncols]; the accumulators are fp32. `dh_rows` is an int64 index tensor
-    (duplicates add up) or a slice. With `first`, an fp32 dw_acc[:ncols] is written, not
-    added to (it may be uninitialised). `scratch`: reusable buffers (CPU low precision)."""
+    g is [r, ncols], fp32 or (from the Triton kernel) in h's low-precision dtype; the
+    accumulators are fp32. `dh_rows` is an int64 index tensor (duplicates add up) or a slice.
+    With `first`, an fp32 dw_acc[:ncols] is written, not added to (it may be uninitialised).
+    `scratch`: reusable buffers (CPU low precision)."""
     w = weight[:ncols]
     low = h.dtype != _F32
+    cuda_low = _cuda_low_precision_mm(h)
+    if cuda_low:
+        g = g.to(h.dtype)  # rounded once for both matmuls (a no-op for the kernel's gradient)
+    elif g.dtype != _F32:
+        g = g.to(_F32)  # CPU (interpreter tier): fp32 matmuls of the rounded gradient
     if dh_acc is not None:
         if not low:
             gh = g @ w
-        elif h.is_cuda and _has_mm_out_dtype():
-            gh = torch.mm(g.to(h.dtype), w, out_dtype=_F32)
+        elif cuda_low:
+            gh = torch.mm(g, w, out_dtype=_F32)
         else:
             gh = torch.zeros(g.shape[0], w.shape[1], dtype=_F32, device=g.device)
             for s, wf in _weight_blocks(w, scratch):
@@ -472,22 +484,21 @@ def _grad_matmuls(g, h, weight, ncols, dh_acc, dh_rows, dw_acc, db_acc, first=Fa
         else:
             dh_acc.index_add_(0, dh_rows, gh)
     if dw_acc is not None:
+        dw = dw_acc[:ncols]
         if not low:
             if first:  # the accumulator is uninitialised: write instead of add
-                torch.mm(g.t(), h, out=dw_acc[:ncols])
+                torch.mm(g.t(), h, out=dw)
             else:
-                dw_acc[:ncols].addmm_(g.t(), h)
+                dw.addmm_(g.t(), h)
+        elif cuda_low:  # cuBLAS adds into the fp32 accumulator (beta = 1): no temporary
+            if first:
+                torch.mm(g.t(), h, out_dtype=_F32, out=dw)
+            else:
+                torch.addmm(dw, g.t(), h, out_dtype=_F32, out=dw)
         else:
-            hf = h.to(_F32)
-            step = _heur.vocab_block_rows(h.shape[1], h.device)
-            for s in range(0, ncols, step):
-                e = min(s + step, ncols)
-                if h.is_cuda and _has_mm_out_dtype():
-                    dw_acc[s:e] += torch.mm(g[:, s:e].t().to(h.dtype), h, out_dtype=_F32)
-                else:
-                    dw_acc[s:e].addmm_(g[:, s:e].t(), hf)
+            dw.addmm_(g.t(), h.to(_F32))
     if db_acc is not None:
-        db_acc[:ncols] += g.sum(0)
+        db_acc[:ncols] += g.sum(0, dtype=_F32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,7 +538,7 @@ def _linear_driver(
     def weight_acc():
         # fp32 weights with at least one chunk: the first chunk writes rows [:ns] (mm out=),
         # so only the rows it does not cover are zeroed (saves a pass over [Vs, Hs]).
-        if ws.dtype != _F32 or n_proc == 0:
+        if (ws.dtype != _F32 and not _cuda_low_precision_mm(hs)) or n_proc == 0:
             return zeros(vs, hs.shape[1])
         t = torch.empty(vs, hs.shape[1], dtype=_F32, device=device)
         t[ns:].zero_()
@@ -543,14 +554,22 @@ def _linear_driver(
     grads = grad_set() if need_grad else None
     grads_ce = grad_set() if (need_grad and has_ce and split) else None
 
-    # scratch per row: fp32 student + teacher logits (+ the separate CE gradient when split);
-    # the torch path's own temporaries are per sub-block (`_chunk_torch`), a few MiB
+    # The Triton kernel writes a low-precision student's gradient in its dtype, into a buffer
+    # of its own: the gradient matmuls round it to that dtype anyway, and the fp32 logits
+    # buffer is then only read. Not with a bias gradient (its row sum stays fp32-exact).
+    g_dtype = hs.dtype if (impl == "triton" and need_grad and hs.dtype != _F32
+                           and not (need_db and bs is not None)) else None
+    # scratch per row: fp32 student + teacher logits (+ the separate CE gradient when split,
+    # + the low-precision gradient); the torch path's own temporaries are per sub-block
+    # (`_chunk_torch`), a few MiB
     per_row = 4 * (ns + v + (ns if has_ce and split else 0))
+    if g_dtype is not None:
+        per_row += ns * hs.element_size()
     r_chunk = _heur.rows_per_chunk(per_row, device, chunk_bytes if chunk_bytes > 0 else None)
-
-    r_chunk = min(r_chunk, max(1, n_proc))
+    r_chunk = _heur.balanced_rows(n_proc, r_chunk, device)
     buf_s = torch.empty(r_chunk, ns, dtype=_F32, device=device)  # reused by every chunk
     buf_t = torch.empty(r_chunk, v, dtype=_F32, device=device)
+    buf_g = None if g_dtype is None else torch.empty(r_chunk, ns, dtype=g_dtype, device=device)
     scratch = {}
     d_all = torch.zeros(n_proc, dtype=_F32, device=device)
     nll_all = torch.zeros(n_proc, dtype=_F32, device=device) if has_ce else None
@@ -572,8 +591,9 @@ def _linear_driver(
         lab_c = labels[s:e] if has_ce else None
         a_c = a[s:e] if need_grad else None
         c_c = c[s:e] if (need_grad and has_ce) else None
+        g_out = None if buf_g is None else buf_g[: e - s]
         d, nll, g, gce = _chunk(impl, zs, zt, v, div_code, beta, inv_t, lab_c, a_c, c_c,
-                                need_grad, split, scratch)
+                                need_grad, split, scratch, g_out)
         d_all[s:e] = d
         if has_ce:
             nll_all[s:e] = nll
@@ -583,8 +603,8 @@ def _linear_driver(
             if gce is not None:
                 _grad_matmuls(gce, hs_c, ws, ns, grads_ce[0], sel, grads_ce[1], grads_ce[2], first,
                               scratch)
-        del zs, zt, g, gce
-    del buf_s, buf_t, scratch
+        del zs, zt, g, gce, g_out
+    del buf_s, buf_t, buf_g, scratch
 
     kl = _reduce(d_all, w_eff, mask, reduction, n_proc, device)
     ce = _reduce_ce(nll_all, labels, mask) if has_ce else None

@@ -58,6 +58,21 @@ def rows_per_chunk(bytes_per_row: int, device: torch.device, budget: int | None 
     return rows
 
 
+def balanced_rows(n_rows: int, max_rows: int, device: torch.device) -> int:
+    """Rows per chunk for `n_rows` rows in as few chunks as `max_rows` allows, all of about
+    one size (8192 rows at 3000 per chunk: 3 chunks of 2752, not 3000 + 3000 + 2192), so no
+    small last chunk runs the matmuls at low efficiency. Never above `max_rows` (the budget)."""
+    max_rows = max(1, int(max_rows))
+    n_rows = max(1, int(n_rows))
+    if n_rows <= max_rows:
+        return n_rows
+    chunks = -(-n_rows // max_rows)
+    rows = -(-n_rows // chunks)
+    if torch.device(device).type == "cuda" and max_rows >= 64:
+        rows = min(max_rows, -(-rows // 64) * 64)  # whole MMA tiles where the budget allows
+    return rows
+
+
 #: The torch path's elementwise temporaries (log-probs etc.) are made for sub-blocks of a
 #: row chunk that fit this many bytes. CPU: a few MiB keeps the ~10 elementwise passes over
 #: cache-resident rows (measured at V=151936, 165-row chunks: 16-row blocks 0.63 s vs 0.79 s

@@ -276,7 +276,7 @@ def _triton_driver(hs, ws, bs, ht, wt, bt, rows, coef, opts: TopkAlignOptions,
     need_grad = need_dh or need_dw or need_db
     per_row = 4 * 2 * v
     r_chunk = _heur.rows_per_chunk(per_row, device, opts.chunk_bytes or None)
-    r_chunk = min(r_chunk, max(1, m))
+    r_chunk = _heur.balanced_rows(m, r_chunk, device)
     buf_s = torch.empty(r_chunk, v, dtype=_F32, device=device)
     buf_t = torch.empty(r_chunk, v, dtype=_F32, device=device)
     d_all = torch.zeros(m, dtype=_F32, device=device)

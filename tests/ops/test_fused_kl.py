@@ -305,18 +305,20 @@ def test_mixed_teacher_student_dtypes(dtypes):
             rows=rows, temperature=2.0, impl="torch", atol=1e-4, rtol=1e-2)
 
 
-def _three_way_linear(fn, ref, impl, device="cpu", n=N, hs=HS, ht=HT, vs=VS, vt=VT, **kw):
-    """Candidate (bf16 inputs) vs plain torch in bf16 vs the fp32 truth on the same inputs."""
-    lo = make(torch.bfloat16, torch.bfloat16, n=n, hs=hs, ht=ht, vs=vs, vt=vt, device=device)
+def _three_way_linear(fn, ref, impl, device="cpu", n=N, hs=HS, ht=HT, vs=VS, vt=VT, bias=True, **kw):
+    """Candidate (bf16 inputs) vs plain torch in bf16 vs the fp32 truth on the same inputs.
+    bias=False: LM heads without bias (Qwen, LLaMA), where the Triton path writes the
+    gradient of the logits in bf16 (a bias gradient keeps it fp32)."""
+    lo = make(torch.bfloat16, torch.bfloat16, bias=bias, n=n, hs=hs, ht=ht, vs=vs, vt=vt, device=device)
     hi = {k: x.detach().float().requires_grad_(x.requires_grad) for k, x in lo.items()}
     cand, cgrads = run(fn, lo, impl=impl, **kw)
     truth, tgrads = run(ref, hi, **kw)
 
-    def plain(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-              teacher_bias, **kw2):
+    def plain(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=None,
+              teacher_bias=None, **kw2):
         # what a trainer does in bf16: bf16 logits, then the loss
-        zs = student_hidden @ student_weight.t() + student_bias
-        zt = teacher_hidden @ teacher_weight.t() + teacher_bias
+        zs = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
+        zt = torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias)
         labels = kw2.pop("labels", None)
         kl = fused_kl_reference(zs, zt, **kw2)
         if labels is None:
@@ -655,6 +657,17 @@ def test_triton_fp16(divergence, quiet_interpreter):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("divergence", ["forward", "jsd"])
+def test_triton_bf16_three_way_no_bias(divergence, quiet_interpreter, monkeypatch):
+    """No bias: the kernel writes the bf16 gradient of the logits straight into its own
+    buffer, and the gradient matmuls take it as it is (several row chunks)."""
+    monkeypatch.setenv("ALIGN_TI_CHUNK_BYTES", str(ICHUNK))
+    _three_way_linear(align_ti.fused_linear_kl, fused_linear_kl_reference, "triton", n=IN, hs=IHS,
+                      ht=IHT, vs=IVS, vt=IVT, bias=False, rows=torch.tensor([3, 5, 5, 0, 10, 7]),
+                      weights=rand_weights(6), divergence=divergence, temperature=2.0)
+
+
+@pytest.mark.interpret
 def test_triton_matches_torch_path_mixed_fp16_teacher(quiet_interpreter):
     t = make(torch.float32, torch.float16, n=IN, hs=IHS, ht=IHT)
     outs, grads = run(align_ti.fused_linear_kl, t, impl="triton")
@@ -669,16 +682,27 @@ def test_triton_matches_torch_path_mixed_fp16_teacher(quiet_interpreter):
 # ============================================================================================
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
-def test_gpu_bf16_three_way(divergence):
+def test_gpu_bf16_three_way(divergence, bias):
     n, hs, ht, vs, vt = 512, 256, 384, 32768, 32800
     g = torch.Generator().manual_seed(9)
     rows = torch.randint(0, n, (300,), generator=g).cuda()
     labels = torch.randint(0, vs, (300,), generator=g).cuda()
     labels[::5] = -100
     _three_way_linear(align_ti.fused_linear_distill, fused_linear_distill_reference, "triton",
-                      device="cuda", n=n, hs=hs, ht=ht, vs=vs, vt=vt, labels=labels, rows=rows,
-                      divergence=divergence, temperature=2.0)
+                      device="cuda", n=n, hs=hs, ht=ht, vs=vs, vt=vt, bias=bias, labels=labels,
+                      rows=rows, divergence=divergence, temperature=2.0)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_three_way_kl_many_chunks(monkeypatch):
+    """fused_linear_kl without bias over several balanced row chunks: the bf16 gradient buffer
+    and cuBLAS accumulating d weight into fp32 (addmm, beta = 1) across chunks."""
+    n, hs, ht, vs, vt = 1000, 256, 384, 32768, 32800
+    monkeypatch.setenv("ALIGN_TI_CHUNK_BYTES", str((4 * 2 + 2) * vt * 256))
+    _three_way_linear(align_ti.fused_linear_kl, fused_linear_kl_reference, "triton", device="cuda",
+                      n=n, hs=hs, ht=ht, vs=vs, vt=vt, bias=False, temperature=1.0)
 
 
 @pytest.mark.gpu
