@@ -228,8 +228,10 @@ def run_case(spec, fraction: float, device, dtype, reps: int, log=print) -> dict
             "x": None, "results": results, "summary": summary}
 
 
-def run_cases(cases, device: str, reps: int | None = None, log=print, quick: bool = False) -> dict:
-    """The report (harness format: provenance, cases, results, summaries) of the given CASES."""
+def run_cases(cases, device: str, reps: int | None = None, log=print, quick: bool = False,
+              checkpoint=None) -> dict:
+    """The report (harness format: provenance, cases, results, summaries) of the given CASES.
+    `checkpoint(report)`, if given, is called after every case (results kept as they come)."""
     dev = torch.device(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     specs = model_specs(device)
@@ -245,6 +247,8 @@ def run_cases(cases, device: str, reps: int | None = None, log=print, quick: boo
         spec = dict(specs[case.params["model"]], **{k: case.params[k] for k in ("batch", "length")
                                                      if k in case.params})
         report["cases"].append(run_case(spec, case.params["fraction"], dev, dtype, case_reps, log=log))
+        if checkpoint is not None:
+            checkpoint(report)
     report["wall_s"] = time.perf_counter() - t0
     report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return report
@@ -262,8 +266,9 @@ def main(argv=None) -> int:
     # standalone, --reps is taken as given (the runner caps it at DEFAULT_REPS)
     cases = [dataclasses.replace(c, reps=args.reps) for m in models for c in CASES
              if c.params["model"] == m and not c.quick]
-    report = run_cases(cases, dev_type, reps=args.reps)
     out_dir = args.out or os.path.join(harness.ROOT, "benchmarks", "results", dev_type)
+    report = run_cases(cases, dev_type, reps=args.reps, checkpoint=lambda r: harness.write_json_md(
+        r, harness.markdown(r), out_dir, "branches"))
     for p in harness.write_report(report, out_dir, "branches"):
         print("wrote", p)
     return 0

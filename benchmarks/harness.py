@@ -72,10 +72,10 @@ class OpBench:
 # ------------------------------------------------------------------------------------------
 
 def git_commit() -> str:
-    """HEAD of the repo, or, in a copy of the tree without .git (a lent GPU machine),
-    ALIGN_TI_GIT_COMMIT as set by whoever shipped it (scripts/gpu_check.sh's usage)."""
+    """HEAD of the repo; or ALIGN_TI_GIT_COMMIT where whoever shipped a copy of the tree set
+    it (scripts/gpu_check.sh's usage: a lent GPU machine's copy may carry a stale .git)."""
     shipped = os.environ.get("ALIGN_TI_GIT_COMMIT")
-    if not os.path.isdir(os.path.join(ROOT, ".git")) and shipped:
+    if shipped:
         return f"{shipped} (shipped tree)"
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
@@ -337,6 +337,32 @@ def overhead(bench: OpBench, provider: str, params: dict, device: torch.device, 
             # the least disturbed round of each (a loaded machine makes round medians swing)
             "min_overhead": min(h_med) / min(b_med) - 1,
             "harness_round_medians_s": h_med, "bare_round_medians_s": b_med}
+
+
+def profile_top(fn, top: int = 15, cuda: bool = True) -> list[dict]:
+    """One call of `fn` under torch.profiler: the `top` ops and kernels by self device time
+    (CUDA), or by self CPU time, with their call counts and both times in ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        dev = (getattr(ev, "self_device_time_total", None) or 0) / 1e3
+        rows.append({"name": ev.key[:110], "calls": ev.count, "self_device_ms": dev,
+                     "self_cpu_ms": ev.self_cpu_time_total / 1e3})
+    key = "self_device_ms" if cuda else "self_cpu_ms"
+    rows.sort(key=lambda r: -r[key])
+    return rows[:top]
+
+
+def profile_markdown(rows: list[dict]) -> list[str]:
+    lines = ["| op / kernel | calls | self device ms | self CPU ms |", "|---|---|---|---|"]
+    lines += [f"| `{r['name']}` | {r['calls']} | {r['self_device_ms']:.2f} | {r['self_cpu_ms']:.2f} |" for r in rows]
+    return lines
 
 
 def matmul_roofline_tflops(device: torch.device, dtype: torch.dtype, size: int = 8192, reps: int = 10) -> float:

@@ -6,9 +6,11 @@ mass [B, L] and a vision mask with Nv vision tokens per sample (729 = SigLIP-so4
 CUDA). Selection: all vision tokens, weighted (the METHOD default), or ratio = 0.1.
 
 Providers (each returns a forward function; the runner differentiates its scalar loss):
-- align_ti:              align_ti.topk_align (impl="auto": Triton with the row gather fused into
-                         the LM-head matmuls on CUDA; chunked torch via fused_linear_kl on CPU);
+- align_ti:              align_ti.topk_align (impl="auto": fused_linear_kl on the selected
+                         rows, cuBLAS + the Triton row kernel on CUDA, chunked torch on CPU);
                          selection included in the timing.
+- align_ti_gather:       align_ti.topk_align(impl="triton"): the row gather fused into Triton
+                         matmul kernels (CUDA only).
 - fused_linear_kl_rows:  align_ti.fused_linear_kl on the flattened hidden states with the same
                          rows and weights, selected beforehand (not timed): the target is
                          align_ti <= 1.1x this (selection + gather cost <= 10%).
@@ -64,11 +66,12 @@ def make_inputs(p: dict, device: torch.device) -> dict:
     return x
 
 
-def provider_align_ti(x):
+def provider_align_ti(x, impl: str = "auto"):
     import align_ti.ops.topk_align as T
 
     return lambda: T.topk_align(x["student_hidden"], x["student_weight"], x["teacher_hidden"],
-                                x["teacher_weight"], x["mass"], x["vision_mask"], **x["select"])
+                                x["teacher_weight"], x["mass"], x["vision_mask"], impl=impl,
+                                **x["select"])
 
 
 def _flat(x):
@@ -103,6 +106,7 @@ def provider_materialized(x):
 
 PROVIDERS = {
     "align_ti": provider_align_ti,
+    "align_ti_gather": lambda x: provider_align_ti(x, impl="triton"),
     "fused_linear_kl_rows": provider_fused_linear_kl_rows,
     "materialized": provider_materialized,
 }
@@ -135,6 +139,8 @@ BENCH = OpBench(
     grad_inputs=("student_hidden", "student_weight"),
     flops=lambda p: 2 * p["V"] * (p["Ht"] + 3 * p["Hs"]) * _rows(p),
     tolerance=_tolerance,
+    # the fused-gather kernels run on CUDA only (the interpreter would take minutes on CPU)
+    available=lambda provider: provider != "align_ti_gather" or torch.cuda.is_available(),
 )
 
 _CHECK32 = dict(B=3, L=40, Nv=25, Hs=32, Ht=48, V=1300, dtype="float32")

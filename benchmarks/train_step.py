@@ -290,7 +290,8 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(way: str, objective: str, scale: str, device: torch.device, warmup: int, steps: int) -> dict:
+def measure(way: str, objective: str, scale: str, device: torch.device, warmup: int, steps: int,
+            profile: bool = False) -> dict:
     attn = "eager" if way == "paper-code" else "sdpa"
     rec = {"way": way, "objective": objective, "attn_implementation": attn}
     harness.release_memory()
@@ -333,6 +334,8 @@ def measure(way: str, objective: str, scale: str, device: torch.device, warmup: 
                     losses.append(float(step()))
                     times.append(time.perf_counter() - t0)
             peak = rss.peak
+        if profile and device.type == "cuda":  # where the step's GPU time goes (one more step)
+            rec["profile_top"] = harness.profile_top(step, top=15)
         rec.update(status="ok", step_s_median=statistics.median(times), step_s_all=times,
                    peak_mem_bytes=int(peak), peak_mem_gib=peak / 2 ** 30, loss=losses[-1],
                    batch=meta["batch"], length=meta["length"], n_vision=meta["n_vision"],
@@ -557,6 +560,11 @@ def markdown(report: dict) -> str:
     for k, v in report["summary"].items():
         lines.append(f"| {k} | {_f(v.get('time_ratio'), '{:.3f}x')} | {_f(v.get('mem_ratio'), '{:.3f}x')} | "
                      f"{_f(v.get('extra_mem_gib'), '{:+.3f}')} |")
+    for r in report["results"]:
+        if r.get("profile_top"):
+            lines += ["", f"Where the GPU time of one {r['way']} {r['objective']} step goes (torch.profiler, "
+                      "top ops and kernels by self device time):", ""]
+            lines += harness.profile_markdown(r["profile_top"])
     lines += ["", "The paper reports Align-TI / vanilla KD = 1.43x step time and +5 GiB (paper code).",
               "See the module docstring of align_ti.benchmarks.train_step for what is approximated.", ""]
     return "\n".join(lines)
@@ -571,6 +579,8 @@ def main(argv=None) -> dict:
                    help="instead of the four ways: vanilla KD vs vanilla KD + IVA (align-ti), alternating "
                         "steps, and the IVA share of the step; writes train_step-iva_share.{json,md}")
     p.add_argument("--out", default=None, help="default: benchmarks/results/<device>/")
+    p.add_argument("--profile", action="store_true",
+                   help="CUDA: after timing, profile one more step of each way (top ops by GPU time)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None,
@@ -591,7 +601,7 @@ def main(argv=None) -> dict:
     for way in ("paper-code", "align-ti"):
         for objective in ("vanilla-KD", "Align-TI"):
             t0 = time.perf_counter()
-            r = measure(way, objective, scale, device, args.warmup, args.steps)
+            r = measure(way, objective, scale, device, args.warmup, args.steps, profile=args.profile)
             print(f"{way:>10} {objective:>10}: {r['status']:>3}  step {_f(r.get('step_s_median'))} s  "
                   f"peak {_f(r.get('peak_mem_gib'), '{:.3f}')} GiB  (took {time.perf_counter() - t0:.1f} s)",
                   flush=True)

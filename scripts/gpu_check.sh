@@ -6,7 +6,8 @@
 # of importance, each under its own limit cut to what is left of the budget, so a slow stage
 # costs the ones after it, never the deadline. Each benchmark writes its results as it goes,
 # so a stage stopped by its limit still leaves the cases it finished. GPU_CHECK_STAGES picks
-# stages (space-separated names, default all): tests profile fused_kl train_step ops iva branches.
+# stages (space-separated names, default all):
+#   tests profile fused_kl train_step attention_mass topk_align iva branches
 #
 # Wheels the machine lacks (liger-kernel, for comparison) travel in .whl/ (ignored by git):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -18,7 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu-results}
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
-STAGES=${GPU_CHECK_STAGES:-tests profile fused_kl train_step ops iva branches}
+STAGES=${GPU_CHECK_STAGES:-tests profile fused_kl train_step attention_mass topk_align iva branches}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 work=$(mktemp -d)
@@ -70,12 +71,13 @@ python3 -c "import pytest_timeout" 2>/dev/null && timeout_flag="--timeout=60"
 
 # in order of importance: correctness, the fused KL target, the end-to-end step, the rest
 stage tests 100 python3 -m pytest -m gpu -v -rfE --tb=short -p no:cacheprovider $timeout_flag --durations=10 tests
-stage profile 45 python3 -m align_ti.benchmarks.profile_fused_kl --out "$res"
+stage profile 60 python3 -m align_ti.benchmarks.profile_cuda --out "$res"
 stage fused_kl 70 python3 -m align_ti.benchmarks.runner --device cuda --quick --op fused_kl --out "$res"
-stage train_step 100 python3 -m align_ti.benchmarks.train_step --device cuda --scale full --steps 2 --out "$res"
-stage ops 60 python3 -m align_ti.benchmarks.runner --device cuda --quick --op attention_mass --op topk_align --out "$res"
+stage train_step 120 python3 -m align_ti.benchmarks.train_step --device cuda --scale full --steps 2 --profile --out "$res"
+stage attention_mass 40 python3 -m align_ti.benchmarks.runner --device cuda --op attention_mass --out "$res"
+stage topk_align 40 python3 -m align_ti.benchmarks.runner --device cuda --quick --op topk_align --out "$res"
 stage iva 45 python3 -m align_ti.benchmarks.train_step --device cuda --scale full --iva-share --steps 3 --out "$res"
-stage branches 45 python3 -m align_ti.benchmarks.branches --device cuda --out "$res"
+stage branches 90 python3 -m align_ti.benchmarks.branches --device cuda --out "$res"
 
 # Few files come back from a lent machine: one archive holds everything, plus the summaries.
 cat "$res"/*.md >"$OUT/summary.md" 2>/dev/null

@@ -12,11 +12,17 @@ the kept count of a full sample) with zero weights on padding slots and no host 
 
 `topk_align` implementations:
 
-- ``impl="torch"`` (default off CUDA): the compact selection, then
+- ``impl="auto"`` (the default) and ``impl="torch"``: the compact selection, then
   `align_ti.ops.fused_kl.fused_linear_kl` on the flattened [B*L, H] hidden states with the
-  selected rows and weights (its chunked PyTorch path: one row chunk of fp32 logits at a time).
-- ``impl="triton"`` (default on CUDA): the compact selection, then this module's chunked
-  driver. Per row chunk, the logits of both heads come from `gather_logits_kernel`, which
+  selected rows and weights (auto: cuBLAS logits + the Triton row kernel on CUDA, the chunked
+  PyTorch path elsewhere; torch: the chunked PyTorch path). The selected rows' hidden states
+  are copied per row chunk ([r, H], small next to the chunk's [r, V] logits).
+- ``impl="triton"``: the compact selection, then this module's chunked driver with the row
+  gather fused into its own matmul kernels. On an H100 (B=8, L=1024, 729 vision tokens,
+  Hs=896, Ht=3584, V=151936 bf16; benchmarks/results/cuda/topk_align-quick.md) it took 41.7 ms
+  and 1651 MiB against 28.0 ms and 1581 MiB for fused_linear_kl on the same rows: cuBLAS
+  beats the Triton gather matmuls by far more than the [r, H] copies cost, so "auto" does not
+  use it. Per row chunk, the logits of both heads come from `gather_logits_kernel`, which
   loads the selected hidden rows through the index vector (the gather is fused into the
   matmul's loads: no [rows, H] copy of the hidden states, for either model); the per-row
   divergence and its gradient with respect to the student logits reuse
@@ -389,16 +395,20 @@ def topk_align(
         normalize: ``"sample"`` (default) | ``"token"``, see above.
         divergence, beta, temperature, vocab_size, student_bias, teacher_bias: as
             `fused_linear_kl` (V' = ``vocab_size`` or ``min(Vs, Vt)``).
-        impl: ``"auto"`` (Triton on CUDA, the chunked PyTorch path elsewhere), ``"triton"``
-            (CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"torch"``.
+        impl: ``"auto"`` (`fused_linear_kl` on the selected rows with its own "auto": cuBLAS
+            + Triton on CUDA, chunked PyTorch elsewhere), ``"torch"`` (the same, chunked
+            PyTorch), or ``"triton"`` (the row gather fused into Triton matmul kernels; CUDA,
+            or CPU under ``TRITON_INTERPRET=1``; slower than "auto" on an H100, see the
+            module docstring).
         chunk_bytes: scratch budget of one row chunk (None = ``align_ti.ops.heuristics``).
 
     Returns:
         fp32 scalar.
 
     Implementation, cost and syncs: the selection runs on the device; reading the number of
-    kept rows M is the one host sync (free on CPU). ``impl="torch"`` calls `fused_linear_kl`
-    on the flattened hidden states with the selected rows and weights. ``impl="triton"``
+    kept rows M is the one host sync (free on CPU). ``impl="auto"``/``"torch"`` call
+    `fused_linear_kl` on the flattened hidden states with the selected rows and weights.
+    ``impl="triton"``
     fuses the row gather into the LM-head matmuls' loads (no ``[M, H]`` copy of hidden states),
     reuses the fused KL row kernel, and scatters the hidden-state gradient into
     ``[B, L, Hs]`` with one writer per row (deterministic, no atomics); the student gradients
@@ -434,21 +444,21 @@ def topk_align(
     })
     check_selection_args(mass, vision_mask, k, ratio)
     check_finite_nonnegative("mass", mass)
-    impl = resolve_impl(impl, device)
+    resolve_impl(impl, device)  # the same checks as every op (a clear error for bad impl)
     v = resolve_vocab_size(vocab_size, student_weight.shape[0], teacher_weight.shape[0])
 
     keep, w, n_keep = _select_dense(mass.detach(), vision_mask, k, ratio)
     w = _normalized_weights(keep, w, n_keep, normalize)
     rows, weights = _compact(keep, w)
 
-    if impl == "torch":
+    if impl in ("auto", "torch"):
         from align_ti.ops.fused_kl import fused_linear_kl
 
         return fused_linear_kl(
             hs2, student_weight, ht2, teacher_weight, rows=rows, weights=weights,
             divergence=divergence, beta=beta, temperature=temperature, vocab_size=v,
             reduction="mean", student_bias=student_bias, teacher_bias=teacher_bias,
-            impl="torch", chunk_bytes=chunk_bytes,
+            impl=impl, chunk_bytes=chunk_bytes,
         )
 
     total = weights.sum()

@@ -442,3 +442,26 @@ def test_gpu_bf16_three_way_and_deterministic(opts):
     for k in g1:
         assert torch.equal(g1[k], g2[k]), f"{k} not deterministic"
         assert_three_way(g1[k].float(), gt[k].float(), gr[k], atol=1e-4, rtol=1e-2, name=f"grad {k}")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_auto_is_fused_linear_kl_on_the_selected_rows(device):
+    """impl="auto" is fused_linear_kl (with its own "auto") on the selected rows and their
+    normalised weights: the same numbers bit for bit, gradients included (on CUDA the
+    measured faster route)."""
+    import align_ti.ops.topk_align as T
+    from align_ti.ops.fused_kl import fused_linear_kl
+
+    t = make_inputs(b=3, length=50, hs=32, ht=48, vs=1300, vt=1320, device=device)
+    a, b = leaves(t), leaves(t)
+    loss = topk_align(**a, ratio=0.5)
+    keep, w, n_keep = T._select_dense(t["mass"], t["vision_mask"], None, 0.5)
+    rows, weights = T._compact(keep, T._normalized_weights(keep, w, n_keep, "sample"))
+    hs, ht = b["student_hidden"], b["teacher_hidden"]
+    ref = fused_linear_kl(hs.reshape(-1, hs.shape[-1]), b["student_weight"],
+                          ht.reshape(-1, ht.shape[-1]), b["teacher_weight"], rows=rows,
+                          weights=weights)
+    assert torch.equal(loss, ref)
+    ga, gb = grads_of(loss, a), grads_of(ref, b)
+    for k in ga:
+        assert torch.equal(ga[k], gb[k]), k

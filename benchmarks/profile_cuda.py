@@ -1,16 +1,20 @@
-"""Where fused_linear_kl's time goes on CUDA, at the fused KL issue's target shape.
+"""Where align_ti's time goes on CUDA: fused_linear_kl at the fused KL issue's target shape,
+and attention_mass at the benchmark's shapes.
 
-    python -m align_ti.benchmarks.profile_fused_kl [--n 8192] [--out DIR]
+    python -m align_ti.benchmarks.profile_cuda [--n 8192] [--out DIR]
 
-Three readings, written as profile_fused_kl.{json,md} (the runner's `fused_kl` op gives the
-comparison with the other providers; this says why align_ti's number is what it is):
+Writes profile_cuda.{json,md} (the runner's ops give the comparison with the other providers;
+this says why align_ti's numbers are what they are):
 
-1. CUDA time per kernel of one fwd+bwd (torch.profiler), grouped as matmuls, the row kernel,
-   copies/elementwise and the rest, against the matmul roofline measured in the same run;
-2. fwd+bwd time and peak extra memory against the row-chunk budget (ALIGN_TI_CHUNK_BYTES),
-   the one knob that trades memory for matmul efficiency;
-3. the row kernel alone on one chunk of fp32 logits per launch configuration (BLOCK_V,
-   num_warps), as achieved bandwidth (bytes it must move / time).
+1. fused_linear_kl: CUDA time per kernel of one fwd+bwd (torch.profiler), grouped as matmuls,
+   the row kernel, copies/elementwise and the rest, against the matmul roofline measured in the
+   same run;
+2. fused_linear_kl: fwd+bwd time and peak extra memory against the row-chunk budget
+   (ALIGN_TI_CHUNK_BYTES), the one knob that trades memory for matmul efficiency;
+3. the fused KL row kernel alone on one chunk of fp32 logits per launch configuration
+   (BLOCK_V, num_warps), as achieved bandwidth (bytes it must move / time);
+4. attention_mass (forward, as IVA reads a teacher layer): wall time per call, and the top
+   ops by self CPU time and by device time (host glue against kernels).
 """
 from __future__ import annotations
 
@@ -134,6 +138,27 @@ def kernel_sweep(rows: int, v: int, reps: int) -> list[dict]:
     return out
 
 
+def attention_mass_profile(reps: int) -> list[dict]:
+    import align_ti
+
+    from . import attention_mass as am
+
+    out = []
+    for length, dtype in ((1024, "float32"), (2048, "bfloat16")):
+        x = am.make_inputs(dict(L=length, dtype=dtype), torch.device("cuda"))
+
+        def call():
+            with torch.no_grad():
+                return align_ti.attention_mass(x["q"], x["k"], x["query_mask"], x["attention_mask"])
+        eager = am.provider_eager_softmax(x)
+        t = statistics.median(_time(call, reps * 4))
+        te = statistics.median(_time(eager, reps * 4))
+        out.append({"L": length, "dtype": dtype, "align_ti_ms": t * 1e3, "eager_ms": te * 1e3,
+                    "top_cpu": harness.profile_top(call, top=10, cuda=False),
+                    "top_device": harness.profile_top(call, top=8)})
+    return out
+
+
 def markdown(r: dict) -> str:
     p = r["params"]
     lines = [f"# fused_linear_kl on {r['provenance']['device']}: where the time goes",
@@ -154,6 +179,13 @@ def markdown(r: dict) -> str:
             lines.append(f"| {k['BLOCK_V']} | {k['num_warps']} | {k['error']} | |")
         else:
             lines.append(f"| {k['BLOCK_V']} | {k['num_warps']} | {k['ms']:.3f} | {k['gb_per_s']:.0f} |")
+    for a in r.get("attention_mass", []):
+        lines += ["", f"attention_mass L={a['L']} {a['dtype']} (B=1, 28/4 heads, D=128, 64 instruction rows): "
+                  f"{a['align_ti_ms']:.3f} ms per call, eager softmax {a['eager_ms']:.3f} ms "
+                  f"({a['eager_ms'] / a['align_ti_ms']:.1f}x). Top ops by self CPU time:", ""]
+        lines += harness.profile_markdown(a["top_cpu"])
+        lines += ["", "By device time:", ""]
+        lines += harness.profile_markdown(a["top_device"])
     return "\n".join(lines) + "\n"
 
 
@@ -164,12 +196,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=os.path.join(harness.ROOT, "benchmarks", "results", "cuda"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("profile_fused_kl needs CUDA")
+        raise SystemExit("profile_cuda needs CUDA")
     p = dict(N=args.n, Hs=1536, Ht=3584, V=V_QWEN, dtype="bfloat16")
     flops = 2 * p["V"] * (p["Ht"] + 3 * p["Hs"]) * p["N"]
     roofline = harness.matmul_roofline_tflops(torch.device("cuda"), torch.bfloat16)
     x = make_inputs(p, torch.device("cuda"))
-    report = {"benchmark": "profile_fused_kl", "params": p, "flops": flops, "roofline_tflops": roofline,
+    report = {"benchmark": "profile_cuda", "params": p, "flops": flops, "roofline_tflops": roofline,
               "provenance": harness.provenance("cuda")}
     report["breakdown"] = profile_breakdown(x, flops, roofline)
     print(markdown({**report, "chunk_sweep": [], "kernel_sweep": [], "kernel_rows": 0}), flush=True)
@@ -179,8 +211,10 @@ def main(argv=None) -> dict:
     torch.cuda.empty_cache()
     report["kernel_rows"] = 512
     report["kernel_sweep"] = kernel_sweep(512, p["V"], args.reps)
+    harness.write_json_md(report, markdown(report), args.out, "profile_cuda")
+    report["attention_mass"] = attention_mass_profile(args.reps)
     md = markdown(report)
-    harness.write_json_md(report, md, args.out, "profile_fused_kl")
+    harness.write_json_md(report, md, args.out, "profile_cuda")
     print(md)
     return report
 
