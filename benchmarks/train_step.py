@@ -204,7 +204,7 @@ def paper_step_fn(student, teacher, batch, meta, align_ti: bool, tpa_d: int = 4,
     layer = meta["iva_layer"]
 
     def loss_and_backward():
-        gen = torch.Generator(device="cpu").manual_seed(0)
+        gen = torch.Generator(device=ids.device).manual_seed(0)  # sampling on the device
         s_out = student(input_ids=ids, pixel_values=pix, attention_mask=am, use_cache=False,
                         output_attentions=True)
         s_logits = s_out.logits.float()[..., :vprime]  # fp32 [B, L, V']
@@ -237,10 +237,10 @@ def paper_step_fn(student, teacher, batch, meta, align_ti: bool, tpa_d: int = 4,
             for b in range(ids.shape[0]):
                 pos = elig[b].nonzero().squeeze(1)
                 k = int(torch.ceil(n[b].double() * tpa_fraction))
-                pick = pos[torch.randperm(pos.numel(), generator=gen)[:k].to(pos.device)]
+                pick = pos[torch.randperm(pos.numel(), generator=gen, device=pos.device)[:k]]
                 sel[b, pick] = True
             probs_prev = F.softmax(s_logits.detach().roll(1, 1)[sel], -1)  # row t-1 for each t
-            cands = torch.multinomial(probs_prev.cpu(), tpa_d, replacement=False, generator=gen).to(ids.device)
+            cands = torch.multinomial(probs_prev, tpa_d, replacement=False, generator=gen)
             n_cand = sel.sum() * tpa_d
             del s_out, s_logits, t_out, t_logits
             for i in range(tpa_d):

@@ -19,12 +19,15 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def _poison(t: torch.Tensor) -> torch.Tensor:
-    if t.is_floating_point() or t.is_complex():
-        t.fill_(float("nan"))
-    elif t.dtype == torch.bool:
-        t.fill_(True)
-    else:
-        t.fill_(torch.iinfo(t.dtype).max if t.dtype != torch.uint8 else 255)
+    # no_grad: `new_empty(..., requires_grad=True)` gives a leaf that autograd would not let
+    # us fill in place (torch's own flex_attention makes one)
+    with torch.no_grad():
+        if t.is_floating_point() or t.is_complex():
+            t.fill_(float("nan"))
+        elif t.dtype == torch.bool:
+            t.fill_(True)
+        else:
+            t.fill_(torch.iinfo(t.dtype).max if t.dtype != torch.uint8 else 255)
     return t
 
 
