@@ -83,8 +83,12 @@ def profile_breakdown(x, flops: float, roofline: float) -> dict:
         groups[g] = groups.get(g, 0.0) + t / 1e3
     kernels.sort(key=lambda k: -k["ms"])
     total = sum(groups.values())
+    # wall time of a step against GPU busy time: the difference is host-side latency (Python
+    # glue, launches, syncs); the top ops by self CPU time say where it goes
+    wall = statistics.median(_time(step, 5)) * 1e3
+    cpu_top = sorted(harness.profile_top(step, top=200), key=lambda r: -r["self_cpu_ms"])[:12]
     return {"gpu_ms_total": total, "groups_ms": groups, "top_kernels": kernels[:15],
-            "matmul_floor_ms": flops / (roofline * 1e12) * 1e3}
+            "matmul_floor_ms": flops / (roofline * 1e12) * 1e3, "wall_ms": wall, "top_cpu": cpu_top}
 
 
 def chunk_sweep(x, budgets, reps: int) -> list[dict]:
@@ -168,7 +172,12 @@ def markdown(r: dict) -> str:
              "", "| group | GPU ms |", "|---|---|"]
     for g, ms in sorted(r["breakdown"]["groups_ms"].items(), key=lambda kv: -kv[1]):
         lines.append(f"| {g} | {ms:.2f} |")
-    lines += [f"| total | {r['breakdown']['gpu_ms_total']:.2f} |", "", "| kernel | calls | ms |", "|---|---|---|"]
+    lines += [f"| total | {r['breakdown']['gpu_ms_total']:.2f} |"]
+    if "wall_ms" in r["breakdown"]:
+        lines += ["", f"Wall time of a fwd+bwd: {r['breakdown']['wall_ms']:.2f} ms (GPU busy "
+                  f"{r['breakdown']['gpu_ms_total']:.2f} ms). Top ops by self CPU time:", ""]
+        lines += harness.profile_markdown(r["breakdown"]["top_cpu"])
+    lines += ["", "| kernel | calls | ms |", "|---|---|---|"]
     lines += [f"| `{k['name']}` | {k['calls']} | {k['ms']:.2f} |" for k in r["breakdown"]["top_kernels"]]
     lines += ["", "Row-chunk budget:", "", "| chunk MiB | fwd+bwd ms | peak extra MiB |", "|---|---|---|"]
     lines += [f"| {c['chunk_mib']} | {c['fwd_bwd_ms']:.2f} | {c['peak_extra_mib']:.0f} |" for c in r["chunk_sweep"]]

@@ -59,9 +59,11 @@ def rows_per_chunk(bytes_per_row: int, device: torch.device, budget: int | None 
 
 
 def balanced_rows(n_rows: int, max_rows: int, device: torch.device) -> int:
-    """Rows per chunk for `n_rows` rows in as few chunks as `max_rows` allows, all of about
-    one size (8192 rows at 3000 per chunk: 3 chunks of 2752, not 3000 + 3000 + 2192), so no
-    small last chunk runs the matmuls at low efficiency. Never above `max_rows` (the budget)."""
+    """Rows per chunk for `n_rows` rows in as few chunks as `max_rows` allows, of about one
+    size (8192 rows at 3000 per chunk: 3 chunks of 2752, not 3000 + 3000 + 2192), so no small
+    last chunk runs the matmuls at low efficiency. Never above `max_rows` (the budget). On CUDA
+    the size is rounded up to whole 64-row tiles where the budget allows, so the last chunk
+    can still be the smaller one (8192 at 704: 683 -> 704, 11 x 704 + 448)."""
     max_rows = max(1, int(max_rows))
     n_rows = max(1, int(n_rows))
     if n_rows <= max_rows:
