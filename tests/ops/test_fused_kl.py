@@ -728,3 +728,20 @@ def test_gpu_auto_is_triton_and_matches_torch_path():
     assert_close(a, b, atol=1e-4, rtol=1e-3)
     for k in ga:
         assert_close(ga[k], gb[k], atol=1e-3, rtol=2e-2, name=k)
+
+
+@pytest.mark.parametrize("n, max_rows, device, want", [
+    (8192, 3000, "cpu", 2731),   # 3 chunks of ~2731, not 3000 + 3000 + 2192
+    (8192, 3000, "cuda", 2752),  # ... rounded up to whole 64-row tiles
+    (8192, 704, "cuda", 704),    # 683 rounds up to the budget: 11 x 704 + 448
+    (1024, 165, "cpu", 147),     # the CPU target shape: 7 chunks of 147
+    (100, 165, "cpu", 100),      # one chunk
+    (0, 165, "cpu", 1),          # nothing to process: one (empty) chunk
+    (10, 1, "cpu", 1),
+])
+def test_balanced_rows(n, max_rows, device, want):
+    from align_ti.ops.heuristics import balanced_rows
+
+    rows = balanced_rows(n, max_rows, device)
+    assert rows == want and rows <= max(1, max_rows)
+    assert -(-max(n, 1) // rows) == -(-max(n, 1) // max_rows)  # never more chunks than the budget's
