@@ -639,7 +639,7 @@ def _fused_linear_kl_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kl, ce, dh, dw, db, dh_ce, dw_ce, db_ce). The gradients (for a unit upstream
-    gradient of kl, and of ce separately when labels are given; fp32) are computed only for
+    gradient of kl, and of ce separately when labels are given) are computed only for
     scalar reductions and only where need_* is set; otherwise they are empty."""
     device = hs.device
     with_grad = reduction != "none" and (need_dh or need_dw or need_db)
@@ -650,13 +650,11 @@ def _fused_linear_kl_op(
         True, None, None, chunk_bytes,
     )
     out = [kl, ce if ce is not None else torch.zeros((), dtype=_F32, device=device)]
-    # the fp32 accumulators as they are: the backward scales them by the upstream gradient
-    # and rounds to the inputs' dtypes in one pass (`_upstream_scaled`)
     for gs in (grads, grads_ce):
         if gs is None:
             out += [_empty(device)] * 3
         else:
-            out += [_empty(device) if t is None else t for t in gs]
+            out += [_empty(device) if t is None else t for t in _cast_grads(gs, hs, ws, bs)]
     # every output must be its own tensor for torch.library
     return tuple(t.clone() if t.numel() == 0 else t for t in out)
 
@@ -673,9 +671,9 @@ def _linear_fwd_shapes(hs, ws, bs, idx, labels, reduction, need_dh, need_dw, nee
         if not on:
             return [hs.new_empty((0,), dtype=_F32) for _ in range(3)]
         return [
-            hs.new_empty(hs.shape, dtype=_F32) if need_dh else hs.new_empty((0,), dtype=_F32),
-            ws.new_empty(ws.shape, dtype=_F32) if need_dw else hs.new_empty((0,), dtype=_F32),
-            bs.new_empty(bs.shape, dtype=_F32) if (need_db and bs is not None) else hs.new_empty((0,), dtype=_F32),
+            hs.new_empty(hs.shape) if need_dh else hs.new_empty((0,), dtype=_F32),
+            ws.new_empty(ws.shape) if need_dw else hs.new_empty((0,), dtype=_F32),
+            bs.new_empty(bs.shape) if (need_db and bs is not None) else hs.new_empty((0,), dtype=_F32),
         ]
 
     return (kl, ce, *gset(with_grad), *gset(with_grad and split))
@@ -733,7 +731,6 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.opts = opts
     ctx.has_bias = tensors[2] is not None
     ctx.has_labels = tensors[9] is not None
-    ctx.grad_dtypes = tuple(None if t is None else t.dtype for t in tensors[:3])
     ctx.mark_non_differentiable(*output[2:])
     if opts["reduction"] == "none":
         ctx.mode = "recompute"
@@ -743,26 +740,25 @@ def _linear_setup_context(ctx, inputs, output):
         ctx.save_for_backward(*output[2:])
 
 
-def _upstream_scaled(g, s, g_ce, s_ce, dtype):
-    """s * g (+ s_ce * g_ce) in `dtype`, from the fp32 gradients the forward saved: scaled,
-    summed in fp32 and rounded once, in one pass over g when there is no CE term (the output
-    is new: a second backward through the same graph gives the same gradients)."""
-    s = None if s is None else s.to(_F32)
-    if g_ce.numel() == 0 or s_ce is None:
-        if s is None:
-            return torch.zeros(g.shape, dtype=dtype, device=g.device)
-        return torch.mul(g, s, out=torch.empty(g.shape, dtype=dtype, device=g.device))
-    total = g * s if s is not None else torch.zeros_like(g)
-    return torch.addcmul(total, g_ce, s_ce.to(_F32), out=torch.empty(g.shape, dtype=dtype, device=g.device))
+def _scale_(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    # In place: the saved gradient is only read by this backward (a second backward through
+    # the same graph fails torch's saved-tensor version check instead of giving wrong grads).
+    return t.mul_(s.to(t.dtype))
 
 
 def _linear_backward(ctx, grad_kl, grad_ce, *_unused):
     o = ctx.opts
     if ctx.mode == "saved":
-        saved = ctx.saved_tensors
+        dh, dw, db, dh_c, dw_c, db_c = ctx.saved_tensors
         out = []
-        for g, g_ce, dtype in zip(saved[:3], saved[3:], ctx.grad_dtypes):
-            out.append(None if g.numel() == 0 else _upstream_scaled(g, grad_kl, g_ce, grad_ce, dtype))
+        for g, g_ce in ((dh, dh_c), (dw, dw_c), (db, db_c)):
+            if g.numel() == 0:
+                out.append(None)
+                continue
+            res = _scale_(g, grad_kl) if grad_kl is not None else g.zero_()
+            if g_ce.numel() and grad_ce is not None:
+                res.add_(_scale_(g_ce, grad_ce))
+            out.append(res)
         dh_o, dw_o, db_o = out
     else:
         hs, ws, bs, ht, wt, bt, idx, mask, w, labels = ctx.saved_tensors
@@ -913,12 +909,6 @@ def _kl_setup_context(ctx, inputs, output):
     else:
         ctx.mode = "saved"
         ctx.save_for_backward(output[1])
-
-
-def _scale_(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    # In place: the saved gradient is only read by this backward (a second backward through
-    # the same graph fails torch's saved-tensor version check instead of giving wrong grads).
-    return t.mul_(s.to(t.dtype))
 
 
 def _kl_backward(ctx, grad, _unused):

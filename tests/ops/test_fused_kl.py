@@ -745,17 +745,3 @@ def test_balanced_rows(n, max_rows, device, want):
     rows = balanced_rows(n, max_rows, device)
     assert rows == want and rows <= max(1, max_rows)
     assert -(-max(n, 1) // rows) == -(-max(n, 1) // max_rows)  # never more chunks than the budget's
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_second_backward_through_one_graph(dtype):
-    """The forward saves fp32 gradients and the backward writes new, scaled ones: a second
-    backward (retain_graph) gives the same gradients again."""
-    t = make(dtype, dtype)
-    labels = torch.randint(0, VS, (N,))
-    kl, ce = align_ti.fused_linear_distill(**t, labels=labels, impl="torch")
-    loss = 2.0 * kl + 0.5 * ce
-    first = torch.autograd.grad(loss, [t[k] for k in STUDENT], retain_graph=True)
-    second = torch.autograd.grad(loss, [t[k] for k in STUDENT])
-    for k, a, b in zip(STUDENT, first, second):
-        assert a.dtype == dtype and torch.equal(a, b), k
