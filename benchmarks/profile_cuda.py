@@ -100,6 +100,8 @@ def chunk_sweep(x, budgets, reps: int) -> list[dict]:
             step = _fwd_bwd(x)
             step()
             torch.cuda.synchronize()
+            # as the runner measures: the gradients of the warm-up step are gone before `before`
+            x["student_hidden"].grad = x["student_weight"].grad = None
             harness.release_memory()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
