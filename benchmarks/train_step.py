@@ -79,6 +79,7 @@ reported as such instead of stopping the script.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -339,6 +340,7 @@ def measure(way: str, objective: str, scale: str, device: torch.device, warmup: 
         rec.update(status="ok", step_s_median=statistics.median(times), step_s_all=times,
                    peak_mem_bytes=int(peak), peak_mem_gib=peak / 2 ** 30, loss=losses[-1],
                    batch=meta["batch"], length=meta["length"], n_vision=meta["n_vision"],
+                   response_tokens=int((batch["labels"][0] != IGNORE_INDEX).sum()),
                    dtype=str(next(student.parameters()).dtype))
     except torch.OutOfMemoryError as e:  # noqa: PERF203
         rec.update(status="OOM", error=str(e).splitlines()[0][:300])
@@ -565,6 +567,14 @@ def markdown(report: dict) -> str:
             lines += ["", f"Where the GPU time of one {r['way']} {r['objective']} step goes (torch.profiler, "
                       "top ops and kernels by self device time):", ""]
             lines += harness.profile_markdown(r["profile_top"])
+    ok = next((r for r in report["results"] if r.get("response_tokens")), None)
+    if ok:
+        resp = ok["response_tokens"]
+        cands = 4 * math.ceil(0.25 * resp)
+        lines += ["", f"Response: {resp} tokens per sample. TPA (d = 4 candidates at 25% of the response "
+                  f"positions) appends about {cands} candidate tokens per sample, so the align-ti way's "
+                  f"expanded sequence is about {(ok['length'] + cands) / ok['length']:.2f}x as long; the "
+                  "Align-TI / vanilla-KD ratio grows with the response length."]
     lines += ["", "The paper reports Align-TI / vanilla KD = 1.43x step time and +5 GiB (paper code).",
               "See the module docstring of align_ti.benchmarks.train_step for what is approximated.", ""]
     return "\n".join(lines)

@@ -19,7 +19,7 @@ the kept count of a full sample) with zero weights on padding slots and no host 
   are copied per row chunk ([r, H], small next to the chunk's [r, V] logits).
 - ``impl="triton"``: the compact selection, then this module's chunked driver with the row
   gather fused into its own matmul kernels. On an H100 (B=8, L=1024, 729 vision tokens,
-  Hs=896, Ht=3584, V=151936 bf16; benchmarks/results/cuda/topk_align-quick.md) it took 41.7 ms
+  Hs=896, Ht=3584, V=151936 bf16; benchmarks/results/h100/topk_align-quick.md) it took 41.7 ms
   and 1651 MiB against 28.0 ms and 1581 MiB for fused_linear_kl on the same rows: cuBLAS
   beats the Triton gather matmuls by far more than the [r, H] copies cost, so "auto" does not
   use it. Per row chunk, the logits of both heads come from `gather_logits_kernel`, which
