@@ -745,3 +745,29 @@ def test_balanced_rows(n, max_rows, device, want):
     rows = balanced_rows(n, max_rows, device)
     assert rows == want and rows <= max(1, max_rows)
     assert -(-max(n, 1) // rows) == -(-max(n, 1) // max_rows)  # never more chunks than the budget's
+
+
+@pytest.mark.parametrize("use", ["kl", "ce"])
+def test_distill_backward_through_one_output(use):
+    """Only one of (kl, ce) reaches the loss: the other gets no upstream gradient (None, not
+    materialised zeros) and must contribute nothing."""
+    labels = torch.randint(0, VS, (N,))
+    labels[::4] = -100
+    got, want = make(), make()
+    kl, ce = align_ti.fused_linear_distill(**got, labels=labels, temperature=2.0, impl="torch")
+    (kl if use == "kl" else ce).mul(1.5).backward()
+    rkl, rce = fused_linear_distill_reference(**want, labels=labels, temperature=2.0)
+    (rkl if use == "kl" else rce).mul(1.5).backward()
+    for k in STUDENT:
+        assert_close(got[k].grad, want[k].grad, atol=1e-6, rtol=1e-4, name=k)
+
+
+def test_logits_backward_without_upstream_for_the_gradient_output():
+    """fused_kl's autograd does not materialise a zero [N, Vs] upstream gradient."""
+    zs = torch.randn(N, VS, requires_grad=True)
+    zt = torch.randn(N, VT)
+    loss = align_ti.fused_kl(zs, zt, impl="torch")
+    loss.backward()
+    ref = zs.detach().clone().requires_grad_()
+    fused_kl_reference(ref, zt).backward()
+    assert_close(zs.grad, ref.grad, atol=1e-7, rtol=1e-4, name="student_logits")
