@@ -4,6 +4,9 @@ Providers (each returns a forward function; the runner differentiates its scalar
 - align_ti:          align_ti.fused_linear_kl (impl="auto": chunked torch on CPU, Triton on CUDA)
 - align_ti_native:   the same with the native CPU kernel for the per-chunk step (listed only
                      where `align-ti build-native` has built it)
+- align_ti_dw_in_weight_dtype: the same with fp32_weight_grad=False (the weight gradient
+                     accumulated in bf16 over row chunks, as Liger does; CUDA only: the CPU
+                     cases are fp32, where the option changes nothing)
 - materialized:      plain PyTorch with [N, V] fp32 logits of both heads (TRL, LLaVA-KD)
 - torch_compile:     torch.compile of the materialized path
 - torchtune_chunked: torchtune-style chunked forward KL (8 row chunks; autograd keeps each
@@ -46,7 +49,7 @@ def _heads(x):
     return x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"]
 
 
-def provider_align_ti(x, native: bool = False):
+def provider_align_ti(x, native: bool = False, fp32_weight_grad: bool = True):
     """align_ti as installed by pip (native=False: the chunked PyTorch path on CPU, even when
     the native kernel is built), or with the native CPU kernel (`align-ti build-native`)."""
     import align_ti
@@ -55,7 +58,7 @@ def provider_align_ti(x, native: bool = False):
     def fwd():
         _native.set_enabled(native)
         try:
-            return align_ti.fused_linear_kl(*_heads(x))
+            return align_ti.fused_linear_kl(*_heads(x), fp32_weight_grad=fp32_weight_grad)
         finally:
             _native.set_enabled(None)
     return fwd
@@ -104,6 +107,7 @@ LIGER_CHUNKS = (128, 256, 1024)
 PROVIDERS = {
     "align_ti": provider_align_ti,
     "align_ti_native": lambda x: provider_align_ti(x, native=True),
+    "align_ti_dw_in_weight_dtype": lambda x: provider_align_ti(x, fp32_weight_grad=False),
     "materialized": provider_materialized,
     "torch_compile": provider_torch_compile,
     "torchtune_chunked": provider_torchtune_chunked,
@@ -124,6 +128,8 @@ def _available(provider: str) -> bool:
         from align_ti import native
 
         return native.native_available()
+    if provider == "align_ti_dw_in_weight_dtype":  # the bf16 cases are CUDA's
+        return torch.cuda.is_available()
     return True
 
 
@@ -142,7 +148,8 @@ BENCH = OpBench(
     tolerance=_tolerance,
     available=_available,
     # --quick leaves out the providers whose compile time dominates a small case
-    quick_providers=("align_ti", "align_ti_native", "materialized", "torchtune_chunked", "liger_c256", "liger_c1024"),
+    quick_providers=("align_ti", "align_ti_native", "align_ti_dw_in_weight_dtype", "materialized",
+                     "torchtune_chunked", "liger_c256", "liger_c1024"),
 )
 
 _CHECK32 = dict(N=64, Hs=32, Ht=48, V=1300, dtype="float32")

@@ -462,7 +462,9 @@ def _grad_matmuls(g, h, weight, ncols, dh_acc, dh_rows, dw_acc, db_acc, first=Fa
     g is [r, ncols], fp32 or (from the Triton kernel) in h's low-precision dtype; the
     accumulators are fp32. `dh_rows` is an int64 index tensor (duplicates add up) or a slice.
     With `first`, an fp32 dw_acc[:ncols] is written, not added to (it may be uninitialised).
-    `scratch`: reusable buffers (CPU low precision)."""
+    `scratch`: reusable buffers (CPU low precision). A dw_acc in the weight's low-precision
+    dtype (fp32_weight_grad=False) gets each chunk's g^T h, accumulated in fp32 by the matmul,
+    added and rounded to that dtype once per chunk."""
     w = weight[:ncols]
     low = h.dtype != _F32
     cuda_low = _cuda_low_precision_mm(h)
@@ -485,7 +487,13 @@ def _grad_matmuls(g, h, weight, ncols, dh_acc, dh_rows, dw_acc, db_acc, first=Fa
             dh_acc.index_add_(0, dh_rows, gh)
     if dw_acc is not None:
         dw = dw_acc[:ncols]
-        if not low:
+        if dw.dtype != _F32:  # accumulated in the weight's dtype: one rounding per chunk
+            gl = g.to(h.dtype)
+            if first:
+                torch.mm(gl.t(), h, out=dw)
+            else:
+                dw.addmm_(gl.t(), h)
+        elif not low:
             if first:  # the accumulator is uninitialised: write instead of add
                 torch.mm(g.t(), h, out=dw)
             else:
@@ -508,7 +516,7 @@ def _grad_matmuls(g, h, weight, ncols, dh_acc, dh_rows, dw_acc, db_acc, first=Fa
 def _linear_driver(
     hs, ws, bs, ht, wt, bt, idx, mask, w, labels,
     divergence, beta, temperature, vocab_size, reduction, impl,
-    need_dh, need_dw, need_db, split, grad_kl, grad_ce, chunk_bytes,
+    need_dh, need_dw, need_db, split, grad_kl, grad_ce, chunk_bytes, fp32_weight_grad=True,
 ):
     """Run all row chunks. With grad_kl None and need_* False: forward only.
     Returns (kl, ce, grads, grads_ce): grads = (dh, dw, db) fp32 accumulators or None."""
@@ -535,12 +543,17 @@ def _linear_driver(
     def zeros(*shape):
         return torch.zeros(*shape, dtype=_F32, device=device)
 
+    # the weight gradient accumulates in fp32, or (fp32_weight_grad=False) in the weight's dtype
+    acc_dtype = _F32 if fp32_weight_grad else ws.dtype
+
     def weight_acc():
-        # fp32 weights with at least one chunk: the first chunk writes rows [:ns] (mm out=),
-        # so only the rows it does not cover are zeroed (saves a pass over [Vs, Hs]).
-        if (ws.dtype != _F32 and not _cuda_low_precision_mm(hs)) or n_proc == 0:
-            return zeros(vs, hs.shape[1])
-        t = torch.empty(vs, hs.shape[1], dtype=_F32, device=device)
+        # Where the first chunk's matmul writes the accumulator's dtype directly (mm out=), it
+        # writes rows [:ns] and only the rows it does not cover are zeroed (saves a pass over
+        # [Vs, Hs]); the CPU upcasting path for a low-precision weight adds into zeros.
+        direct = ws.dtype == _F32 or acc_dtype != _F32 or _cuda_low_precision_mm(hs)
+        if not direct or n_proc == 0:
+            return torch.zeros(vs, hs.shape[1], dtype=acc_dtype, device=device)
+        t = torch.empty(vs, hs.shape[1], dtype=acc_dtype, device=device)
         t[ns:].zero_()
         return t
 
@@ -636,6 +649,7 @@ def _fused_linear_kl_op(
     w: Optional[torch.Tensor], labels: Optional[torch.Tensor],
     divergence: str, beta: float, temperature: float, vocab_size: int, reduction: str,
     impl: str, need_dh: bool, need_dw: bool, need_db: bool, chunk_bytes: int,
+    fp32_weight_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kl, ce, dh, dw, db, dh_ce, dw_ce, db_ce). The gradients (for a unit upstream
@@ -647,7 +661,7 @@ def _fused_linear_kl_op(
         hs, ws, bs, ht, wt, bt, idx, mask, w, labels,
         divergence, beta, temperature, vocab_size, reduction, impl,
         need_dh and with_grad, need_dw and with_grad, need_db and with_grad and bs is not None,
-        True, None, None, chunk_bytes,
+        True, None, None, chunk_bytes, fp32_weight_grad,
     )
     out = [kl, ce if ce is not None else torch.zeros((), dtype=_F32, device=device)]
     for gs in (grads, grads_ce):
@@ -681,7 +695,7 @@ def _linear_fwd_shapes(hs, ws, bs, idx, labels, reduction, need_dh, need_dw, nee
 
 @_fused_linear_kl_op.register_fake
 def _(hs, ws, bs, ht, wt, bt, idx, mask, w, labels, divergence, beta, temperature, vocab_size,
-      reduction, impl, need_dh, need_dw, need_db, chunk_bytes):
+      reduction, impl, need_dh, need_dw, need_db, chunk_bytes, fp32_weight_grad):
     return _linear_fwd_shapes(hs, ws, bs, idx, labels, reduction, need_dh, need_dw, need_db)
 
 
@@ -694,6 +708,7 @@ def _fused_linear_kl_backward_op(
     w: Optional[torch.Tensor], labels: Optional[torch.Tensor],
     divergence: str, beta: float, temperature: float, vocab_size: int, reduction: str,
     impl: str, need_dh: bool, need_dw: bool, need_db: bool, chunk_bytes: int,
+    fp32_weight_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Recompute the chunks with the given upstream gradients: (dh, dw, db), empty where
     not needed."""
@@ -702,7 +717,7 @@ def _fused_linear_kl_backward_op(
     _, _, grads, _ = _linear_driver(
         hs, ws, bs, ht, wt, bt, idx, mask, w, labels,
         divergence, beta, temperature, vocab_size, reduction, impl,
-        need_dh, need_dw, need_db, False, grad_kl, grad_ce, chunk_bytes,
+        need_dh, need_dw, need_db, False, grad_kl, grad_ce, chunk_bytes, fp32_weight_grad,
     )
     if grads is None:
         return _empty(device), _empty(device), _empty(device)
@@ -711,7 +726,8 @@ def _fused_linear_kl_backward_op(
 
 @_fused_linear_kl_backward_op.register_fake
 def _(grad_kl, grad_ce, hs, ws, bs, ht, wt, bt, idx, mask, w, labels, divergence, beta,
-      temperature, vocab_size, reduction, impl, need_dh, need_dw, need_db, chunk_bytes):
+      temperature, vocab_size, reduction, impl, need_dh, need_dw, need_db, chunk_bytes,
+      fp32_weight_grad):
     e = hs.new_empty((0,), dtype=_F32)
     return (
         hs.new_empty(hs.shape) if need_dh else e,
@@ -722,7 +738,7 @@ def _(grad_kl, grad_ce, hs, ws, bs, ht, wt, bt, idx, mask, w, labels, divergence
 
 _LINEAR_ARGS = ("hs", "ws", "bs", "ht", "wt", "bt", "idx", "mask", "w", "labels")
 _LINEAR_OPTS = ("divergence", "beta", "temperature", "vocab_size", "reduction", "impl",
-                "need_dh", "need_dw", "need_db", "chunk_bytes")
+                "need_dh", "need_dw", "need_db", "chunk_bytes", "fp32_weight_grad")
 
 
 def _linear_setup_context(ctx, inputs, output):
@@ -945,8 +961,10 @@ def _needs_grad(t) -> bool:
 
 def _linear_common(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, rows,
                    weights, divergence, beta, temperature, vocab_size, reduction, student_bias,
-                   teacher_bias, impl, chunk_bytes):
+                   teacher_bias, impl, chunk_bytes, fp32_weight_grad):
     opts = KLOptions(divergence, beta, temperature, reduction)
+    if not isinstance(fp32_weight_grad, bool):
+        raise TypeError(f"fp32_weight_grad must be a bool, got {fp32_weight_grad!r}")
     check_head("student", student_hidden, student_weight, student_bias, None)
     n = student_hidden.shape[0]
     check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, n)
@@ -970,7 +988,7 @@ def _linear_common(student_hidden, student_weight, teacher_hidden, teacher_weigh
         idx, mask, w, y,
         opts.divergence, float(opts.beta), float(opts.temperature), int(v), opts.reduction, impl,
         _needs_grad(student_hidden), _needs_grad(student_weight), _needs_grad(student_bias),
-        int(chunk_bytes or 0),
+        int(chunk_bytes or 0), fp32_weight_grad,
     )
     return kl, (ce if labels is not None else None)
 
@@ -991,6 +1009,7 @@ def fused_linear_kl(
     teacher_bias=None,
     impl="auto",
     chunk_bytes=None,
+    fp32_weight_grad=True,
 ):
     """Vocabulary divergence between teacher and student at selected rows, fused with both LM heads.
 
@@ -1026,6 +1045,13 @@ def fused_linear_kl(
             ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"torch"``.
         chunk_bytes: scratch budget for one row chunk; None = ``align_ti.ops.heuristics``
             (``ALIGN_TI_CHUNK_BYTES`` overrides). Results do not depend on it beyond rounding.
+        fp32_weight_grad: True (default): the student weight's gradient accumulates over the
+            row chunks in an fp32 ``[Vs, Hs]`` buffer and is rounded to the weight's dtype
+            once. False: it accumulates in the weight's own dtype (bf16/fp16), rounded once
+            per row chunk, as Liger-Kernel's and torchtune's chunked losses do. That saves
+            the fp32 buffer (890 MiB at Vs=151936, Hs=1536) and half the traffic of each
+            chunk's accumulation, at a few roundings more in that gradient. No effect for
+            fp32 weights.
 
     Returns:
         fp32 scalar, or ``[M]`` for ``reduction="none"``.
@@ -1035,7 +1061,8 @@ def fused_linear_kl(
     chunk, and the backward only scales them by the upstream scalar (so calling backward
     twice on one graph is an error). For ``"none"`` the forward computes only the per-row
     losses and the backward recomputes the logits chunk by chunk with the upstream vector.
-    Memory: the fp32 logits of one row chunk for both heads plus fp32 gradient accumulators;
+    Memory: the fp32 logits of one row chunk for both heads plus the gradient accumulators
+    (fp32; the weight's in its own dtype with ``fp32_weight_grad=False``);
     work: one pass of each head's matmul plus the two gradient matmuls (no recomputation,
     except the backward of ``"none"``).
 
@@ -1053,12 +1080,13 @@ def fused_linear_kl(
         ValueError / TypeError naming the argument for: temperature <= 0, beta outside (0, 1),
         an unknown divergence, reduction or impl, vocab_size larger than either head, rows out
         of range or of a wrong dtype, weights of the wrong length or negative/non-finite, a
-        hidden/weight width or dtype mismatch within a model, tensors on different devices.
+        hidden/weight width or dtype mismatch within a model, tensors on different devices,
+        fp32_weight_grad that is not a bool.
     """
     kl, _ = _linear_common(
         student_hidden, student_weight, teacher_hidden, teacher_weight, None, rows, weights,
         divergence, beta, temperature, vocab_size, reduction, student_bias, teacher_bias,
-        impl, chunk_bytes,
+        impl, chunk_bytes, fp32_weight_grad,
     )
     return kl
 
@@ -1080,6 +1108,7 @@ def fused_linear_distill(
     teacher_bias=None,
     impl="auto",
     chunk_bytes=None,
+    fp32_weight_grad=True,
 ):
     """``(kl, ce)``: the divergence of `fused_linear_kl` and the student's SFT cross-entropy,
     from one pass over the student head.
@@ -1101,7 +1130,8 @@ def fused_linear_distill(
 
     Gradients: for ``"mean"``/``"sum"`` the forward computes the student gradients of kl and
     of ce separately (the upstream scalars of the two outputs are not known yet), which costs
-    one more fp32 ``[Vs, Hs]`` accumulator and two more gradient matmuls than
+    one more ``[Vs, Hs]`` accumulator (fp32, or the weight's dtype with
+    ``fp32_weight_grad=False``) and two more gradient matmuls than
     `fused_linear_kl`; the backward combines them with the two upstream scalars. For
     ``"none"`` the backward recomputes the logits chunk by chunk with both upstream gradients.
 
@@ -1114,7 +1144,7 @@ def fused_linear_distill(
     return _linear_common(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, rows, weights,
         divergence, beta, temperature, vocab_size, reduction, student_bias, teacher_bias,
-        impl, chunk_bytes,
+        impl, chunk_bytes, fp32_weight_grad,
     )
 
 
