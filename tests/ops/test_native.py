@@ -286,6 +286,15 @@ def test_switches(native_lib, monkeypatch):
     assert align_ti.native_available() is True
 
 
+def _run_with_empty_native_cache(code: str, cache_dir) -> subprocess.CompletedProcess:
+    """`python -c code` in a fresh interpreter whose native-kernel cache is `cache_dir` (empty:
+    no build there), the repo importable."""
+    env = dict(os.environ, ALIGN_TI_NATIVE_DIR=str(cache_dir), PYTHONPATH=ROOT)
+    env.pop("ALIGN_TI_NATIVE", None)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+
+
 def test_broken_build_falls_back_with_one_warning(tmp_path):
     """A library that does not load: one RuntimeWarning, then the PyTorch path."""
     code = (
@@ -305,10 +314,7 @@ def test_broken_build_falls_back_with_one_warning(tmp_path):
         "assert not native.native_available() and torch.isfinite(loss)\n"
         "print('OK')\n"
     )
-    env = dict(os.environ, ALIGN_TI_NATIVE_DIR=str(tmp_path), PYTHONPATH=ROOT)
-    env.pop("ALIGN_TI_NATIVE", None)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = _run_with_empty_native_cache(code, tmp_path)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
 
 
@@ -321,9 +327,7 @@ def test_not_built_is_quiet(tmp_path, monkeypatch):
         "assert native.native_available() is False\n"
         "print(native.info()['error'])\n"
     )
-    env = dict(os.environ, ALIGN_TI_NATIVE_DIR=str(tmp_path), PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = _run_with_empty_native_cache(code, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "build-native" in proc.stdout
 
@@ -373,9 +377,7 @@ def test_op_default_implementation_without_extension(tmp_path):
         "assert torch.equal(a1[0], g2)\n"
         "print('OK')\n"
     )
-    env = dict(os.environ, ALIGN_TI_NATIVE_DIR=str(tmp_path), PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    proc = _run_with_empty_native_cache(code, tmp_path)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
 
