@@ -746,6 +746,7 @@ def tpa_loss(
     teacher_bias: Optional[torch.Tensor] = None,
     impl: str = "auto",
     chunk_bytes: Optional[int] = None,
+    fp32_weight_grad: bool = True,
 ) -> torch.Tensor:
     """L_TPA: the vocabulary divergence between teacher and student at every candidate row.
 
@@ -757,7 +758,7 @@ def tpa_loss(
     ``reduction="mean"`` is the mean over all candidates of the batch (= mean over steps of the
     mean over their d candidates when every step has d), 0 without candidates; ``"sum"``;
     ``"none"`` -> [B * C] (0 for empty slots). divergence/beta/temperature/vocab_size/biases/
-    impl/chunk_bytes as in fused_linear_kl. The teacher gets no gradient.
+    impl/chunk_bytes/fp32_weight_grad as in fused_linear_kl. The teacher gets no gradient.
     """
     if not isinstance(batch, ExpandedBatch):
         raise TypeError(f"batch must be an ExpandedBatch (from build_expanded_batch), got {type(batch).__name__}")
@@ -775,5 +776,5 @@ def tpa_loss(
         rows=rows, weights=weights, divergence=divergence, beta=beta, temperature=temperature,
         vocab_size=vocab_size, reduction=reduction, student_bias=student_bias,
         teacher_bias=None if teacher_bias is None else teacher_bias.detach(), impl=impl,
-        chunk_bytes=chunk_bytes,
+        chunk_bytes=chunk_bytes, fp32_weight_grad=fp32_weight_grad,
     )

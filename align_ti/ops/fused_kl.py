@@ -41,7 +41,7 @@ from align_ti.reference.fused_kl import (
     normalize_rows,
     resolve_vocab_size,
 )
-from align_ti.validation import check_choice, check_same_device
+from align_ti.validation import check_bool, check_choice, check_same_device
 
 IMPLS = ("auto", "triton", "torch")
 _DIV_CODE = {"forward": 0, "reverse": 1, "jsd": 2}
@@ -963,8 +963,7 @@ def _linear_common(student_hidden, student_weight, teacher_hidden, teacher_weigh
                    weights, divergence, beta, temperature, vocab_size, reduction, student_bias,
                    teacher_bias, impl, chunk_bytes, fp32_weight_grad):
     opts = KLOptions(divergence, beta, temperature, reduction)
-    if not isinstance(fp32_weight_grad, bool):
-        raise TypeError(f"fp32_weight_grad must be a bool, got {fp32_weight_grad!r}")
+    check_bool("fp32_weight_grad", fp32_weight_grad)
     check_head("student", student_hidden, student_weight, student_bias, None)
     n = student_hidden.shape[0]
     check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, n)

@@ -30,14 +30,20 @@ CHUNK_BYTES = {"cpu": 192 * MiB, "cuda": 1024 * MiB}
 _DEFAULT_CHUNK_BYTES = 256 * MiB
 
 
-def _parse_bytes(text: str) -> int:
-    text = text.strip().upper().removesuffix("B")
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-    if scale != 1:
-        text = text[:-1]
-    value = int(float(text) * scale)
+def parse_bytes(text, name: str = "ALIGN_TI_CHUNK_BYTES") -> int:
+    """A positive byte count from an int or a string with an optional K/M/G suffix ("512M",
+    "1.5G", "4096"); a ValueError naming `name` otherwise."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        raw = str(text).strip().upper().removesuffix("B")
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(raw[-1:], 1)
+        try:
+            value = int(float(raw[:-1] if scale != 1 else raw) * scale)
+        except ValueError:
+            value = 0
     if value <= 0:
-        raise ValueError(f"ALIGN_TI_CHUNK_BYTES must be a positive byte count, got {text!r}")
+        raise ValueError(f"{name} must be a positive byte count (e.g. 536870912 or 512M), got {text!r}")
     return value
 
 
@@ -45,7 +51,7 @@ def chunk_bytes(device: torch.device) -> int:
     """The scratch budget in bytes for one row chunk on `device`."""
     env = os.environ.get("ALIGN_TI_CHUNK_BYTES")
     if env:
-        return _parse_bytes(env)
+        return parse_bytes(env)
     return CHUNK_BYTES.get(torch.device(device).type, _DEFAULT_CHUNK_BYTES)
 
 

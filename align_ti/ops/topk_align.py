@@ -46,6 +46,7 @@ from align_ti.ops.dispatch import cdiv, interpret_mode, resolve_impl
 from align_ti.reference.fused_kl import KLOptions, check_head, resolve_vocab_size
 from align_ti.reference.topk_align import check_selection_args, kept_count
 from align_ti.validation import (
+    check_bool,
     check_choice,
     check_finite_nonnegative,
     check_same_device,
@@ -172,6 +173,7 @@ class TopkAlignOptions:
     normalize: str = "sample"
     impl: str = "torch"
     chunk_bytes: int = 0  # 0 = align_ti.ops.heuristics
+    fp32_weight_grad: bool = True
 
 
 def _check_sequence_inputs(student_hidden, teacher_hidden, mass, vision_mask):
@@ -287,7 +289,8 @@ def _triton_driver(hs, ws, bs, ht, wt, bt, rows, coef, opts: TopkAlignOptions,
     buf_t = torch.empty(r_chunk, v, dtype=_F32, device=device)
     d_all = torch.zeros(m, dtype=_F32, device=device)
     dh = torch.zeros(hs.shape, dtype=hs.dtype, device=device) if need_dh else None
-    dw = torch.zeros(ws.shape, dtype=_F32, device=device) if need_dw else None
+    dw_dtype = _F32 if opts.fp32_weight_grad else ws.dtype  # the kernel rounds at its store
+    dw = torch.zeros(ws.shape, dtype=dw_dtype, device=device) if need_dw else None
     db = torch.zeros(bs.shape, dtype=_F32, device=device) if need_db else None
     wt_d = wt.detach()
     bt_d = None if bt is None else bt.detach()
@@ -358,6 +361,7 @@ def topk_align(
     teacher_bias=None,
     impl="auto",
     chunk_bytes=None,
+    fp32_weight_grad=True,
 ):
     """The IVA loss: vocabulary divergence between teacher and student at the vision tokens
     selected by the teacher's instruction->vision attention mass, weighted by that mass.
@@ -401,6 +405,9 @@ def topk_align(
             or CPU under ``TRITON_INTERPRET=1``; slower than "auto" on an H100, see the
             module docstring).
         chunk_bytes: scratch budget of one row chunk (None = ``align_ti.ops.heuristics``).
+        fp32_weight_grad: as `fused_linear_kl`: False accumulates the student weight's
+            gradient over the row chunks in the weight's own dtype (one rounding per chunk,
+            no fp32 ``[Vs, Hs]`` buffer), on every impl.
 
     Returns:
         fp32 scalar.
@@ -425,7 +432,8 @@ def topk_align(
         both k and ratio, mass or vision_mask of a wrong shape/dtype/device, NaN, inf or
         negative entries in mass (content checks, see `align_ti.set_value_checks`), hidden
         states that are not [B, L, H] or disagree in [B, L], and every error of
-        `fused_linear_kl` (heads, vocab_size, temperature, beta, divergence, impl).
+        `fused_linear_kl` (heads, vocab_size, temperature, beta, divergence, impl,
+        fp32_weight_grad).
     """
     _check_sequence_inputs(student_hidden, teacher_hidden, mass, vision_mask)
     check_choice("normalize", normalize, NORMALIZE)
@@ -444,6 +452,7 @@ def topk_align(
     })
     check_selection_args(mass, vision_mask, k, ratio)
     check_finite_nonnegative("mass", mass)
+    check_bool("fp32_weight_grad", fp32_weight_grad)
     resolve_impl(impl, device)  # the same checks as every op (a clear error for bad impl)
     v = resolve_vocab_size(vocab_size, student_weight.shape[0], teacher_weight.shape[0])
 
@@ -458,14 +467,14 @@ def topk_align(
             hs2, student_weight, ht2, teacher_weight, rows=rows, weights=weights,
             divergence=divergence, beta=beta, temperature=temperature, vocab_size=v,
             reduction="mean", student_bias=student_bias, teacher_bias=teacher_bias,
-            impl=impl, chunk_bytes=chunk_bytes,
+            impl=impl, chunk_bytes=chunk_bytes, fp32_weight_grad=fp32_weight_grad,
         )
 
     total = weights.sum()
     ok = total > 0
     coef = torch.where(ok, weights / torch.where(ok, total, torch.ones_like(total)),
                        torch.zeros_like(weights)).contiguous()
-    opts = TopkAlignOptions(kl_opts, v, normalize, impl, int(chunk_bytes or 0))
+    opts = TopkAlignOptions(kl_opts, v, normalize, impl, int(chunk_bytes or 0), fp32_weight_grad)
     return TopkAlignFunction.apply(
         hs2, student_weight, student_bias, ht2.detach(), teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(), rows, coef, opts,

@@ -49,6 +49,12 @@ class DistillConfig:
     tpa_fraction: float = 0.25              # fraction of response positions branched
     tpa_temperature: float = 1.0            # sampling temperature of the candidates
     tpa_max_per_sample: int | None = None   # cap on branched steps per sample (None = no cap)
+    # fused KL ops (SFT/KD, IVA, TPA): the scratch budget of one row chunk, in bytes or with a
+    # K/M/G suffix ("512M"; null = align_ti.ops.heuristics: 1 GiB on CUDA), and where the LM
+    # head's weight gradient accumulates over the chunks: fp32 (exact) or, with false, the
+    # weight's own dtype (one rounding per chunk, as Liger-Kernel does; less memory and time)
+    kl_chunk_bytes: Union[int, str, None] = None
+    fp32_weight_grad: bool = True
     # optimisation (passed on to transformers.TrainingArguments)
     learning_rate: float = 2e-5
     per_device_train_batch_size: int = 8
@@ -96,6 +102,10 @@ class DistillConfig:
             raise ValueError("config: give iva_k or iva_ratio, not both")
         if self.iva_ratio is not None and not 0 < self.iva_ratio <= 1:
             raise ValueError(f"config iva_ratio must be in (0, 1], got {self.iva_ratio}")
+        if self.kl_chunk_bytes is not None:
+            from align_ti.ops.heuristics import parse_bytes  # imports torch: only when set
+
+            parse_bytes(self.kl_chunk_bytes, "config kl_chunk_bytes")
         if isinstance(self.iva_layer, str) and self.iva_layer != "auto":
             raise ValueError(f"config iva_layer must be a layer index or 'auto', got {self.iva_layer!r}")
         for name in ("teacher", "student"):

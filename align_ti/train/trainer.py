@@ -53,6 +53,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from align_ti.data.synthetic import IGNORE_INDEX
+from align_ti.ops.heuristics import parse_bytes
 
 __all__ = [
     "LossSpec",
@@ -94,6 +95,8 @@ class LossSpec:
     tpa_temperature: float = 1.0
     tpa_max_per_sample: Optional[int] = None
     seed: int = 0
+    chunk_bytes: Optional[int] = None  # fused KL ops' row-chunk budget (None = heuristics)
+    fp32_weight_grad: bool = True      # False: the LM head's grad accumulates in its dtype
 
     @property
     def needs_teacher(self) -> bool:
@@ -111,7 +114,15 @@ class LossSpec:
             tpa_d=config.tpa_d, tpa_strategy=config.tpa_strategy, tpa_fraction=config.tpa_fraction,
             tpa_temperature=config.tpa_temperature,
             tpa_max_per_sample=getattr(config, "tpa_max_per_sample", None), seed=config.seed,
+            chunk_bytes=(None if getattr(config, "kl_chunk_bytes", None) is None
+                         else parse_bytes(config.kl_chunk_bytes, "config kl_chunk_bytes")),
+            fp32_weight_grad=getattr(config, "fp32_weight_grad", True),
         )
+
+    @property
+    def kernel_options(self) -> dict:
+        """Keyword options every fused KL op of the step takes."""
+        return {"chunk_bytes": self.chunk_bytes, "fp32_weight_grad": self.fp32_weight_grad}
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +310,7 @@ class DistillModule(nn.Module):
             kl_sum, ce_mean = fused_linear_distill(
                 hs2, ws, th2, wt, labels=flat_targets, rows=rows, divergence=spec.divergence,
                 beta=spec.beta, temperature=spec.temperature, reduction="sum",
-                student_bias=bs, teacher_bias=bt, impl=self.impl)
+                student_bias=bs, teacher_bias=bt, impl=self.impl, **spec.kernel_options)
             n_rows = rows.sum()
             if spec.w_sft > 0:
                 sums["sft"] = ce_mean * n_rows
@@ -318,7 +329,7 @@ class DistillModule(nn.Module):
             iva_mean = topk_align(hs, ws, ht, wt, mass, vmask, k=spec.iva_k, ratio=spec.iva_ratio,
                                   normalize="sample", divergence=spec.divergence, beta=spec.beta,
                                   temperature=spec.temperature, student_bias=bs, teacher_bias=bt,
-                                  impl=self.impl)
+                                  impl=self.impl, **spec.kernel_options)
             n_samples = ((mass * vmask).sum(1) > 0).sum()
             sums["iva"] = iva_mean * n_samples
             counts["iva"] = n_samples
@@ -330,7 +341,7 @@ class DistillModule(nn.Module):
             wt, bt = _head(teacher)
             sums["tpa"] = tpa_loss(hs, ws, ht, wt, eb, divergence=spec.divergence, beta=spec.beta,
                                    temperature=spec.temperature, reduction="sum", student_bias=bs,
-                                   teacher_bias=bt, impl=self.impl)
+                                   teacher_bias=bt, impl=self.impl, **spec.kernel_options)
             counts["tpa"] = eb.candidate_valid.sum()
 
         # ---- normalise and combine ---------------------------------------------------------

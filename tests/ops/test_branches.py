@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+import align_ti
 from align_ti.data.synthetic import VQACollator, synthetic_vqa
 from align_ti.models.tiny import IMAGE_TOKEN_ID, PAD_TOKEN_ID, build_processor, build_tiny_causal_lm, build_tiny_llava
 from align_ti.ops.branches import (
@@ -492,6 +493,29 @@ def test_tpa_loss_matches_reference_on_candidate_rows(divergence):
     assert_close(s_w.grad, ref_sw.grad, atol=1e-5, name="grad student_weight")
     none = tpa_loss(s_h, s_w, t_h, t_w, eb, divergence=divergence, temperature=1.5, reduction="none")
     assert none.shape == (6,) and (none[eb.candidate_valid.logical_not()] == 0).all()
+
+
+def test_tpa_loss_passes_kernel_options_on():
+    """chunk_bytes and fp32_weight_grad reach fused_linear_kl: with bf16 heads, 1-row chunks
+    and the weight gradient accumulated in bf16, tpa_loss equals fused_linear_kl called on the
+    candidate rows with the same options, bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 9, 0, 0]])
+    steps = torch.tensor([[1, 3, 5], [2, 4, -1]])
+    eb = build_expanded_batch(ids, (ids > 0).long(), steps, torch.randint(12, 100, (2, 3, 2), generator=g))
+    t_len = eb.total_length
+    s_h = torch.randn(2, t_len, 12, generator=g).bfloat16()
+    t_h = torch.randn(2, t_len, 20, generator=g).bfloat16()
+    s_w = (torch.randn(131, 12, generator=g) * 0.3).bfloat16()
+    t_w = (torch.randn(140, 20, generator=g) * 0.3).bfloat16()
+    opts = dict(chunk_bytes=1, fp32_weight_grad=False, temperature=2.0)
+    a_h, a_w = s_h.clone().requires_grad_(), s_w.clone().requires_grad_()
+    tpa_loss(a_h, a_w, t_h, t_w, eb, **opts).backward()
+    b_h, b_w = s_h.clone().requires_grad_(), s_w.clone().requires_grad_()
+    align_ti.fused_linear_kl(b_h.reshape(-1, 12), b_w, t_h.reshape(-1, 20), t_w, rows=eb.candidate_rows,
+                             weights=eb.candidate_valid.float(), **opts).backward()
+    assert a_w.grad.dtype == torch.bfloat16
+    assert torch.equal(a_w.grad, b_w.grad) and torch.equal(a_h.grad, b_h.grad)
 
 
 def test_tpa_end_to_end_gradient_reaches_student_only():

@@ -51,6 +51,9 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         ("teacher=/no/such/dir", "teacher.*local checkpoint"),
         ("data=/no/such.json", "data"),
         ("bf16=maybe", "bf16 must be bool"),
+        ("kl_chunk_bytes=0", "kl_chunk_bytes must be a positive byte count"),
+        ("kl_chunk_bytes=lots", "kl_chunk_bytes must be a positive byte count"),
+        ("fp32_weight_grad=maybe", "fp32_weight_grad must be bool"),
         ("max_steps", "key=value"),
     ],
 )

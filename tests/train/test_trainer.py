@@ -162,6 +162,27 @@ def test_tpa_expanded_forward_serves_the_other_terms(setup):
     assert with_tpa["terms"]["tpa"] > 0 and torch.isfinite(with_tpa["terms"]["tpa"])
 
 
+def test_kernel_options_reach_every_fused_op(setup, monkeypatch):
+    """kl_chunk_bytes / fp32_weight_grad of the config reach the SFT+KD, IVA and TPA ops."""
+    import align_ti.ops.branches as branches
+    import align_ti.ops.fused_kl as fused_kl
+    import align_ti.ops.topk_align as topk_align
+
+    seen = {}
+    for module, name in ((fused_kl, "fused_linear_distill"), (topk_align, "topk_align"),
+                         (branches, "tpa_loss")):
+        def spy(*args, _op=getattr(module, name), _name=name, **kw):
+            seen[_name] = (kw.get("chunk_bytes"), kw.get("fp32_weight_grad"))
+            return _op(*args, **kw)
+        monkeypatch.setattr(module, name, spy)
+    cfg = load_config(overrides=["kl_chunk_bytes=1M", "fp32_weight_grad=false", "iva_layer=1"])
+    spec = LossSpec.from_config(cfg, iva_layer=1)
+    teacher, student, _, _, _ = setup
+    DistillModule(student, teacher, spec, image_token_id=student.config.image_token_index,
+                  pad_token_id=0)(**_batch(setup))
+    assert seen == {n: (1 << 20, False) for n in ("fused_linear_distill", "topk_align", "tpa_loss")}
+
+
 def test_normalizers_count_response_rows_images_and_candidates(setup):
     batch = _batch(setup)
     spec = LossSpec(w_tpa=1.0, tpa_d=4, tpa_fraction=0.5)
