@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-from align_ti.cli import build_parser, main
+from align_ti.cli import main
 
 
 def test_help_lists_subcommands(capsys):

@@ -41,7 +41,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 METHODS = {
     "SFT": dict(w_sft=1.0, w_kd=0.0, w_iva=0.0, w_tpa=0.0),

@@ -41,11 +41,10 @@ is `transformers.Trainer`'s; this module adds only:
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch

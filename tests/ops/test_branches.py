@@ -469,7 +469,7 @@ def test_sampling_follows_the_softmax():
 @pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
 def test_tpa_loss_matches_reference_on_candidate_rows(divergence):
     g = torch.Generator().manual_seed(4)
-    b, t_len, hs, ht, vs, vt = 2, 11, 12, 20, 131, 140
+    b, hs, ht, vs, vt = 2, 12, 20, 131, 140
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 0, 0, 0]])
     am = (ids > 0).long()
     steps = torch.tensor([[2, 4, 6], [3, -1, -1]])

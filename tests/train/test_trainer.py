@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from align_ti.data.synthetic import IGNORE_INDEX, pad_batch, synthetic_vqa, write_llava_dataset
+from align_ti.data.synthetic import IGNORE_INDEX, synthetic_vqa, write_llava_dataset
 from align_ti.models.tiny import build_processor, build_tiny_llava
 from align_ti.train.config import load_config
 from align_ti.train.data import (
