@@ -451,22 +451,33 @@ def plot(report: dict, path: str) -> str | None:
 
     xname = cases[0]["x"]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+    fixed = {k: v for k, v in cases[0]["params"].items()
+             if k != xname and all(c["params"].get(k) == v for c in cases)}
+    varying = [k for k in cases[0]["params"] if k != xname and k not in fixed]
+
+    def series(c):  # cases that differ in more than x (e.g. dtype) get a line each
+        return " ".join(f"{k}={c['params'].get(k)}" for k in varying)
+
     providers = sorted({r["provider"] for c in cases for r in c["results"] if "fwd_bwd" in r})
     for p in providers:
-        pts = [(c["params"][xname], r) for c in cases for r in c["results"]
-               if r["provider"] == p and "fwd_bwd" in r]
-        if not pts:
-            continue
-        xs = [x for x, _ in pts]
-        ax_t.plot(xs, [r["fwd_bwd"]["median_s"] * 1e3 for _, r in pts], marker="o", label=p)
-        ax_m.plot(xs, [r["peak_extra_mib"] for _, r in pts], marker="o", label=p)
+        for name in dict.fromkeys(series(c) for c in cases):
+            pts = sorted(((c["params"][xname], r) for c in cases if series(c) == name
+                          for r in c["results"] if r["provider"] == p and "fwd_bwd" in r),
+                         key=lambda t: t[0])
+            if not pts:
+                continue
+            xs = [x for x, _ in pts]
+            label = f"{p} {name}".strip()
+            ax_t.plot(xs, [r["fwd_bwd"]["median_s"] * 1e3 for _, r in pts], marker="o", label=label)
+            ax_m.plot(xs, [r["peak_extra_mib"] for _, r in pts], marker="o", label=label)
     ax_t.set(xlabel=xname, ylabel="fwd+bwd median (ms)", title=f"{report['op']}: time")
     ax_m.set(xlabel=xname, ylabel="peak extra memory (MiB)", title=f"{report['op']}: memory")
     for ax in (ax_t, ax_m):
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     ax_m.legend(fontsize=8)
-    fig.suptitle(f"{report['provenance']['device']}", fontsize=8)
+    shape = " ".join(f"{k}={v}" for k, v in fixed.items())  # what the plotted cases share
+    fig.suptitle(f"{shape}   ({report['provenance']['device']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
