@@ -4,7 +4,7 @@
     python -m align_ti.benchmarks.train_step --iva-share [--scale ...] [--steps N] [--threads 1]
 
 Times ONE distillation step (student + teacher forwards, loss, backward, optimizer step) and
-its peak memory, four ways:
+its peak memory, three ways:
 
 =============  ==============================================================================
 way            what runs
@@ -15,6 +15,9 @@ paper-code     both models ``attn_implementation="eager"`` and ``output_attentio
 align-ti       both models ``sdpa``; the loss is `align_ti.train.trainer.DistillModule`'s
                forward, built directly from the two models (fused_linear_distill,
                capture_qk + attention_mass + topk_align, TPA with align_ti.ops.branches).
+align-ti       the same with ``fp32_weight_grad=False`` (config ``fp32_weight_grad: false``):
+bf16-dw        the LM head's weight gradient accumulates in bf16 over the row chunks, not in
+               an fp32 ``[V, H]`` buffer; measured last, after the two ways above.
 =============  ==============================================================================
 
 each for two objectives:
@@ -64,7 +67,7 @@ Models (random weights, built from configs, nothing downloaded):
 - ``--scale tiny``: the `align_ti.models.tiny` pair (36 vision tokens, L = 160, fp32, CPU);
   proves the script runs in well under a minute; its numbers say nothing about the real scale.
 
-``--iva-share`` (issue 5): instead of the four ways, vanilla KD vs vanilla KD + IVA (no TPA) with
+``--iva-share`` (issue 5): instead of the ways above, vanilla KD vs vanilla KD + IVA (no TPA) with
 the align-ti way (`DistillModule`, i.e. the trainer's step) on the same models, alternating
 steps, and the IVA share = (t[KD+IVA] - t[KD]) / t[KD+IVA] from wall-clock medians, minima,
 per-round pairs and process CPU time, plus a same-step cross-check (time inside attention_mass +
@@ -264,11 +267,16 @@ def paper_step_fn(student, teacher, batch, meta, align_ti: bool, tpa_d: int = 4,
 # the align-ti way
 # ------------------------------------------------------------------------------------------
 
-def aligned_step_fn(student, teacher, batch, meta, align_ti: bool, device: torch.device):
+BF16_DW = "align-ti bf16-dw"  # the align-ti way with fp32_weight_grad=False
+
+
+def aligned_step_fn(student, teacher, batch, meta, align_ti: bool, device: torch.device,
+                    fp32_weight_grad: bool = True):
     from align_ti.train.trainer import DistillModule, LossSpec
 
     spec = LossSpec(w_sft=1.0, w_kd=1.0, w_iva=1.0 if align_ti else 0.0, w_tpa=1.0 if align_ti else 0.0,
-                    iva_layer=meta["iva_layer"], tpa_d=4, tpa_fraction=0.25)
+                    iva_layer=meta["iva_layer"], tpa_d=4, tpa_fraction=0.25,
+                    fp32_weight_grad=fp32_weight_grad)
     vprime = min(student.config.text_config.vocab_size, teacher.config.text_config.vocab_size)
     module = DistillModule(student, teacher, spec, image_token_id=meta["image_token_id"],
                            pad_token_id=meta["pad_id"], forbidden_ids=(meta["image_token_id"], meta["pad_id"]),
@@ -306,7 +314,8 @@ def measure(way: str, objective: str, scale: str, device: torch.device, warmup: 
         if way == "paper-code":
             fn = paper_step_fn(student, teacher, batch, meta, align)
         else:
-            fn = aligned_step_fn(student, teacher, batch, meta, align, device)
+            fn = aligned_step_fn(student, teacher, batch, meta, align, device,
+                                 fp32_weight_grad=way != BF16_DW)
         opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
 
         def step():
@@ -540,6 +549,14 @@ def summarize(results: list[dict]) -> dict:
         out[f"{obj}: align-ti / paper-code"] = {
             "time_ratio": _ratio(a, p, "step_s_median"),
             "mem_ratio": _ratio(a, p, "peak_mem_bytes")}
+    for obj in ("vanilla-KD", "Align-TI"):
+        b, a = by.get((BF16_DW, obj)), by.get(("align-ti", obj))
+        if a is None or b is None:
+            continue
+        out[f"{obj}: align-ti bf16-dw / align-ti"] = {
+            "time_ratio": _ratio(b, a, "step_s_median"),
+            "extra_mem_gib": (b["peak_mem_gib"] - a["peak_mem_gib"]) if a.get("status") == b.get("status") == "ok" else None,
+            "mem_ratio": _ratio(b, a, "peak_mem_bytes")}
     return out
 
 
@@ -586,7 +603,7 @@ def main(argv=None) -> dict:
     p.add_argument("--scale", choices=("full", "reduced", "tiny"), default=None,
                    help="default: full on cuda, tiny on cpu (reduced: full / %d, see _full_configs)" % REDUCED_DIVISOR)
     p.add_argument("--iva-share", action="store_true",
-                   help="instead of the four ways: vanilla KD vs vanilla KD + IVA (align-ti), alternating "
+                   help="instead of the three ways: vanilla KD vs vanilla KD + IVA (align-ti), alternating "
                         "steps, and the IVA share of the step; writes train_step-iva_share.{json,md}")
     p.add_argument("--out", default=None, help="default: benchmarks/results/<device>/")
     p.add_argument("--profile", action="store_true",
@@ -608,7 +625,7 @@ def main(argv=None) -> dict:
 
     results = []
     prov = harness.provenance(args.device)
-    for way in ("paper-code", "align-ti"):
+    for way in ("paper-code", "align-ti", BF16_DW):
         for objective in ("vanilla-KD", "Align-TI"):
             t0 = time.perf_counter()
             r = measure(way, objective, scale, device, args.warmup, args.steps, profile=args.profile)
