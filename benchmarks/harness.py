@@ -415,6 +415,9 @@ def markdown(report: dict) -> str:
              f"Load average (1, 5, 15 min) at start: {prov.get('load_average_at_start')}, "
              f"at end: {report.get('load_average_at_end')}  ",
              f"Memory: {report['memory_metric']}", ""]
+    if report.get("rounds", 1) > 1:
+        lines[-1:] = [f"Rounds: {report['rounds']}, the providers taking turns; a time is the median of "
+                      "the round medians, min-max over all repetitions, memory the largest round's", ""]
     if report.get("roofline_tflops"):
         lines += [f"Measured matmul roofline: {report['roofline_tflops']:.1f} TFLOP/s", ""]
     for case in report["cases"]:

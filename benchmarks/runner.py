@@ -1,4 +1,4 @@
-"""The one benchmark runner: `align-ti bench [--device cpu|cuda] [--op NAME] [--quick]`.
+"""The one benchmark runner: `align-ti bench [--device cpu|cuda] [--op NAME] [--quick] [--rounds N]`.
 
 The registry is `OPS`: op name -> module that defines `BENCH` (an OpBench) and `CASES` (a list
 of Case), or `BENCH = None`, `CASES` and its own `run_cases` (benchmarks/branches.py). Every
@@ -13,6 +13,7 @@ import argparse
 import importlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -187,11 +188,40 @@ def summarize(results: list[dict], baseline: str = "align_ti") -> dict:
     return out
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One result from the same provider's results of several rounds: times are the median
+    of the round medians (min / max over all repetitions, `round_medians_s` kept), memory and
+    error the largest of any round; a round that failed makes the whole result that failure."""
+    bad = next((r for r in rounds if r.get("status") != "ok"), None)
+    if bad is not None or len(rounds) == 1:
+        return bad or rounds[0]
+    out = dict(rounds[0])
+    for key in ("fwd", "bwd", "fwd_bwd"):
+        if key not in out:
+            continue
+        stats = [r[key] for r in rounds]
+        medians = [st["median_s"] for st in stats]
+        out[key] = {"median_s": statistics.median(medians), "min_s": min(st["min_s"] for st in stats),
+                    "max_s": max(st["max_s"] for st in stats),
+                    "iqr_s": statistics.median(st["iqr_s"] for st in stats),
+                    "reps": sum(st["reps"] for st in stats), "round_medians_s": medians}
+    out["peak_extra_mib"] = max(r["peak_extra_mib"] for r in rounds)
+    out["max_error"] = max(r.get("max_error", 0.0) for r in rounds)
+    if out.get("tflops"):  # flop / time: rescale the first round's rate to the merged median
+        out["tflops"] = rounds[0]["tflops"] * rounds[0]["fwd_bwd"]["median_s"] / out["fwd_bwd"]["median_s"]
+    return out
+
+
 def run(device: str = "cpu", ops=None, quick: bool = False, reps: int | None = None,
-        out_dir: str | None = None, providers=None, log=print, isolate: bool | None = None) -> list[str]:
+        out_dir: str | None = None, providers=None, log=print, isolate: bool | None = None,
+        rounds: int = 1) -> list[str]:
     """Run the registry's cases for `ops` (all by default) on `device`; returns written paths.
 
     `isolate` runs each provider in a fresh process (default: on CPU, where RSS is per process).
+    `rounds` > 1 measures every provider of a case once per round, the providers taking turns
+    (A B C A B C ...), and merges each provider's rounds (`merge_rounds`): on a shared machine
+    whose speed drifts over minutes, a slow spell then falls on all providers alike instead of
+    on whichever ran during it.
     """
     import torch
 
@@ -215,7 +245,7 @@ def run(device: str = "cpu", ops=None, quick: bool = False, reps: int | None = N
             continue
         stem = op + ("-quick" if quick else "")
         report = {"op": op, "description": bench.description, "device_type": device,
-                  "provenance": harness.provenance(device), "quick": quick,
+                  "provenance": harness.provenance(device), "quick": quick, "rounds": rounds,
                   "memory_metric": ("max_memory_allocated during fwd+bwd minus allocated before"
                                     if device == "cuda" else
                                     "max sampled RSS during fwd+bwd minus RSS before, fresh process per provider"),
@@ -225,25 +255,29 @@ def run(device: str = "cpu", ops=None, quick: bool = False, reps: int | None = N
         for case in cases:
             names = [p for p in bench.providers if bench.available(p) and (not providers or p in providers)
                      and (not quick or bench.quick_providers is None or p in bench.quick_providers)]
-            results = []
-            for p in names:
-                t0 = time.perf_counter()
-                case_reps = min(reps, case.reps) if case.reps else reps
-                if isolate if isolate is not None else device == "cpu":
-                    r = _run_isolated(op, case.name, p, device, case_reps)
-                else:
-                    r = measure_provider(bench, case, p, torch.device(device), case_reps)
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
+            by_provider = {p: [] for p in names}
+            for rnd in range(rounds):
+                for p in names:
+                    t0 = time.perf_counter()
+                    case_reps = min(reps, case.reps) if case.reps else reps
+                    if isolate if isolate is not None else device == "cpu":
+                        r = _run_isolated(op, case.name, p, device, case_reps)
+                    else:
+                        r = measure_provider(bench, case, p, torch.device(device), case_reps)
+                        if device == "cuda":
+                            torch.cuda.empty_cache()
+                    by_provider[p].append(r)
+                    took = time.perf_counter() - t0
+                    tag = f"{p:22s}" + (f" round {rnd + 1}/{rounds}" if rounds > 1 else "")
+                    if r.get("status") == "ok":
+                        log(f"{op:15s} {case.name:40s} {tag} fwd+bwd {r['fwd_bwd']['median_s'] * 1e3:9.2f} ms"
+                            f"  {r['peak_extra_mib']:9.1f} MiB  ({took:.0f} s)")
+                    else:
+                        log(f"{op:15s} {case.name:40s} {tag} {r['status']}")
+            results = [merge_rounds(by_provider[p]) for p in names]
+            for r in results:
                 if report.get("roofline_tflops") and r.get("tflops"):
                     r["roofline_fraction"] = r["tflops"] / report["roofline_tflops"]
-                results.append(r)
-                took = time.perf_counter() - t0
-                if r.get("status") == "ok":
-                    log(f"{op:15s} {case.name:40s} {p:22s} fwd+bwd {r['fwd_bwd']['median_s'] * 1e3:9.2f} ms"
-                        f"  {r['peak_extra_mib']:9.1f} MiB  ({took:.0f} s)")
-                else:
-                    log(f"{op:15s} {case.name:40s} {p:22s} {r['status']}")
             report["cases"].append({"name": case.name, "params": case.params, "x": case.x,
                                     "results": results, "summary": summarize(results)})
             # the cases so far, so a run stopped by a time limit (a lent GPU) keeps them
@@ -269,6 +303,9 @@ def build_parser(parser=None):
     parser.add_argument("--quick", action="store_true", help="the small quick cases only, fewer repetitions")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per provider (default 7, quick 3)")
     parser.add_argument("--provider", action="append", help="only these providers (repeatable)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every provider this many times, taking turns, and report the median "
+                             "of the round medians (a shared machine's drift then hits all providers alike)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
     return parser
 
@@ -299,7 +336,10 @@ def cli(args) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    paths = run(device, ops=args.op, quick=args.quick, reps=args.reps, out_dir=args.out, providers=args.provider)
+    if args.rounds < 1:
+        raise SystemExit(f"align-ti bench: --rounds must be >= 1, got {args.rounds}")
+    paths = run(device, ops=args.op, quick=args.quick, reps=args.reps, out_dir=args.out, providers=args.provider,
+                rounds=args.rounds)
     for p in paths:
         print("wrote", p)
     return 0

@@ -49,6 +49,39 @@ def test_runner_writes_results_and_refuses_disagreeing_provider(tmp_path, monkey
     assert "refused" in md and "Commit:" in md
 
 
+def test_rounds_take_turns_and_merge(tmp_path, monkeypatch):
+    """--rounds: each provider is measured once per round, the providers taking turns, and
+    its rounds merge into the median of the round medians (memory: the largest round)."""
+    bench = _toy_bench()
+    cases = [harness.Case("toy", "N=4", {"N": 4}, quick=True)]
+    monkeypatch.setattr(runner, "load_op", lambda name: (bench, cases))
+    order, fake = [], {"align_ti": [3.0, 1.0, 2.0], "plain": [5.0, 4.0, 6.0]}
+
+    def measure(bench, case, provider, device, reps):
+        i = sum(1 for p in order if p == provider)
+        order.append(provider)
+        t = fake[provider][i]
+        st = {"median_s": t, "min_s": t - 0.5, "max_s": t + 0.5, "iqr_s": 0.1, "reps": reps}
+        return {"provider": provider, "fwd": st, "bwd": st, "fwd_bwd": st, "peak_extra_mib": 10.0 + i,
+                "tflops": 1.0 / t, "max_error": 0.0, "status": "ok"}
+
+    monkeypatch.setattr(runner, "measure_provider", measure)
+    bench.providers.pop("wrong")
+    runner.run("cpu", ops=["toy"], quick=True, reps=2, out_dir=str(tmp_path), isolate=False,
+               log=lambda *a: None, rounds=3)
+    assert order == ["align_ti", "plain"] * 3
+    report = json.loads((tmp_path / "toy-quick.json").read_text())
+    res = {r["provider"]: r for r in report["cases"][0]["results"]}
+    ours = res["align_ti"]
+    assert ours["fwd_bwd"]["median_s"] == 2.0 and ours["fwd_bwd"]["round_medians_s"] == [3.0, 1.0, 2.0]
+    assert ours["fwd_bwd"]["min_s"] == 0.5 and ours["fwd_bwd"]["max_s"] == 3.5 and ours["fwd_bwd"]["reps"] == 6
+    assert ours["peak_extra_mib"] == 12.0 and ours["tflops"] == pytest.approx(0.5)
+    assert report["cases"][0]["summary"]["time_vs_fastest_peer"] == pytest.approx(2.0 / 5.0)
+    assert "Rounds: 3" in (tmp_path / "toy-quick.md").read_text()
+    failed = runner.merge_rounds([res["plain"], {"provider": "plain", "status": "failed: boom"}])
+    assert failed["status"] == "failed: boom"
+
+
 def test_registry_cases_are_well_formed():
     for op in runner.OPS:
         bench, cases = runner.load_op(op)
