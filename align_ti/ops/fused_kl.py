@@ -114,7 +114,8 @@ def _row_weights(w, mask, n_proc: int, device) -> Optional[torch.Tensor]:
 
 def _kl_denominator(w_eff, n_proc: int, device) -> torch.Tensor:
     if w_eff is None:
-        return torch.tensor(float(n_proc), dtype=_F32, device=device)
+        # a fill, not torch.tensor(...): a host value copied to a CUDA tensor syncs the stream
+        return torch.full((), float(n_proc), dtype=_F32, device=device)
     return w_eff.sum()
 
 

@@ -724,6 +724,34 @@ def test_gpu_fp32_matches_reference(reduction):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("rows", ["all", "mask"])
+def test_gpu_forward_and_backward_never_sync_with_the_host(rows):
+    """No host sync in fused_linear_kl / fused_linear_distill with value checks off (they read
+    tensor contents): CUDA's sync debug mode raises on any synchronising call, a host number
+    copied into a CUDA tensor (which once made the mean's denominator) included."""
+    t = make(torch.bfloat16, torch.bfloat16, n=256, hs=128, ht=256, vs=16384, vt=16384,
+             device="cuda")
+    mask = (torch.arange(256, device="cuda") % 3) > 0 if rows == "mask" else None
+    labels = torch.randint(0, 16384, (256,), device="cuda")
+
+    def step():
+        for k in STUDENT:
+            t[k].grad = None
+        kl = align_ti.fused_linear_kl(**t, rows=mask)
+        kl2, ce = align_ti.fused_linear_distill(**t, labels=labels, rows=mask)
+        (kl + kl2 + ce).backward()
+
+    step()  # compiles the kernels outside the check
+    align_ti.set_value_checks(False)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        align_ti.set_value_checks(True)
+
+
+@pytest.mark.gpu
 def test_gpu_auto_is_triton_and_matches_torch_path():
     t = make(torch.bfloat16, torch.bfloat16, n=256, hs=128, ht=256, vs=16384, vt=16384,
              device="cuda")
