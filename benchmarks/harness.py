@@ -359,6 +359,33 @@ def profile_top(fn, top: int = 15, cuda: bool = True) -> list[dict]:
     return rows[:top]
 
 
+def host_syncs(fn, top: int = 12) -> list[dict]:
+    """One call of `fn` under CUDA's sync debug mode ("warn"): where it made the host wait for
+    the GPU (.item(), a host number copied into a CUDA tensor, nonzero, ...), as the Python
+    line that called the synchronising op ("file:line", the last two path parts) and how
+    often, most frequent first. Each such wait drains the GPU's queue: a bubble as long as
+    the host then needs to enqueue the next kernels."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+    counts: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" not in str(w.message):
+            continue
+        where = "/".join(str(w.filename).replace(os.sep, "/").split("/")[-2:]) + f":{w.lineno}"
+        counts[where] = counts.get(where, 0) + 1
+    rows = [{"where": k, "count": v} for k, v in counts.items()]
+    rows.sort(key=lambda r: -r["count"])
+    return rows[:top]
+
+
 def profile_markdown(rows: list[dict]) -> list[str]:
     lines = ["| op / kernel | calls | self device ms | self CPU ms |", "|---|---|---|---|"]
     lines += [f"| `{r['name']}` | {r['calls']} | {r['self_device_ms']:.2f} | {r['self_cpu_ms']:.2f} |" for r in rows]

@@ -88,7 +88,8 @@ def profile_breakdown(x, flops: float, roofline: float) -> dict:
     wall = statistics.median(_time(step, 5)) * 1e3
     cpu_top = sorted(harness.profile_top(step, top=200), key=lambda r: -r["self_cpu_ms"])[:12]
     return {"gpu_ms_total": total, "groups_ms": groups, "top_kernels": kernels[:15],
-            "matmul_floor_ms": flops / (roofline * 1e12) * 1e3, "wall_ms": wall, "top_cpu": cpu_top}
+            "matmul_floor_ms": flops / (roofline * 1e12) * 1e3, "wall_ms": wall, "top_cpu": cpu_top,
+            "host_syncs": harness.host_syncs(step)}
 
 
 def chunk_sweep(x, budgets, reps: int) -> list[dict]:
@@ -179,6 +180,10 @@ def markdown(r: dict) -> str:
         lines += ["", f"Wall time of a fwd+bwd: {r['breakdown']['wall_ms']:.2f} ms (GPU busy "
                   f"{r['breakdown']['gpu_ms_total']:.2f} ms). Top ops by self CPU time:", ""]
         lines += harness.profile_markdown(r["breakdown"]["top_cpu"])
+        syncs = r["breakdown"].get("host_syncs")
+        if syncs is not None:
+            lines += ["", "Host syncs in one fwd+bwd (CUDA sync debug mode, by calling line): " +
+                      (", ".join(f"`{x['where']}` x{x['count']}" for x in syncs) or "none")]
     lines += ["", "| kernel | calls | ms |", "|---|---|---|"]
     lines += [f"| `{k['name']}` | {k['calls']} | {k['ms']:.2f} |" for k in r["breakdown"]["top_kernels"]]
     lines += ["", "Row-chunk budget:", "", "| chunk MiB | fwd+bwd ms | peak extra MiB |", "|---|---|---|"]

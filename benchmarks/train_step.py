@@ -346,6 +346,7 @@ def measure(way: str, objective: str, scale: str, device: torch.device, warmup: 
             peak = rss.peak
         if profile and device.type == "cuda":  # where the step's GPU time goes (one more step)
             rec["profile_top"] = harness.profile_top(step, top=15)
+            rec["host_syncs"] = harness.host_syncs(step)  # and where it waits for the GPU
         rec.update(status="ok", step_s_median=statistics.median(times), step_s_all=times,
                    peak_mem_bytes=int(peak), peak_mem_gib=peak / 2 ** 30, loss=losses[-1],
                    batch=meta["batch"], length=meta["length"], n_vision=meta["n_vision"],
@@ -584,6 +585,10 @@ def markdown(report: dict) -> str:
             lines += ["", f"Where the GPU time of one {r['way']} {r['objective']} step goes (torch.profiler, "
                       "top ops and kernels by self device time):", ""]
             lines += harness.profile_markdown(r["profile_top"])
+        if r.get("host_syncs") is not None:
+            syncs = ", ".join(f"`{x['where']}` x{x['count']}" for x in r["host_syncs"]) or "none"
+            lines += ["", f"Host syncs in one {r['way']} {r['objective']} step (CUDA sync debug mode, "
+                      f"by calling line): {syncs}"]
     ok = next((r for r in report["results"] if r.get("response_tokens")), None)
     if ok:
         resp = ok["response_tokens"]

@@ -184,3 +184,24 @@ def test_train_step_iva_share_variant_runs_the_trainer_step(tmp_path):
     assert share["share_of_medians"] < 1 and "definition" in share
     assert "IVA share of the step" in (tmp_path / "train_step-iva_share.md").read_text()
     assert json.loads((tmp_path / "train_step-iva_share.json").read_text())["provenance"]["git_commit"]
+
+
+def test_host_syncs_counts_the_warnings_of_cudas_sync_debug_mode_by_line(monkeypatch):
+    """harness.host_syncs groups the sync debug mode's warnings by the calling line (here
+    faked: no CUDA on the CPU tier) and leaves other warnings out."""
+    import warnings
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+    def step():
+        for _ in range(3):
+            warnings.warn("called a synchronizing CUDA operation")  # line A
+        warnings.warn("called a synchronizing CUDA operation")      # line B
+        warnings.warn("something else")
+
+    rows = harness.host_syncs(step)
+    assert modes == ["warn", 0]
+    assert [r["count"] for r in rows] == [3, 1]
+    assert all(r["where"].startswith("benchmarks/test_runner.py:") for r in rows)
