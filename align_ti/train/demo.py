@@ -344,6 +344,12 @@ def markdown_table(results: dict) -> str:
         seeds = ", ".join(f"{r['accuracy']:.3f}" for r in m["runs"])
         lines.append(f"| {m['label']} | {terms} | {m['accuracy_mean']:.3f} ± {m['accuracy_std']:.3f} | {seeds} | "
                      f"{m['kl_mean']:.4f} ± {m['kl_std']:.4f} | {m['wall_s_mean']:.1f} s |")
+    blind = results["task"]["blind_baseline_accuracy"]
+    if all(m["accuracy_mean"] < blind for m in results["methods"].values()):
+        lines += ["", f"**No student beats the image-blind baseline ({blind:.3f}) yet: {s['student_steps']} "
+                  "steps are too few to compare the methods by accuracy (a --quick run checks that the "
+                  f"pipeline works). The default `align-ti demo` ({DemoSettings().student_steps} steps, ~7 "
+                  "minutes on 2 cores) is the comparison.**"]
     env = results["environment"]
     lines += [
         "",
