@@ -74,7 +74,7 @@ python3 -c "import pytest_timeout" 2>/dev/null && timeout_flag="--timeout=60"
 stage tests 100 python3 -m pytest -m gpu -v -rfE --tb=short -p no:cacheprovider $timeout_flag --durations=10 tests
 stage profile 60 python3 -m align_ti.benchmarks.profile_cuda --out "$res"
 stage fused_kl 70 python3 -m align_ti.benchmarks.runner --device cuda --quick --op fused_kl --out "$res"
-stage train_step 120 python3 -m align_ti.benchmarks.train_step --device cuda --scale full --steps 2 --profile --out "$res"
+stage train_step 150 python3 -m align_ti.benchmarks.train_step --device cuda --scale full --steps 2 --profile --out "$res"
 stage attention_mass 40 python3 -m align_ti.benchmarks.runner --device cuda --op attention_mass --out "$res"
 stage topk_align 40 python3 -m align_ti.benchmarks.runner --device cuda --quick --op topk_align --out "$res"
 # the whole fused_kl registry: the sweep over N (the plot) and torch.compile of the plain path
