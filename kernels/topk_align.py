@@ -72,7 +72,7 @@ def gather_dw_kernel(
     g_ptr, g_stride,                  # fp32 [r, >= ncols] gradient w.r.t. the student logits
     h_ptr, h_stride0, h_stride1,      # [N, H] student hidden states (read through rows_ptr)
     rows_ptr,                         # int64 [r]
-    dw_ptr, dw_stride,                # fp32 [>= ncols, H] accumulator
+    dw_ptr, dw_stride,                # [>= ncols, H] accumulator, fp32 or the weight dtype
     db_ptr,                           # fp32 [>= ncols] bias-gradient accumulator (HAS_DB)
     r, ncols, H,
     ACCUMULATE: tl.constexpr,         # add to dw/db (False: overwrite, the first chunk)
