@@ -134,6 +134,20 @@ def _attention_mass_fwd(
 
 
 @triton.jit
+def _key_block(K, k_base, REAL_ROW, G, g_base, n0, q, rpos, rvalid, lse2, skl, skd, sgl, L, D,
+               qk_scale2, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Keys [n0, n0 + BLOCK_N) of one (batch, head): their tile k, upstream gradient g and the
+    probabilities P of the selected query rows against them."""
+    kpos = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    kin = kpos < L
+    kreal = tl.load(REAL_ROW + kpos, mask=kin, other=0) != 0
+    k = _load_tile(K, k_base, kpos, kin, skl, skd, D, BLOCK_D)
+    g = tl.load(G + g_base + kpos * sgl, mask=kin, other=0.0)
+    p = _probs(q, k, rpos, rvalid, kpos, kreal, lse2, qk_scale2, DOT_PREC)
+    return k, g, p
+
+
+@triton.jit
 def _attention_mass_bwd_dq(
     Q, K, ORDER, NSEL, REAL, LSE, G, DELTA, DQ,
     sqb, sqh, sql, sqd,
@@ -163,23 +177,17 @@ def _attention_mass_bwd_dq(
     q = _load_tile(Q, b * sqb + h * sqh, rpos, rvalid, sql, sqd, D, BLOCK_D)
     lse2 = tl.load(LSE + b * slb + h * slh + rpos * sll, mask=rvalid, other=0.0) * _LOG2E
     last = tl.max(tl.where(rvalid, rpos, 0), axis=0)
+    k_base = b * skb + kvh * skh
+    g_base = b * sgb + h * sgh
     delta = tl.zeros([BLOCK_M], tl.float32)
     for n0 in range(0, last + 1, BLOCK_N):
-        kpos = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        kin = kpos < L
-        kreal = tl.load(REAL + b * L + kpos, mask=kin, other=0) != 0
-        k = _load_tile(K, b * skb + kvh * skh, kpos, kin, skl, skd, D, BLOCK_D)
-        g = tl.load(G + b * sgb + h * sgh + kpos * sgl, mask=kin, other=0.0)
-        p = _probs(q, k, rpos, rvalid, kpos, kreal, lse2, qk_scale2, DOT_PREC)
+        k, g, p = _key_block(K, k_base, REAL + b * L, G, g_base, n0, q, rpos, rvalid, lse2, skl, skd,
+                             sgl, L, D, qk_scale2, BLOCK_N, BLOCK_D, DOT_PREC)
         delta += tl.sum(p * g[None, :], axis=1)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(0, last + 1, BLOCK_N):
-        kpos = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        kin = kpos < L
-        kreal = tl.load(REAL + b * L + kpos, mask=kin, other=0) != 0
-        k = _load_tile(K, b * skb + kvh * skh, kpos, kin, skl, skd, D, BLOCK_D)
-        g = tl.load(G + b * sgb + h * sgh + kpos * sgl, mask=kin, other=0.0)
-        p = _probs(q, k, rpos, rvalid, kpos, kreal, lse2, qk_scale2, DOT_PREC)
+    for n0 in range(0, last + 1, BLOCK_N):  # the same key blocks again, now that delta is known
+        k, g, p = _key_block(K, k_base, REAL + b * L, G, g_base, n0, q, rpos, rvalid, lse2, skl, skd,
+                             sgl, L, D, qk_scale2, BLOCK_N, BLOCK_D, DOT_PREC)
         ds = p * (g[None, :] - delta[:, None])
         dq += tl.dot(ds, k.to(tl.float32), input_precision="ieee")
     dq = dq * scale
