@@ -49,8 +49,9 @@ class DistillConfig:
     tpa_fraction: float = 0.25              # fraction of response positions branched
     tpa_temperature: float = 1.0            # sampling temperature of the candidates
     tpa_max_per_sample: int | None = None   # cap on branched steps per sample (None = no cap)
-    # fused KL ops (SFT/KD, IVA, TPA): the scratch budget of one row chunk, in bytes or with a
-    # K/M/G suffix ("512M"; null = align_ti.ops.heuristics: 1 GiB on CUDA), and where the LM
+    # fused KL ops (SFT/KD, IVA, TPA) and TPA's candidate sampling: the scratch budget of one
+    # row chunk, in bytes or with a K/M/G suffix ("512M"; null = align_ti.ops.heuristics: 1 GiB
+    # on CUDA), and where the LM
     # head's weight gradient accumulates over the chunks: fp32 (exact) or, with false, the
     # weight's own dtype (one rounding per chunk, as Liger-Kernel does; less memory and time)
     kl_chunk_bytes: Union[int, str, None] = None

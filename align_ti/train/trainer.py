@@ -94,7 +94,7 @@ class LossSpec:
     tpa_temperature: float = 1.0
     tpa_max_per_sample: Optional[int] = None
     seed: int = 0
-    chunk_bytes: Optional[int] = None  # fused KL ops' row-chunk budget (None = heuristics)
+    chunk_bytes: Optional[int] = None  # row-chunk budget of the fused KL ops and TPA sampling
     fp32_weight_grad: bool = True      # False: the LM head's grad accumulates in its dtype
 
     @property
@@ -254,7 +254,7 @@ class DistillModule(nn.Module):
                                           strategy=spec.tpa_strategy, temperature=spec.tpa_temperature,
                                           forbidden_ids=self.forbidden_ids, vocab_limit=self.vocab_limit,
                                           seed=spec.seed, sample_ids=sample_ids, epoch=epoch,
-                                          student_bias=bs)
+                                          student_bias=bs, chunk_bytes=spec.chunk_bytes)
             del h0
             eb = build_expanded_batch(input_ids, attention_mask, steps, cands, labels=labels,
                                       pad_id=self.pad_token_id)

@@ -163,14 +163,15 @@ def test_tpa_expanded_forward_serves_the_other_terms(setup):
 
 
 def test_kernel_options_reach_every_fused_op(setup, monkeypatch):
-    """kl_chunk_bytes / fp32_weight_grad of the config reach the SFT+KD, IVA and TPA ops."""
+    """kl_chunk_bytes / fp32_weight_grad of the config reach the SFT+KD, IVA and TPA ops (and
+    TPA's candidate sampling gets the chunk budget)."""
     import align_ti.ops.branches as branches
     import align_ti.ops.fused_kl as fused_kl
     import align_ti.ops.topk_align as topk_align
 
     seen = {}
     for module, name in ((fused_kl, "fused_linear_distill"), (topk_align, "topk_align"),
-                         (branches, "tpa_loss")):
+                         (branches, "tpa_loss"), (branches, "sample_candidates")):
         def spy(*args, _op=getattr(module, name), _name=name, **kw):
             seen[_name] = (kw.get("chunk_bytes"), kw.get("fp32_weight_grad"))
             return _op(*args, **kw)
@@ -180,7 +181,8 @@ def test_kernel_options_reach_every_fused_op(setup, monkeypatch):
     teacher, student, _, _, _ = setup
     DistillModule(student, teacher, spec, image_token_id=student.config.image_token_index,
                   pad_token_id=0)(**_batch(setup))
-    assert seen == {n: (1 << 20, False) for n in ("fused_linear_distill", "topk_align", "tpa_loss")}
+    assert seen == {**{n: (1 << 20, False) for n in ("fused_linear_distill", "topk_align", "tpa_loss")},
+                    "sample_candidates": (1 << 20, None)}  # sampling has no weight gradient
 
 
 def test_normalizers_count_response_rows_images_and_candidates(setup):
