@@ -51,9 +51,9 @@ class DistillConfig:
     tpa_max_per_sample: int | None = None   # cap on branched steps per sample (None = no cap)
     # fused KL ops (SFT/KD, IVA, TPA) and TPA's candidate sampling: the scratch budget of one
     # row chunk, in bytes or with a K/M/G suffix ("512M"; null = align_ti.ops.heuristics: 1 GiB
-    # on CUDA), and where the LM
-    # head's weight gradient accumulates over the chunks: fp32 (exact) or, with false, the
-    # weight's own dtype (one rounding per chunk, as Liger-Kernel does; less memory and time)
+    # on CUDA), and where the LM head's weight gradient accumulates over the chunks: fp32
+    # (exact) or, with false, the weight's own dtype (one rounding per chunk, as Liger-Kernel
+    # does; less memory and time)
     kl_chunk_bytes: Union[int, str, None] = None
     fp32_weight_grad: bool = True
     # optimisation (passed on to transformers.TrainingArguments)
