@@ -24,6 +24,10 @@ class DistillConfig:
     teacher: str = "tiny-teacher"
     student: str = "tiny-student"
     tiny_text_model: str = "qwen2"          # text model of the built-in tiny models: qwen2 | qwen3
+    # attention of both language models (vision towers keep sdpa): sdpa | eager |
+    # flex_attention (CUDA only: FlexAttention has no backward on CPU). With TPA, flex skips the
+    # masked blocks of the expanded sequences, which SDPA computes densely under their mask.
+    attn_implementation: str = "sdpa"
     # data: "synthetic" (built-in visual QA) or a LLaVA-format JSON file
     data: str = "synthetic"
     image_folder: str | None = None         # images of a LLaVA-format JSON (default: its folder)
@@ -75,6 +79,7 @@ class DistillConfig:
             "divergence": ("forward", "reverse", "jsd"),
             "tpa_strategy": ("sample", "topk"),
             "tiny_text_model": ("qwen2", "qwen3"),
+            "attn_implementation": ("sdpa", "eager", "flex_attention"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -46,7 +46,10 @@ def load_model_and_processor(name: str, tiny_text: str = "qwen2", seed: int = 0,
     (`align_ti.models.tiny`, weights from ``seed``) with the built-in processor.
     Anything else: a local checkpoint folder holding a ``LlavaForConditionalGeneration`` and
     its processor (``AutoProcessor``); nothing is downloaded.
+    ``attn_implementation`` is the language model's; the vision tower keeps ``"sdpa"`` (its
+    attention is unmasked, and FlexAttention on CUDA needs a head dim of at least 16).
     """
+    attn_implementation = {"": "sdpa", "vision_config": "sdpa", "text_config": attn_implementation}
     if name in ("tiny-teacher", "tiny-student"):
         from align_ti.models.tiny import build_processor, build_tiny_llava
 

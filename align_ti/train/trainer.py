@@ -621,14 +621,20 @@ def build_trainer(config, student=None, teacher=None, processor=None, teacher_pr
 
     spec_probe = LossSpec.from_config(config)
     t_dtype = torch.bfloat16 if (config.bf16 and torch.cuda.is_available()) else torch.float32
+    attn = getattr(config, "attn_implementation", "sdpa")
+    if attn == "flex_attention" and not torch.cuda.is_available():
+        raise ValueError("config attn_implementation='flex_attention' needs a CUDA device (FlexAttention "
+                         "has no backward on CPU); use 'sdpa' here")
     if student is None:
-        student, processor = load_model_and_processor(config.student, config.tiny_text_model, seed=config.seed)
+        student, processor = load_model_and_processor(config.student, config.tiny_text_model, seed=config.seed,
+                                                      attn_implementation=attn)
     if processor is None:
         raise ValueError("build_trainer: a student passed in needs its processor")
     if spec_probe.needs_teacher:
         if teacher is None:
             teacher, teacher_processor = load_model_and_processor(config.teacher, config.tiny_text_model,
-                                                                  seed=config.seed + 1, dtype=t_dtype)
+                                                                  seed=config.seed + 1, dtype=t_dtype,
+                                                                  attn_implementation=attn)
         check_tokenizers(teacher_processor if teacher_processor is not None else processor, processor,
                          vocab_size=min(_head(student)[0].shape[0], _head(teacher)[0].shape[0]))
         check_image_expansion(teacher, student)

@@ -54,6 +54,7 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         ("kl_chunk_bytes=0", "kl_chunk_bytes must be a positive byte count"),
         ("kl_chunk_bytes=lots", "kl_chunk_bytes must be a positive byte count"),
         ("fp32_weight_grad=maybe", "fp32_weight_grad must be bool"),
+        ("attn_implementation=flash", "attn_implementation must be one of"),
         ("max_steps", "key=value"),
     ],
 )

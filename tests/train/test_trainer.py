@@ -185,6 +185,20 @@ def test_kernel_options_reach_every_fused_op(setup, monkeypatch):
                     "sample_candidates": (1 << 20, None)}  # sampling has no weight gradient
 
 
+def test_attn_implementation_reaches_both_models(tmp_path):
+    trainer = build_trainer(_config(tmp_path, attn_implementation="eager", w_iva=0, w_tpa=0,
+                                    synthetic_images=2))
+    for model in (trainer.model.student, trainer.model.teacher):
+        assert model.get_decoder().config._attn_implementation == "eager"
+        assert model.config.vision_config._attn_implementation == "sdpa"  # unmasked: kept
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only refusal")
+def test_flex_attention_is_refused_without_cuda(tmp_path):
+    with pytest.raises(ValueError, match="attn_implementation='flex_attention' needs a CUDA device"):
+        build_trainer(_config(tmp_path, attn_implementation="flex_attention"))
+
+
 def test_normalizers_count_response_rows_images_and_candidates(setup):
     batch = _batch(setup)
     spec = LossSpec(w_tpa=1.0, tpa_d=4, tpa_fraction=0.5)
