@@ -18,6 +18,9 @@ align-ti       both models ``sdpa``; the loss is `align_ti.train.trainer.Distill
 align-ti       the same with ``fp32_weight_grad=False`` (config ``fp32_weight_grad: false``):
 bf16-dw        the LM head's weight gradient accumulates in bf16 over the row chunks, not in
                an fp32 ``[V, H]`` buffer; measured last, after the two ways above.
+align-ti flex  (only with ``--ways``) the align-ti way with both language models on
+               FlexAttention (config ``attn_implementation: flex_attention``), which skips the
+               masked blocks of TPA's expanded sequence.
 =============  ==============================================================================
 
 each for two objectives:
@@ -145,8 +148,12 @@ def _full_configs(div: int = 1):
 
 
 def build_setup(scale: str, device: torch.device, attn: str):
-    """(student, teacher, meta) with the given attention implementation."""
+    """(student, teacher, meta) with the given attention implementation (FlexAttention: for the
+    language models only, as the trainer does; the unmasked vision tower keeps sdpa)."""
     from transformers import LlavaForConditionalGeneration
+
+    if attn == "flex_attention":
+        attn = {"": "sdpa", "vision_config": "sdpa", "text_config": attn}
 
     if scale == "tiny":
         from align_ti.models.tiny import IMAGE_SIZE, IMAGE_TOKEN_ID, PAD_TOKEN_ID, build_tiny_llava
@@ -268,6 +275,9 @@ def paper_step_fn(student, teacher, batch, meta, align_ti: bool, tpa_d: int = 4,
 # ------------------------------------------------------------------------------------------
 
 BF16_DW = "align-ti bf16-dw"  # the align-ti way with fp32_weight_grad=False
+FLEX = "align-ti flex"        # the align-ti way on FlexAttention
+WAYS = ("paper-code", "align-ti", BF16_DW, FLEX)
+DEFAULT_WAYS = ("paper-code", "align-ti", BF16_DW)
 
 
 def aligned_step_fn(student, teacher, batch, meta, align_ti: bool, device: torch.device,
@@ -301,7 +311,7 @@ def _sync(device):
 
 def measure(way: str, objective: str, scale: str, device: torch.device, warmup: int, steps: int,
             profile: bool = False) -> dict:
-    attn = "eager" if way == "paper-code" else "sdpa"
+    attn = {"paper-code": "eager", FLEX: "flex_attention"}.get(way, "sdpa")
     rec = {"way": way, "objective": objective, "attn_implementation": attn}
     harness.release_memory()
     if device.type == "cuda":
@@ -550,14 +560,15 @@ def summarize(results: list[dict]) -> dict:
         out[f"{obj}: align-ti / paper-code"] = {
             "time_ratio": _ratio(a, p, "step_s_median"),
             "mem_ratio": _ratio(a, p, "peak_mem_bytes")}
-    for obj in ("vanilla-KD", "Align-TI"):
-        b, a = by.get((BF16_DW, obj)), by.get(("align-ti", obj))
-        if a is None or b is None:
-            continue
-        out[f"{obj}: align-ti bf16-dw / align-ti"] = {
-            "time_ratio": _ratio(b, a, "step_s_median"),
-            "extra_mem_gib": (b["peak_mem_gib"] - a["peak_mem_gib"]) if a.get("status") == b.get("status") == "ok" else None,
-            "mem_ratio": _ratio(b, a, "peak_mem_bytes")}
+    for variant in (BF16_DW, FLEX):
+        for obj in ("vanilla-KD", "Align-TI"):
+            b, a = by.get((variant, obj)), by.get(("align-ti", obj))
+            if a is None or b is None:
+                continue
+            out[f"{obj}: {variant} / align-ti"] = {
+                "time_ratio": _ratio(b, a, "step_s_median"),
+                "extra_mem_gib": (b["peak_mem_gib"] - a["peak_mem_gib"]) if a.get("status") == b.get("status") == "ok" else None,
+                "mem_ratio": _ratio(b, a, "peak_mem_bytes")}
     return out
 
 
@@ -611,6 +622,9 @@ def main(argv=None) -> dict:
                    help="instead of the three ways: vanilla KD vs vanilla KD + IVA (align-ti), alternating "
                         "steps, and the IVA share of the step; writes train_step-iva_share.{json,md}")
     p.add_argument("--out", default=None, help="default: benchmarks/results/<device>/")
+    p.add_argument("--ways", default=",".join(DEFAULT_WAYS),
+                   help=f"comma-separated ways to measure, in order, from {', '.join(WAYS)}")
+    p.add_argument("--stem", default="train_step", help="results file name (without .json/.md)")
     p.add_argument("--profile", action="store_true",
                    help="CUDA: after timing, profile one more step of each way (top ops by GPU time)")
     p.add_argument("--warmup", type=int, default=1)
@@ -630,7 +644,13 @@ def main(argv=None) -> dict:
 
     results = []
     prov = harness.provenance(args.device)
-    for way in ("paper-code", "align-ti", BF16_DW):
+    ways = [w.strip() for w in args.ways.split(",") if w.strip()]
+    unknown = [w for w in ways if w not in WAYS]
+    if unknown or not ways:
+        p.error(f"--ways: unknown {unknown}; choose from {list(WAYS)}")
+    if FLEX in ways and args.device != "cuda":
+        p.error(f"--ways: {FLEX!r} needs --device cuda (FlexAttention has no backward on CPU)")
+    for way in ways:
         for objective in ("vanilla-KD", "Align-TI"):
             t0 = time.perf_counter()
             r = measure(way, objective, scale, device, args.warmup, args.steps, profile=args.profile)
@@ -646,9 +666,9 @@ def main(argv=None) -> dict:
                 "provenance": prov, "results": results, "summary": summarize(results),
             }
             md = markdown(report)
-            harness.write_json_md(report, md, out, "train_step")
+            harness.write_json_md(report, md, out, args.stem)
     print(md)
-    print(f"wrote {out}/train_step.json and train_step.md")
+    print(f"wrote {out}/{args.stem}.json and {args.stem}.md")
     return report
 
 

@@ -8,7 +8,7 @@
 # costs the ones after it, never the deadline. Each benchmark writes its results as it goes,
 # so a stage stopped by its limit still leaves the cases it finished. GPU_CHECK_STAGES picks
 # stages (space-separated names, default all):
-#   tests profile fused_kl train_step attention_mass topk_align fused_kl_full iva branches
+#   tests profile fused_kl train_step attention_mass topk_align train_flex fused_kl_full iva branches
 #
 # Wheels the machine lacks (liger-kernel, for comparison) travel in .whl/ (ignored by git):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -20,7 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu-results}
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
-STAGES=${GPU_CHECK_STAGES:-tests profile fused_kl train_step attention_mass topk_align fused_kl_full iva branches}
+STAGES=${GPU_CHECK_STAGES:-tests profile fused_kl train_step attention_mass topk_align train_flex fused_kl_full iva branches}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 work=$(mktemp -d)
@@ -77,6 +77,9 @@ stage fused_kl 70 python3 -m align_ti.benchmarks.runner --device cuda --quick --
 stage train_step 150 python3 -m align_ti.benchmarks.train_step --device cuda --scale full --steps 2 --profile --out "$res"
 stage attention_mass 40 python3 -m align_ti.benchmarks.runner --device cuda --op attention_mass --out "$res"
 stage topk_align 40 python3 -m align_ti.benchmarks.runner --device cuda --quick --op topk_align --out "$res"
+# the training step on FlexAttention (TPA's expanded sequence block-sparse) against SDPA, same run
+stage train_flex 120 python3 -m align_ti.benchmarks.train_step --device cuda --scale full --steps 2 \
+  --ways "align-ti,align-ti flex" --stem train_step-flex --out "$res"
 # the whole fused_kl registry: the sweep over N (the plot) and torch.compile of the plain path
 stage fused_kl_full 150 python3 -m align_ti.benchmarks.runner --device cuda --op fused_kl --out "$res"
 stage iva 45 python3 -m align_ti.benchmarks.train_step --device cuda --scale full --iva-share --steps 3 --out "$res"
