@@ -364,6 +364,8 @@ def measure(way: str, objective: str, scale: str, device: torch.device, warmup: 
                    dtype=str(next(student.parameters()).dtype))
     except torch.OutOfMemoryError as e:  # noqa: PERF203
         rec.update(status="OOM", error=str(e).splitlines()[0][:300])
+    except Exception as e:  # a way that cannot run here is reported; the other ways still run
+        rec.update(status=f"failed: {type(e).__name__}", error=str(e).splitlines()[0][:300] if str(e) else "")
     finally:
         del student, teacher, opt
         harness.release_memory()
@@ -586,7 +588,8 @@ def markdown(report: dict) -> str:
              "|---|---|---|---|---|---|"]
     for r in report["results"]:
         lines.append(f"| {r['way']} | {r['objective']} | {r['attn_implementation']} | "
-                     f"{_f(r.get('step_s_median'))} | {_f(r.get('peak_mem_gib'), '{:.3f}')} | {r['status']} |")
+                     f"{_f(r.get('step_s_median'))} | {_f(r.get('peak_mem_gib'), '{:.3f}')} | {r['status']}"
+                     f"{': ' + r['error'][:160] if r.get('error') else ''} |")
     lines += ["", "| comparison | time ratio | memory ratio | extra memory (GiB) |", "|---|---|---|---|"]
     for k, v in report["summary"].items():
         lines.append(f"| {k} | {_f(v.get('time_ratio'), '{:.3f}x')} | {_f(v.get('mem_ratio'), '{:.3f}x')} | "
