@@ -193,6 +193,29 @@ def test_attn_implementation_reaches_both_models(tmp_path):
         assert model.config.vision_config._attn_implementation == "sdpa"  # unmasked: kept
 
 
+def test_flex_attention_language_models_give_the_sdpa_terms(setup):
+    """The trainer's step on FlexAttention language models (the BlockMask of TPA's expanded
+    batch, IVA's q/k captured from flex) gives the SDPA terms; forward only: FlexAttention has
+    no backward on CPU, the GPU run times it (train_step's 'align-ti flex')."""
+    teacher, student, _, _, _ = setup
+    flex = {"": "sdpa", "vision_config": "sdpa", "text_config": "flex_attention"}
+    t_flex = build_tiny_llava("teacher", seed=1, patch_size=PATCH, attn_implementation=flex)
+    s_flex = build_tiny_llava("student", seed=0, patch_size=PATCH, attn_implementation=flex)
+    t_flex.load_state_dict(teacher.state_dict())
+    s_flex.load_state_dict(student.state_dict())
+    spec = LossSpec(w_sft=1.0, w_kd=1.0, w_iva=1.0, w_tpa=1.0, iva_layer=1, tpa_fraction=0.5)
+    kw = dict(image_token_id=student.config.image_token_index, pad_token_id=0,
+              forbidden_ids=(0, student.config.image_token_index), vocab_limit=1200)
+    batch = _batch(setup, n=4)
+    with torch.no_grad():
+        want = DistillModule(student, teacher, spec, **kw)(**batch)["terms"]
+        got = DistillModule(s_flex, t_flex, spec, **kw)(**batch)["terms"]
+    assert s_flex.get_decoder().config._attn_implementation == "flex_attention"
+    assert set(got) == {"sft", "kd", "iva", "tpa"}
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only refusal")
 def test_flex_attention_is_refused_without_cuda(tmp_path):
     with pytest.raises(ValueError, match="attn_implementation='flex_attention' needs a CUDA device"):
