@@ -4,7 +4,7 @@
 #   cpu        unit tests on the CPU paths and the references           budget 6 min
 #   interpret  Triton kernels on CPU tensors, TRITON_INTERPRET=1 set     budget 6 min
 #              before triton is imported (fp32/fp16 only)
-#   e2e        demo, resume, 2-process runs                              budget 8 min
+#   e2e        demo, resume, 2-process runs, the FlexAttention training step  budget 8 min
 # A tier that runs past twice its budget is killed and fails; past its budget it warns.
 # Usage: bash scripts/test.sh [cpu|interpret|e2e ...]   (default: all three)
 set -uo pipefail

@@ -193,6 +193,7 @@ def test_attn_implementation_reaches_both_models(tmp_path):
         assert model.config.vision_config._attn_implementation == "sdpa"  # unmasked: kept
 
 
+@pytest.mark.e2e  # ~20 s on 2 cores: transformers compiles its causal BlockMask on first use
 def test_flex_attention_language_models_give_the_sdpa_terms(setup):
     """The trainer's step on FlexAttention language models (the BlockMask of TPA's expanded
     batch, IVA's q/k captured from flex) gives the SDPA terms; forward only: FlexAttention has
