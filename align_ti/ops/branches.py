@@ -232,6 +232,8 @@ def _banned_columns(forbidden_ids, vlim: int, device) -> torch.Tensor:
     ids = [v for v in _forbidden_list(forbidden_ids) if 0 <= v < vlim]
     if ids:
         banned[torch.tensor(ids)] = True
+    if torch.device(device).type == "cuda":  # pinned + non_blocking: the host does not wait
+        return banned.pin_memory().to(device, non_blocking=True)
     return banned.to(device)
 
 

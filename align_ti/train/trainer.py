@@ -371,7 +371,8 @@ class DistillModule(nn.Module):
         qmask = instruction_mask.bool()
         if extra:
             qmask = torch.cat([qmask, qmask.new_zeros(qmask.shape[0], extra)], 1)
-        mass = attention_mass(q, k, qmask, attention_mask_2d, impl=self.impl)
+        # as bool: the 0/1 masks made here need no value check (a host sync on CUDA)
+        mass = attention_mass(q, k, qmask, attention_mask_2d != 0, impl=self.impl)
         return ht, mass
 
 

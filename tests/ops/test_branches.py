@@ -495,6 +495,28 @@ def test_tpa_loss_matches_reference_on_candidate_rows(divergence):
     assert none.shape == (6,) and (none[eb.candidate_valid.logical_not()] == 0).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["sample", "topk"])
+def test_gpu_sample_candidates_never_syncs_with_the_host(strategy):
+    """With value checks off, candidate sampling makes no host sync (CUDA's sync debug mode
+    raises on one): the forbidden-token mask goes to the device from pinned memory."""
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(2, 12, 16, generator=g).cuda()
+    w = torch.randn(300, 16, generator=g).cuda()
+    ids = torch.randint(5, 300, (2, 12), generator=g).cuda()
+    steps = torch.tensor([[2, 5, 9], [3, 7, -1]]).cuda()
+    kw = dict(num_candidates=4, strategy=strategy, forbidden_ids=(0, 3), sample_ids=torch.tensor([4, 9]).cuda())
+    want = sample_candidates(h, w, ids, steps, **kw)  # warm-up, checks on
+    align_ti.set_value_checks(False)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = sample_candidates(h, w, ids, steps, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        align_ti.set_value_checks(True)
+    assert torch.equal(got, want)
+
+
 def test_tpa_loss_passes_kernel_options_on():
     """chunk_bytes and fp32_weight_grad reach fused_linear_kl: with bf16 heads, 1-row chunks
     and the weight gradient accumulated in bf16, tpa_loss equals fused_linear_kl called on the
