@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from align_ti.validation import (
+    check_bool,
     check_dim,
     check_positive,
     check_same_device,
@@ -110,8 +111,7 @@ def check_attention_mass_args(q, k, query_mask, attention_mask=None, scale=None,
         scale = D**-0.5
     else:
         check_positive("scale", scale)
-    if not isinstance(average_heads, bool):
-        raise TypeError(f"average_heads must be a bool, got {type(average_heads).__name__}")
+    check_bool("average_heads", average_heads)
 
     return float(scale)
 
