@@ -152,8 +152,10 @@ def build_setup(scale: str, device: torch.device, attn: str):
     language models only, as the trainer does; the unmasked vision tower keeps sdpa)."""
     from transformers import LlavaForConditionalGeneration
 
+    from align_ti.train.data import language_model_attention
+
     if attn == "flex_attention":
-        attn = {"": "sdpa", "vision_config": "sdpa", "text_config": attn}
+        attn = language_model_attention(attn)
 
     if scale == "tiny":
         from align_ti.models.tiny import IMAGE_SIZE, IMAGE_TOKEN_ID, PAD_TOKEN_ID, build_tiny_llava

@@ -38,6 +38,13 @@ class TokenizerMismatchError(ValueError):
 # models and processors
 # --------------------------------------------------------------------------------------------
 
+def language_model_attention(attn_implementation: str) -> dict:
+    """The ``attn_implementation`` mapping for a LLaVA model whose language model uses
+    ``attn_implementation`` while its vision tower keeps ``"sdpa"`` (its attention is unmasked,
+    and FlexAttention on CUDA needs a head dim of at least 16)."""
+    return {"": "sdpa", "vision_config": "sdpa", "text_config": attn_implementation}
+
+
 def load_model_and_processor(name: str, tiny_text: str = "qwen2", seed: int = 0,
                              dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
     """``(model, processor)`` for a config's ``teacher`` / ``student`` entry.
@@ -46,10 +53,9 @@ def load_model_and_processor(name: str, tiny_text: str = "qwen2", seed: int = 0,
     (`align_ti.models.tiny`, weights from ``seed``) with the built-in processor.
     Anything else: a local checkpoint folder holding a ``LlavaForConditionalGeneration`` and
     its processor (``AutoProcessor``); nothing is downloaded.
-    ``attn_implementation`` is the language model's; the vision tower keeps ``"sdpa"`` (its
-    attention is unmasked, and FlexAttention on CUDA needs a head dim of at least 16).
+    ``attn_implementation`` is the language model's (`language_model_attention`).
     """
-    attn_implementation = {"": "sdpa", "vision_config": "sdpa", "text_config": attn_implementation}
+    attn_implementation = language_model_attention(attn_implementation)
     if name in ("tiny-teacher", "tiny-student"):
         from align_ti.models.tiny import build_processor, build_tiny_llava
 

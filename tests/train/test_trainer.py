@@ -17,6 +17,7 @@ from align_ti.train.data import (
     TokenizerMismatchError,
     check_image_expansion,
     check_tokenizers,
+    language_model_attention,
 )
 from align_ti.train.trainer import (
     DistillModule,
@@ -199,7 +200,7 @@ def test_flex_attention_language_models_give_the_sdpa_terms(setup):
     batch, IVA's q/k captured from flex) gives the SDPA terms; forward only: FlexAttention has
     no backward on CPU, the GPU run times it (train_step's 'align-ti flex')."""
     teacher, student, _, _, _ = setup
-    flex = {"": "sdpa", "vision_config": "sdpa", "text_config": "flex_attention"}
+    flex = language_model_attention("flex_attention")
     t_flex = build_tiny_llava("teacher", seed=1, patch_size=PATCH, attn_implementation=flex)
     s_flex = build_tiny_llava("student", seed=0, patch_size=PATCH, attn_implementation=flex)
     t_flex.load_state_dict(teacher.state_dict())
