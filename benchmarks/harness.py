@@ -386,6 +386,12 @@ def host_syncs(fn, top: int = 12) -> list[dict]:
     return rows[:top]
 
 
+def host_syncs_markdown(rows: list[dict], what: str) -> list[str]:
+    """`host_syncs`' rows as one markdown line about `what` (e.g. "one fwd+bwd")."""
+    listed = ", ".join(f"`{r['where']}` x{r['count']}" for r in rows) or "none"
+    return ["", f"Host syncs in {what} (CUDA sync debug mode, by calling line): {listed}"]
+
+
 def profile_markdown(rows: list[dict]) -> list[str]:
     lines = ["| op / kernel | calls | self device ms | self CPU ms |", "|---|---|---|---|"]
     lines += [f"| `{r['name']}` | {r['calls']} | {r['self_device_ms']:.2f} | {r['self_cpu_ms']:.2f} |" for r in rows]

@@ -180,10 +180,8 @@ def markdown(r: dict) -> str:
         lines += ["", f"Wall time of a fwd+bwd: {r['breakdown']['wall_ms']:.2f} ms (GPU busy "
                   f"{r['breakdown']['gpu_ms_total']:.2f} ms). Top ops by self CPU time:", ""]
         lines += harness.profile_markdown(r["breakdown"]["top_cpu"])
-        syncs = r["breakdown"].get("host_syncs")
-        if syncs is not None:
-            lines += ["", "Host syncs in one fwd+bwd (CUDA sync debug mode, by calling line): " +
-                      (", ".join(f"`{x['where']}` x{x['count']}" for x in syncs) or "none")]
+        if r["breakdown"].get("host_syncs") is not None:
+            lines += harness.host_syncs_markdown(r["breakdown"]["host_syncs"], "one fwd+bwd")
     lines += ["", "| kernel | calls | ms |", "|---|---|---|"]
     lines += [f"| `{k['name']}` | {k['calls']} | {k['ms']:.2f} |" for k in r["breakdown"]["top_kernels"]]
     lines += ["", "Row-chunk budget:", "", "| chunk MiB | fwd+bwd ms | peak extra MiB |", "|---|---|---|"]

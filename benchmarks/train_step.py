@@ -602,9 +602,7 @@ def markdown(report: dict) -> str:
                       "top ops and kernels by self device time):", ""]
             lines += harness.profile_markdown(r["profile_top"])
         if r.get("host_syncs") is not None:
-            syncs = ", ".join(f"`{x['where']}` x{x['count']}" for x in r["host_syncs"]) or "none"
-            lines += ["", f"Host syncs in one {r['way']} {r['objective']} step (CUDA sync debug mode, "
-                      f"by calling line): {syncs}"]
+            lines += harness.host_syncs_markdown(r["host_syncs"], f"one {r['way']} {r['objective']} step")
     ok = next((r for r in report["results"] if r.get("response_tokens")), None)
     if ok:
         resp = ok["response_tokens"]
