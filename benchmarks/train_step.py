@@ -282,17 +282,25 @@ WAYS = ("paper-code", "align-ti", BF16_DW, FLEX)
 DEFAULT_WAYS = ("paper-code", "align-ti", BF16_DW)
 
 
+def _distill_module(student, teacher, meta, spec):
+    """The trainer's loss module over the benchmark's models (the batch's image and pad ids
+    never become TPA candidates; candidates come from the shared vocabulary V')."""
+    from align_ti.train.trainer import DistillModule
+
+    vprime = min(student.config.text_config.vocab_size, teacher.config.text_config.vocab_size)
+    return DistillModule(student, teacher, spec, image_token_id=meta["image_token_id"],
+                         pad_token_id=meta["pad_id"], forbidden_ids=(meta["image_token_id"], meta["pad_id"]),
+                         vocab_limit=vprime)
+
+
 def aligned_step_fn(student, teacher, batch, meta, align_ti: bool, device: torch.device,
                     fp32_weight_grad: bool = True):
-    from align_ti.train.trainer import DistillModule, LossSpec
+    from align_ti.train.trainer import LossSpec
 
     spec = LossSpec(w_sft=1.0, w_kd=1.0, w_iva=1.0 if align_ti else 0.0, w_tpa=1.0 if align_ti else 0.0,
                     iva_layer=meta["iva_layer"], tpa_d=4, tpa_fraction=0.25,
                     fp32_weight_grad=fp32_weight_grad)
-    vprime = min(student.config.text_config.vocab_size, teacher.config.text_config.vocab_size)
-    module = DistillModule(student, teacher, spec, image_token_id=meta["image_token_id"],
-                           pad_token_id=meta["pad_id"], forbidden_ids=(meta["image_token_id"], meta["pad_id"]),
-                           vocab_limit=vprime)
+    module = _distill_module(student, teacher, meta, spec)
 
     def loss_and_backward():
         out = module(**batch)
@@ -386,17 +394,14 @@ def measure_iva_share(scale: str, device: torch.device, warmup: int, steps: int,
     alternate A B B A ... so that load from other processes falls on both alike; the share uses
     the medians and, as a check, the median of the per-round paired shares.
     """
-    from align_ti.train.trainer import DistillModule, LossSpec
+    from align_ti.train.trainer import LossSpec
 
     student, teacher, meta = build_setup(scale, device, "sdpa")
     batch = make_batch(meta, device, next(student.parameters()).dtype)
-    vprime = min(student.config.text_config.vocab_size, teacher.config.text_config.vocab_size)
     modules = {}
     for name, w_iva in (("vanilla-KD", 0.0), ("vanilla-KD + IVA", 1.0)):
         spec = LossSpec(w_sft=1.0, w_kd=1.0, w_iva=w_iva, w_tpa=0.0, iva_layer=meta["iva_layer"])
-        modules[name] = DistillModule(student, teacher, spec, image_token_id=meta["image_token_id"],
-                                      pad_token_id=meta["pad_id"],
-                                      forbidden_ids=(meta["image_token_id"], meta["pad_id"]), vocab_limit=vprime)
+        modules[name] = _distill_module(student, teacher, meta, spec)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
     terms = {}
 
@@ -546,34 +551,28 @@ def _ratio(a, b, key):
     return None
 
 
+def _compare(a, b, extra_mem: bool = True) -> dict:
+    """Step a against step b: time and memory ratios (and a's extra memory in GiB)."""
+    out = {"time_ratio": _ratio(a, b, "step_s_median")}
+    if extra_mem:
+        both_ok = a.get("status") == b.get("status") == "ok"
+        out["extra_mem_gib"] = (a["peak_mem_gib"] - b["peak_mem_gib"]) if both_ok else None
+    out["mem_ratio"] = _ratio(a, b, "peak_mem_bytes")
+    return out
+
+
 def summarize(results: list[dict]) -> dict:
     by = {(r["way"], r["objective"]): r for r in results}
-    out = {}
-    for way in ("paper-code", "align-ti"):
-        a, v = by.get((way, "Align-TI")), by.get((way, "vanilla-KD"))
-        if a is None or v is None:  # a partial report (written after every way)
-            continue
-        out[f"{way}: Align-TI / vanilla-KD"] = {
-            "time_ratio": _ratio(a, v, "step_s_median"),
-            "extra_mem_gib": (a["peak_mem_gib"] - v["peak_mem_gib"]) if a.get("status") == v.get("status") == "ok" else None,
-            "mem_ratio": _ratio(a, v, "peak_mem_bytes")}
-    for obj in ("vanilla-KD", "Align-TI"):
-        a, p = by.get(("align-ti", obj)), by.get(("paper-code", obj))
-        if a is None or p is None:
-            continue
-        out[f"{obj}: align-ti / paper-code"] = {
-            "time_ratio": _ratio(a, p, "step_s_median"),
-            "mem_ratio": _ratio(a, p, "peak_mem_bytes")}
-    for variant in (BF16_DW, FLEX):
-        for obj in ("vanilla-KD", "Align-TI"):
-            b, a = by.get((variant, obj)), by.get(("align-ti", obj))
-            if a is None or b is None:
-                continue
-            out[f"{obj}: {variant} / align-ti"] = {
-                "time_ratio": _ratio(b, a, "step_s_median"),
-                "extra_mem_gib": (b["peak_mem_gib"] - a["peak_mem_gib"]) if a.get("status") == b.get("status") == "ok" else None,
-                "mem_ratio": _ratio(b, a, "peak_mem_bytes")}
-    return out
+    # (label, numerator, denominator, with extra memory); pairs of a partial report (written
+    # after every way) that are not measured yet are left out
+    pairs = [(f"{way}: Align-TI / vanilla-KD", (way, "Align-TI"), (way, "vanilla-KD"), True)
+             for way in ("paper-code", "align-ti")]
+    pairs += [(f"{obj}: align-ti / paper-code", ("align-ti", obj), ("paper-code", obj), False)
+              for obj in ("vanilla-KD", "Align-TI")]
+    pairs += [(f"{obj}: {variant} / align-ti", (variant, obj), ("align-ti", obj), True)
+              for variant in (BF16_DW, FLEX) for obj in ("vanilla-KD", "Align-TI")]
+    return {label: _compare(by[num], by[den], extra) for label, num, den, extra in pairs
+            if num in by and den in by}
 
 
 def _f(v, fmt="{:.4g}"):
