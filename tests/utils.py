@@ -1,6 +1,8 @@
 """Numeric checks shared by the tests."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -54,3 +56,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol=1e-5, rtol=1
         actual.detach().double(), expected.detach().double(), atol=atol, rtol=rtol,
         msg=lambda m: f"{name}: {m}",
     )
+
+
+@contextlib.contextmanager
+def forbid_host_syncs():
+    """Inside: content checks off (they read tensor contents, a sync by design) and CUDA's
+    sync debug mode raising on any call that makes the host wait for the GPU."""
+    from align_ti.validation import set_value_checks, value_checks_enabled
+
+    checks = value_checks_enabled()
+    set_value_checks(False)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        set_value_checks(checks)

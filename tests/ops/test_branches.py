@@ -23,7 +23,7 @@ from align_ti.ops.branches import (
 )
 from align_ti.reference.branches import additive_mask, expanded_batch_reference
 from align_ti.reference.fused_kl import fused_linear_kl_reference
-from tests.utils import assert_close
+from tests.utils import assert_close, forbid_host_syncs
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -507,13 +507,8 @@ def test_gpu_sample_candidates_never_syncs_with_the_host(strategy):
     steps = torch.tensor([[2, 5, 9], [3, 7, -1]]).cuda()
     kw = dict(num_candidates=4, strategy=strategy, forbidden_ids=(0, 3), sample_ids=torch.tensor([4, 9]).cuda())
     want = sample_candidates(h, w, ids, steps, **kw)  # warm-up, checks on
-    align_ti.set_value_checks(False)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with forbid_host_syncs():
         got = sample_candidates(h, w, ids, steps, **kw)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-        align_ti.set_value_checks(True)
     assert torch.equal(got, want)
 
 

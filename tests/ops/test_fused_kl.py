@@ -21,7 +21,7 @@ from align_ti.reference.fused_kl import (
     fused_linear_distill_reference,
     fused_linear_kl_reference,
 )
-from tests.utils import assert_close, assert_three_way
+from tests.utils import assert_close, assert_three_way, forbid_host_syncs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 N, HS, HT, VS, VT = 63, 24, 40, 1271, 1300
@@ -742,13 +742,8 @@ def test_gpu_forward_and_backward_never_sync_with_the_host(rows):
         (kl + kl2 + ce).backward()
 
     step()  # compiles the kernels outside the check
-    align_ti.set_value_checks(False)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with forbid_host_syncs():
         step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-        align_ti.set_value_checks(True)
 
 
 @pytest.mark.gpu
