@@ -23,8 +23,10 @@ The wrapper matches calls by the identity of the chosen layers' attention module
 vision tower (which goes through the same registry) and other models are never recorded.
 Recording happens once per forward: calls made while autograd runs a backward pass
 (gradient-checkpointing recomputation) are not recorded. A new forward overwrites the
-previous record of each layer. On exit, also on an exception, every patched entry is put
-back exactly as it was (a local-table entry restored, or deleted if there was none).
+previous record of each layer. Blocks may be nested or overlap and close in any order: an
+entry gets one wrapper, which records for every open block. When the last block using it
+closes, also on an exception, the entry is put back exactly as it was (a local-table entry
+restored, or deleted if there was none).
 
 The recorded tensors are the ones the model passes on (not copies, not detached), so a
 loss built from them (e.g. ``attention_mass`` on a student) back-propagates into the model.
@@ -36,6 +38,8 @@ import contextlib
 import inspect
 
 import torch
+
+from align_ti.validation import check_bool
 
 __all__ = ["capture_qk", "QKCapture", "decoder_attention_modules"]
 
@@ -150,6 +154,76 @@ def _normalize_layers(layers, n: int) -> list[int]:
     return out
 
 
+class _Slot:
+    """Where an attention function lives (a registry entry or a module global): install a
+    replacement and later put back exactly what was there when the slot was made."""
+
+    def __init__(self, current, install, restore):
+        self.current, self.install, self.restore = current, install, restore
+
+
+def _registry_slot(registry, impl: str) -> _Slot:
+    # the registry's local table is patched; an entry that was not there is deleted again
+    local = registry._local_mapping
+    had_local, previous_local = impl in local, local.get(impl)
+
+    def install(fn):
+        registry[impl] = fn
+
+    def restore():
+        if had_local:
+            registry[impl] = previous_local
+        else:
+            registry._local_mapping.pop(impl, None)
+
+    return _Slot(registry[impl], install, restore)
+
+
+def _namespace_slot(namespace: dict) -> _Slot:
+    original = namespace["eager_attention_forward"]
+
+    def install(fn):
+        namespace["eager_attention_forward"] = fn
+
+    def restore():
+        namespace["eager_attention_forward"] = original
+
+    return _Slot(original, install, restore)
+
+
+# The patched slots of every open capture_qk block: one wrapper per slot, however many blocks
+# record through it, so blocks may close in any order (a wrapper stacked on another block's
+# wrapper would be put back by whichever closed last, stale).
+_OPEN_PATCHES: dict[tuple, tuple[list, _Slot]] = {}
+
+
+def _open_patch(key: tuple, slot: _Slot, recorder):
+    """Make `recorder(module, query, key)` see every call through the slot named `key`;
+    returns the function that stops it (the slot is restored when its last recorder stops)."""
+    if key not in _OPEN_PATCHES:
+        recorders = []
+        original = slot.current
+
+        def capturing_attention(module, query, key_states, value, attention_mask, *args, **kwargs):
+            for rec in tuple(recorders):
+                rec(module, query, key_states)
+            return original(module, query, key_states, value, attention_mask, *args, **kwargs)
+
+        capturing_attention.__wrapped__ = original
+        slot.install(capturing_attention)
+        _OPEN_PATCHES[key] = (recorders, slot)
+    _OPEN_PATCHES[key][0].append(recorder)
+
+    def close():
+        recorders, first_slot = _OPEN_PATCHES[key]
+        recorders.remove(recorder)
+        if not recorders:
+            del _OPEN_PATCHES[key]
+            first_slot.restore()
+
+    return close
+
+
 @contextlib.contextmanager
 def capture_qk(model, layers=None, detach: bool = False):
     """Record the post-RoPE q and k of the chosen decoder layers while the block runs.
@@ -171,6 +245,7 @@ def capture_qk(model, layers=None, detach: bool = False):
             model(**batch)
         q, k = cap[l]
     """
+    check_bool("detach", detach)
     attn_modules = decoder_attention_modules(model)
     chosen = _normalize_layers(layers, len(attn_modules))
     cap = QKCapture(chosen, len(attn_modules))
@@ -185,18 +260,9 @@ def capture_qk(model, layers=None, detach: bool = False):
         cap._records[layer] = (query, key)
         cap.calls[layer] += 1
 
-    def make_wrapper(original):
-        def capturing_attention(module, query, key, value, attention_mask, *args, **kwargs):
-            record(module, query, key)
-            return original(module, query, key, value, attention_mask, *args, **kwargs)
-
-        capturing_attention.__wrapped__ = original
-        capturing_attention._align_ti_capture = True
-        return capturing_attention
-
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    undo = []  # callables restoring what was patched, run in reverse order
+    closers = []  # one per patched target, run in reverse order
     try:
         impls = set()
         eager_namespaces = {}
@@ -221,27 +287,11 @@ def capture_qk(model, layers=None, detach: bool = False):
                                      "in transformers' ALL_ATTENTION_FUNCTIONS")
                 impls.add(impl)
         for impl in sorted(impls):
-            local = ALL_ATTENTION_FUNCTIONS._local_mapping
-            had_local = impl in local
-            previous_local = local.get(impl)
-            ALL_ATTENTION_FUNCTIONS[impl] = make_wrapper(ALL_ATTENTION_FUNCTIONS[impl])
-
-            def _restore(impl=impl, had_local=had_local, previous_local=previous_local):
-                if had_local:
-                    ALL_ATTENTION_FUNCTIONS[impl] = previous_local
-                else:
-                    ALL_ATTENTION_FUNCTIONS._local_mapping.pop(impl, None)
-
-            undo.append(_restore)
-        for namespace in eager_namespaces.values():
-            original = namespace["eager_attention_forward"]
-            namespace["eager_attention_forward"] = make_wrapper(original)
-
-            def _restore(namespace=namespace, original=original):
-                namespace["eager_attention_forward"] = original
-
-            undo.append(_restore)
+            closers.append(_open_patch(("registry", impl), _registry_slot(ALL_ATTENTION_FUNCTIONS, impl),
+                                       record))
+        for key, namespace in eager_namespaces.items():
+            closers.append(_open_patch(("eager", key), _namespace_slot(namespace), record))
         yield cap
     finally:
-        for fn in reversed(undo):
-            fn()
+        for close in reversed(closers):
+            close()

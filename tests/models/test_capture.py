@@ -158,6 +158,25 @@ def test_nested_captures():
     assert torch.equal(outer[0][0], inner[0][0])
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_overlapping_captures_closed_out_of_order(impl):
+    """Blocks entered a, b and closed a, b (an ExitStack or manual __exit__): b keeps
+    recording after a closes, and everything is restored once both are closed."""
+    before = _snapshot()
+    model = _build("qwen2", impl)
+    batch = _text_batch()
+    first, second = capture_qk(model, layers=0), capture_qk(model, layers=1)
+    cap_a, cap_b = first.__enter__(), second.__enter__()
+    with torch.no_grad():
+        model(**batch)
+        first.__exit__(None, None, None)
+        assert not _same(_snapshot(), before)  # b's recording is still in place
+        model(**batch)
+    second.__exit__(None, None, None)
+    assert cap_a.calls == {0: 1} and cap_b.calls == {1: 2}
+    assert _same(_snapshot(), before)
+
+
 @pytest.mark.parametrize("impl, reentrant", [("sdpa", False), ("eager", False), ("sdpa", True)])
 def test_gradient_checkpointing_records_once_and_grads_flow(impl, reentrant):
     from align_ti.ops.attention_mass import attention_mass
@@ -195,6 +214,9 @@ def test_bad_layers():
             pass
     with pytest.raises(TypeError, match="layers"):
         with capture_qk(model, layers=["0"]):
+            pass
+    with pytest.raises(TypeError, match="detach"):
+        with capture_qk(model, layers=[0], detach="yes"):
             pass
     with pytest.raises(ValueError, match="model"):
         with capture_qk(torch.nn.Linear(2, 2), layers=[0]):
