@@ -11,6 +11,7 @@ tensor that costs a host sync, so they can be switched off for production loops 
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
 
@@ -120,8 +121,9 @@ def check_bool(name: str, value) -> None:
 
 
 def check_positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    """A finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def check_open_unit(name: str, value: float) -> None:
@@ -157,14 +159,6 @@ def check_finite_nonnegative(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be finite; it holds NaN or inf ({describe(t)})")
     if bool((t < 0).any()):
         raise ValueError(f"{name} must be >= 0; it holds negative entries ({describe(t)})")
-
-
-def check_no_nan(name: str, t: torch.Tensor) -> None:
-    """A content check: no NaN entries."""
-    if t.numel() == 0 or not value_checks_enabled():
-        return
-    if bool(torch.isnan(t).any()):
-        raise ValueError(f"{name} holds NaN ({describe(t)})")
 
 
 def normalize_rows(rows, n: int, device: torch.device) -> torch.Tensor | None:

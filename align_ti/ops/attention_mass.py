@@ -28,9 +28,16 @@ from dataclasses import dataclass, replace
 import torch
 
 from align_ti.ops.dispatch import cdiv, interpret_mode
-from align_ti.ops.heuristics import ATTENTION_MASS_CHUNK_BYTES, attention_mass_config
+from align_ti.ops.heuristics import ATTENTION_MASS_CHUNK_BYTES, attention_mass_config, resolve_chunk_bytes
 from align_ti.reference.attention_mass import check_attention_mass_args
-from align_ti.validation import check_choice, check_dim, check_same_device, check_tensor, describe
+from align_ti.validation import (
+    check_choice,
+    check_dim,
+    check_same_device,
+    check_tensor,
+    describe,
+    value_checks_enabled,
+)
 
 __all__ = ["attention_mass", "AttentionMassOptions", "AttentionMassFunction"]
 
@@ -405,15 +412,16 @@ def attention_mass(
         query_mask: bool ``[B, L]``: the queries to average over (instruction tokens).
         attention_mask: ``[B, L]`` bool or integer 0/1, 1 = real token; None = all real.
             Left or right padding, or holes, are all fine.
-        scale: softmax scale > 0; None = ``D ** -0.5``.
+        scale: finite softmax scale > 0; None = ``D ** -0.5``.
         lse: optional natural-log log-sum-exp ``[B, Hq, L]`` of the scaled logits over the
             same keys (as returned by flash-attn / SDPA / FlexAttention); when given, the
             first pass over the keys is skipped. Only its entries at selected queries are
-            read. It gets no gradient; the gradients to q and k are those of the exact
-            softmax either way.
+            read, and those must be finite (a content check). It gets no gradient; the
+            gradients to q and k are those of the exact softmax either way.
         average_heads: True -> ``[B, L]``; False -> per head ``[B, Hq, L]``.
         impl: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
-        chunk_bytes: torch path only: bound on one chunk of fp32 logits (default 2 MiB, heuristics.ATTENTION_MASS_CHUNK_BYTES).
+        chunk_bytes: torch path only: bound on one chunk of fp32 logits, bytes or e.g. "4M"
+            (default 2 MiB, heuristics.ATTENTION_MASS_CHUNK_BYTES).
 
     Semantics (DESIGN.md):
         Selected queries are ``query_mask & attention_mask``. Query ``i`` attends to keys
@@ -448,9 +456,7 @@ def attention_mass(
                 f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
                 f"imported); q is on {q.device}. Use impl='torch' or 'auto'."
             )
-    if chunk_bytes is not None:
-        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-            raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+    chunk_bytes = resolve_chunk_bytes(chunk_bytes)
     opts = AttentionMassOptions(scale=scale, impl=impl)
     if chunk_bytes is not None:
         opts = replace(opts, chunk_bytes=chunk_bytes)
@@ -464,6 +470,11 @@ def attention_mass(
     selected = query_mask & real
     if lse is not None:
         lse = lse.detach()
+        if value_checks_enabled() and lse.numel():
+            bad = selected[:, None, :] & ~torch.isfinite(lse)
+            if bool(bad.any()):
+                raise ValueError(f"lse must be finite at the selected queries; it holds NaN or inf "
+                                 f"there ({describe(lse)})")
     mass = AttentionMassFunction.apply(q, k, selected, real, lse, opts)
     if average_heads:
         mass = mass.mean(dim=1)

@@ -36,6 +36,8 @@ on the padding, on the chunking or on the number of processes.
 """
 from __future__ import annotations
 
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -45,9 +47,12 @@ from align_ti.ops import heuristics as _heur
 from align_ti.ops.fused_kl import _head_logits, fused_linear_kl
 from align_ti.reference.branches import default_position_ids
 from align_ti.validation import (
+    check_bool,
     check_choice,
     check_dim,
+    check_index_range,
     check_positive,
+    check_same_device,
     check_same_dtype,
     check_tensor,
     describe,
@@ -105,6 +110,14 @@ def _check_nonneg_int(name: str, value) -> int:
     return value
 
 
+def _real_offset(attention_mask: Optional[torch.Tensor], batch_size: int, device) -> torch.Tensor:
+    """int64 [B]: each sample's first real token (0 without a mask or a real token). The
+    randomness keys on positions counted from there, so left padding does not change it."""
+    if attention_mask is None:
+        return torch.zeros(batch_size, dtype=torch.int64, device=device)
+    return attention_mask.to(device).bool().to(torch.int8).argmax(1)  # the first maximum
+
+
 def sample_keys(seed: int, sample_ids: Optional[torch.Tensor], epoch: int, batch_size: int,
                 device) -> torch.Tensor:
     """int64 [B] keys in [0, 2**32): a hash of (seed, sample id, epoch) per sample.
@@ -150,7 +163,8 @@ def select_branch_steps(
     ``k = min(ceil(fraction * n), max_per_sample)`` of them are branched (ceil with a 1e-9
     slack for float rounding; every sample with a response gets at least one branch); all of
     them when ``fraction == 1`` and ``max_per_sample`` is None. Which k is a uniformly random subset keyed by
-    (seed, sample id, epoch): it does not depend on the rest of the batch or on padding.
+    (seed, sample id, epoch) and the position counted from the sample's first real token: it
+    does not depend on the rest of the batch or on padding (left or right).
     S = the largest k in the batch (one host sync: the shape must be known).
     """
     check_tensor("labels", labels, ndim=2, dtypes=_INT_DTYPES)
@@ -177,11 +191,12 @@ def select_branch_steps(
         k = torch.ceil(n.to(torch.float64) * fraction - 1e-9).long()  # 0.3 * 10 -> 3, not 4
     if max_per_sample is not None:
         k = k.clamp(max=max_per_sample)
+    keys = sample_keys(seed, sample_ids, epoch, b_size, device)  # validates them in any case
     if fraction >= 1 and max_per_sample is None:
         chosen = eligible
     else:
-        keys = sample_keys(seed, sample_ids, epoch, b_size, device)
-        h = _mix32(keys[:, None] ^ _mix32(pos[None, :] ^ _STREAM_STEPS))
+        rel = (pos[None, :] - _real_offset(attention_mask, b_size, device)[:, None]) & _M32
+        h = _mix32(keys[:, None] ^ _mix32(rel ^ _STREAM_STEPS))
         prio = torch.where(eligible, _uniform(h), torch.full((), 2.0, device=device))
         rank = prio.argsort(dim=1, stable=True).argsort(dim=1)
         chosen = eligible & (rank < k[:, None])
@@ -219,11 +234,18 @@ def forbidden_token_ids(model_or_config, tokenizer=None) -> tuple[tuple[int, ...
 
 
 def _forbidden_list(forbidden_ids) -> list[int]:
+    """forbidden_ids (None, a sequence of ints or an integer tensor) as a sorted list."""
     if forbidden_ids is None:
         return []
     if isinstance(forbidden_ids, torch.Tensor):
+        check_tensor("forbidden_ids", forbidden_ids, dtypes=_INT_DTYPES)
         forbidden_ids = forbidden_ids.flatten().tolist()
-    return sorted({int(v) for v in forbidden_ids})
+    if isinstance(forbidden_ids, (str, bytes)) or not isinstance(forbidden_ids, Iterable):
+        raise TypeError(f"forbidden_ids must be None or a sequence of ints, got {forbidden_ids!r}")
+    ids = list(forbidden_ids)
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in ids):
+        raise TypeError(f"forbidden_ids must hold ints, got {ids[:8]!r}")
+    return sorted({int(v) for v in ids})
 
 
 def _banned_columns(forbidden_ids, vlim: int, device) -> torch.Tensor:
@@ -258,6 +280,7 @@ def sample_candidates(
     epoch: int = 0,
     student_bias: Optional[torch.Tensor] = None,
     chunk_bytes: Optional[int] = None,
+    attention_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """d candidate tokens per branched step, from a no-grad student pass: int64 [B, S, d].
 
@@ -277,11 +300,18 @@ def sample_candidates(
     ``False`` lets y_t be drawn like any other token.
 
     Randomness: the Gumbel noise of (step t, token v) is a hash of (seed, ``sample_ids[b]``,
-    epoch, t, v), so a sample gets the same candidates in any batch, padding, chunking or
-    process count. Pass the dataset index as ``sample_ids``; None uses 0..B-1.
+    epoch, t, v), so a sample gets the same candidates in any batch, chunking or process
+    count. Pass the dataset index as ``sample_ids``; None uses 0..B-1. t counts from the
+    sample's first real token when ``attention_mask`` ([B, L], 1 = real) is given, so left
+    padding changes nothing either (without it, t is the absolute position).
 
     Memory: logits are computed for row chunks only (``heuristics.rows_per_chunk``, or
-    ``chunk_bytes``); [rows, V] logits are never held at once. Empty slots (step -1) get 0.
+    ``chunk_bytes``: bytes, or a string such as "512M"); [rows, V] logits are never held at
+    once. Empty slots (step -1) get 0.
+
+    NaN or inf in the student's logits at a branched row (from student_hidden, student_weight
+    or student_bias) raise ValueError (a content check, see ``align_ti.set_value_checks``):
+    candidates drawn from them would be arbitrary.
     """
     check_tensor("student_hidden", student_hidden, ndim=3, floating=True)
     b_size, length, width = student_hidden.shape
@@ -304,8 +334,18 @@ def sample_candidates(
         raise ValueError(f"vocab_limit must be None or an int in [1, {n_vocab}] (the student head's rows), "
                          f"got {vocab_limit!r}")
     if student_bias is not None:
-        check_tensor("student_bias", student_bias, ndim=1)
+        check_tensor("student_bias", student_bias, ndim=1, floating=True)
         check_dim("student_bias", student_bias, 0, n_vocab, "the rows of student_weight")
+    if attention_mask is not None:
+        check_tensor("attention_mask", attention_mask, ndim=2)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {list(input_ids.shape)}, "
+                             f"got {describe(attention_mask)}")
+    check_same_device({"student_hidden": student_hidden, "student_weight": student_weight,
+                       "student_bias": student_bias})
+    check_bool("exclude_ground_truth", exclude_ground_truth)
+    forbidden_ids = _forbidden_list(forbidden_ids)
+    chunk_bytes = _heur.resolve_chunk_bytes(chunk_bytes)
     n_allowed = vlim - _count_forbidden(forbidden_ids, vlim) - (1 if exclude_ground_truth else 0)
     if n_allowed < num_candidates:
         raise ValueError(f"num_candidates = {num_candidates} exceeds the {n_allowed} allowed tokens "
@@ -327,7 +367,8 @@ def sample_candidates(
     banned = _banned_columns(forbidden_ids, vlim, device)
     if strategy == "sample":
         keys = sample_keys(seed, sample_ids, epoch, b_size, device)
-        row_key = _mix32(keys[:, None] ^ _mix32(steps.clamp(min=0) ^ _STREAM_GUMBEL)).reshape(-1)
+        rel = (steps - _real_offset(attention_mask, b_size, device)[:, None]).clamp(min=0)
+        row_key = _mix32(keys[:, None] ^ _mix32(rel ^ _STREAM_GUMBEL)).reshape(-1)
         col_key = _mix32(torch.arange(vlim, device=device) ^ _STREAM_COLS)
     flat = student_hidden.reshape(b_size * length, width)
     n = rows.numel()
@@ -341,6 +382,9 @@ def sample_candidates(
         h = flat.index_select(0, rows[s:e])
         z = torch.empty(e - s, vlim, dtype=_F32, device=device)
         _head_logits(h, student_weight, student_bias, vlim, z)
+        if value_checks_enabled() and not bool(torch.isfinite(z).all()):
+            raise ValueError("student_hidden, student_weight or student_bias hold NaN or inf: the "
+                             "student's logits at a branched row are not finite")
         if strategy == "sample":
             if temperature != 1.0:
                 z.div_(temperature)
@@ -441,9 +485,10 @@ class ExpandedBatch:
 
     def expand_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """int64 [B, K] positions in [0, L) of the original sequence -> flat row indices into
-        [B * T] (same shape)."""
+        [B * T] (same shape). Positions outside [0, L) raise ValueError (a content check)."""
         check_tensor("positions", positions, ndim=2, dtypes=_INT_DTYPES)
         check_dim("positions", positions, 0, self.batch_size, "the batch size")
+        check_index_range("positions", positions, self.length, "the ground-truth length L")
         base = torch.arange(self.batch_size, device=positions.device)[:, None] * self.total_length
         return base + positions.long()
 
@@ -605,6 +650,12 @@ def build_expanded_batch(
     if max_expanded_len is not None and (isinstance(max_expanded_len, bool) or not isinstance(max_expanded_len, int)
                                          or max_expanded_len < 1):
         raise ValueError(f"max_expanded_len must be None or an int >= 1, got {max_expanded_len!r}")
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                                   or vocab_size < 1):
+        raise ValueError(f"vocab_size must be None or an int >= 1, got {vocab_size!r}")
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int):
+        raise TypeError(f"pad_id must be an int token id, got {pad_id!r}")
+    forbidden_ids = _forbidden_list(forbidden_ids)
     slot_steps, slot_cands = _flatten_slots(steps.to(device).long(), candidates.to(device).long())
     mask = attention_mask.to(device).bool()
     filled = slot_steps >= 0
@@ -698,15 +749,20 @@ def expanded_hidden_states(
     the image-token positions of ``input_ids``, which are in the untouched ground-truth stream
     (candidates are never image tokens: see :func:`forbidden_token_ids`).
 
-    attn_implementation: override the one read from the model's decoder config
-    ("sdpa" | "eager" | "flex_attention"). The eager mask uses the decoder's parameter dtype.
+    attn_implementation: the mask form follows the implementation read from the model's
+    decoder config ("sdpa" | "eager" | "flex_attention"); when given, it must name that same
+    implementation (a mask of another form is silently wrong, e.g. a bool mask under eager),
+    else ValueError. The eager mask uses the decoder's parameter dtype.
     The LM heads are applied by the losses (fused_linear_kl), never here.
     """
     if not isinstance(batch, ExpandedBatch):
         raise TypeError(f"batch must be an ExpandedBatch (from build_expanded_batch), got {type(batch).__name__}")
     inner = _unwrap(model)
     decoder = inner.get_decoder()
-    impl = attn_implementation or getattr(decoder.config, "_attn_implementation", None) or "eager"
+    impl = getattr(decoder.config, "_attn_implementation", None) or "eager"
+    if attn_implementation is not None and attn_implementation != impl:
+        raise ValueError(f"attn_implementation={attn_implementation!r} does not match the model's "
+                         f"decoder, which runs {impl!r}: the 4-D mask must be of its form")
     dtype = next(decoder.parameters()).dtype
     mask = batch.attention_mask_for(impl, dtype)
     captured = {}

@@ -988,7 +988,7 @@ def _linear_common(student_hidden, student_weight, teacher_hidden, teacher_weigh
         idx, mask, w, y,
         opts.divergence, float(opts.beta), float(opts.temperature), int(v), opts.reduction, impl,
         _needs_grad(student_hidden), _needs_grad(student_weight), _needs_grad(student_bias),
-        int(chunk_bytes or 0), fp32_weight_grad,
+        _heur.resolve_chunk_bytes(chunk_bytes) or 0, fp32_weight_grad,
     )
     return kl, (ce if labels is not None else None)
 
@@ -1043,8 +1043,8 @@ def fused_linear_kl(
         student_bias, teacher_bias: optional ``[Vs]`` / ``[Vt]`` head biases.
         impl: ``"auto"`` (Triton on CUDA tensors, the chunked PyTorch path elsewhere),
             ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"torch"``.
-        chunk_bytes: scratch budget for one row chunk; None = ``align_ti.ops.heuristics``
-            (``ALIGN_TI_CHUNK_BYTES`` overrides). Results do not depend on it beyond rounding.
+        chunk_bytes: scratch budget for one row chunk, in bytes or as a string such as
+            "512M"; None = ``align_ti.ops.heuristics`` (``ALIGN_TI_CHUNK_BYTES`` overrides). Results do not depend on it beyond rounding.
         fp32_weight_grad: True (default): the student weight's gradient accumulates over the
             row chunks in an fp32 ``[Vs, Hs]`` buffer and is rounded to the weight's dtype
             once. False: it accumulates in the weight's own dtype (bf16/fp16), rounded once
@@ -1201,7 +1201,7 @@ def fused_kl(
     loss, _ = torch.ops.align_ti.fused_kl(
         student_logits, teacher_logits.detach(), idx, mask, w,
         opts.divergence, float(opts.beta), float(opts.temperature), int(v), opts.reduction, impl,
-        _needs_grad(student_logits), int(chunk_bytes or 0),
+        _needs_grad(student_logits), _heur.resolve_chunk_bytes(chunk_bytes) or 0,
     )
     return loss
 

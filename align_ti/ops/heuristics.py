@@ -47,6 +47,12 @@ def parse_bytes(text, name: str = "ALIGN_TI_CHUNK_BYTES") -> int:
     return value
 
 
+def resolve_chunk_bytes(value, name: str = "chunk_bytes") -> int | None:
+    """An op's ``chunk_bytes`` argument: None (the heuristics decide), or a positive byte count
+    given as an int or a string such as "512M"; a ValueError naming `name` otherwise."""
+    return None if value is None else parse_bytes(value, name)
+
+
 def chunk_bytes(device: torch.device) -> int:
     """The scratch budget in bytes for one row chunk on `device`."""
     env = os.environ.get("ALIGN_TI_CHUNK_BYTES")

@@ -48,7 +48,6 @@ from align_ti.reference.topk_align import check_selection_args, kept_count
 from align_ti.validation import (
     check_bool,
     check_choice,
-    check_finite_nonnegative,
     check_same_device,
     check_tensor,
 )
@@ -130,7 +129,7 @@ def select_topk(mass, vision_mask, k=None, ratio=None, pad=False):
 
     Args:
         mass: float ``[B, L]`` teacher attention mass (e.g. `align_ti.attention_mass` at the
-            IRS layer); only vision positions are read. Must not hold NaN.
+            IRS layer); only vision positions are read, and those must be finite and >= 0.
         vision_mask: bool ``[B, L]``, True at vision (image) tokens; padding is False.
         k: positive int, or None.
         ratio: number in ``(0, 1]``, or None (not both k and ratio).
@@ -151,9 +150,11 @@ def select_topk(mass, vision_mask, k=None, ratio=None, pad=False):
     Raises:
         ValueError / TypeError naming the argument: mass not a 2-D float tensor, vision_mask not
         bool or of another shape or device, k <= 0 or not an int, ratio outside (0, 1], both k
-        and ratio, NaN in mass (a content check, see `align_ti.set_value_checks`).
+        and ratio, NaN, inf or negative mass at a vision token (a content check, see
+        `align_ti.set_value_checks`).
     """
     check_selection_args(mass, vision_mask, k, ratio)
+    check_bool("pad", pad)
     keep, w, n_keep = _select_dense(mass, vision_mask, k, ratio)
     if pad:
         return _padded(keep, w, n_keep, k, ratio)
@@ -392,7 +393,8 @@ def topk_align(
         teacher_hidden: ``[B, L, Ht]``; never gets a gradient (may differ in dtype).
         teacher_weight: ``[Vt, Ht]``, same dtype as teacher_hidden; never gets a gradient.
         mass: float ``[B, L]``, the teacher's instruction->vision attention mass at the IRS
-            layer (`align_ti.attention_mass`); finite and >= 0, no gradient (detached).
+            layer (`align_ti.attention_mass`); finite and >= 0 at vision tokens (the only
+            entries read), no gradient (detached).
         vision_mask: bool ``[B, L]``, True at vision tokens (padding False).
         k: tokens kept per sample (positive int, clamped to the sample's vision tokens), or
         ratio: fraction of each sample's vision tokens in ``(0, 1]`` (``ceil``); neither = all.
@@ -404,7 +406,8 @@ def topk_align(
             PyTorch), or ``"triton"`` (the row gather fused into Triton matmul kernels; CUDA,
             or CPU under ``TRITON_INTERPRET=1``; slower than "auto" on an H100, see the
             module docstring).
-        chunk_bytes: scratch budget of one row chunk (None = ``align_ti.ops.heuristics``).
+        chunk_bytes: scratch budget of one row chunk, bytes or e.g. "512M" (None =
+            ``align_ti.ops.heuristics``).
         fp32_weight_grad: as `fused_linear_kl`: False accumulates the student weight's
             gradient over the row chunks in the weight's own dtype (one rounding per chunk,
             no fp32 ``[Vs, Hs]`` buffer), on every impl.
@@ -430,7 +433,7 @@ def topk_align(
     Raises:
         ValueError / TypeError naming the argument: k <= 0 or not an int, ratio outside (0, 1],
         both k and ratio, mass or vision_mask of a wrong shape/dtype/device, NaN, inf or
-        negative entries in mass (content checks, see `align_ti.set_value_checks`), hidden
+        negative mass at a vision token (content checks, see `align_ti.set_value_checks`), hidden
         states that are not [B, L, H] or disagree in [B, L], and every error of
         `fused_linear_kl` (heads, vocab_size, temperature, beta, divergence, impl,
         fp32_weight_grad).
@@ -451,7 +454,6 @@ def topk_align(
         "mass": mass, "vision_mask": vision_mask,
     })
     check_selection_args(mass, vision_mask, k, ratio)
-    check_finite_nonnegative("mass", mass)
     check_bool("fp32_weight_grad", fp32_weight_grad)
     resolve_impl(impl, device)  # the same checks as every op (a clear error for bad impl)
     v = resolve_vocab_size(vocab_size, student_weight.shape[0], teacher_weight.shape[0])
@@ -474,7 +476,8 @@ def topk_align(
     ok = total > 0
     coef = torch.where(ok, weights / torch.where(ok, total, torch.ones_like(total)),
                        torch.zeros_like(weights)).contiguous()
-    opts = TopkAlignOptions(kl_opts, v, normalize, impl, int(chunk_bytes or 0), fp32_weight_grad)
+    opts = TopkAlignOptions(kl_opts, v, normalize, impl, _heur.resolve_chunk_bytes(chunk_bytes) or 0,
+                            fp32_weight_grad)
     return TopkAlignFunction.apply(
         hs2, student_weight, student_bias, ht2.detach(), teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(), rows, coef, opts,
@@ -545,7 +548,6 @@ def topk_feature_align(
     check_same_device({"student_hidden": student_hidden, "teacher_hidden": teacher_hidden,
                        "mass": mass, "vision_mask": vision_mask})
     check_selection_args(mass, vision_mask, k, ratio)
-    check_finite_nonnegative("mass", mass)
     if projection is None and student_hidden.shape[2] != teacher_hidden.shape[2]:
         raise ValueError(
             f"student_hidden width {student_hidden.shape[2]} != teacher_hidden width "

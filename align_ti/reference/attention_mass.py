@@ -85,6 +85,8 @@ def check_attention_mass_args(q, k, query_mask, attention_mask=None, scale=None,
     check_tensor("k", k, ndim=4, dtypes=_FLOAT_DTYPES)
     check_same_dtype("k", k, "q", q)
     B, Hq, L, D = q.shape
+    if D == 0:
+        raise ValueError(f"q must have a head dim D >= 1, got shape {list(q.shape)}")
     check_dim("k", k, 0, B, "the batch size of q")
     check_dim("k", k, 2, L, "the sequence length of q")
     check_dim("k", k, 3, D, "the head dim of q")

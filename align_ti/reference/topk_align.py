@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from align_ti.validation import check_no_nan, check_tensor
+from align_ti.validation import check_finite_nonnegative, check_tensor, value_checks_enabled
 
 
 def check_selection_args(mass, vision_mask, k, ratio) -> None:
@@ -38,7 +38,9 @@ def check_selection_args(mass, vision_mask, k, ratio) -> None:
         isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1
     ):
         raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
-    check_no_nan("mass", mass)
+    if value_checks_enabled():  # only vision positions are read: finite and >= 0 there
+        zero = torch.zeros((), dtype=mass.dtype, device=mass.device)
+        check_finite_nonnegative("mass (at vision tokens)", torch.where(vision_mask, mass, zero))
 
 
 def kept_count(num_vision: int, k: int | None, ratio: float | None) -> int:

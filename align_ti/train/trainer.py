@@ -254,7 +254,8 @@ class DistillModule(nn.Module):
                                           strategy=spec.tpa_strategy, temperature=spec.tpa_temperature,
                                           forbidden_ids=self.forbidden_ids, vocab_limit=self.vocab_limit,
                                           seed=spec.seed, sample_ids=sample_ids, epoch=epoch,
-                                          student_bias=bs, chunk_bytes=spec.chunk_bytes)
+                                          student_bias=bs, chunk_bytes=spec.chunk_bytes,
+                                          attention_mask=attention_mask)
             del h0
             eb = build_expanded_batch(input_ids, attention_mask, steps, cands, labels=labels,
                                       pad_id=self.pad_token_id)

@@ -271,6 +271,11 @@ def _ok():
         (lambda q, k, m: (q, k, m, {"scale": -1.0}), ValueError, "scale"),
         (lambda q, k, m: (q, k, m, {"impl": "cuda"}), ValueError, "impl"),
         (lambda q, k, m: (q, k, m, {"chunk_bytes": 0}), ValueError, "chunk_bytes"),
+        (lambda q, k, m: (q, k, m, {"chunk_bytes": "lots"}), ValueError, "chunk_bytes"),
+        (lambda q, k, m: (q, k, m, {"scale": float("inf")}), ValueError, "scale"),
+        (lambda q, k, m: (q[..., :0], k[..., :0], m, {}), ValueError, "head dim"),
+        (lambda q, k, m: (q, k, m, {"lse": torch.full((2, 4, 9), float("inf"))}), ValueError, "lse"),
+        (lambda q, k, m: (q, k, m, {"lse": torch.full((2, 4, 9), float("nan"))}), ValueError, "lse"),
         (lambda q, k, m: (q, k, m, {"average_heads": 1}), TypeError, "average_heads"),
         (lambda q, k, m: ("q", k, m, {}), TypeError, "q"),
     ],
@@ -279,6 +284,16 @@ def test_bad_input(mutate, exc, name):
     q, k, m, kw = mutate(*_ok())
     with pytest.raises(exc, match=name):
         attention_mass(q, k, m, **kw)
+
+
+def test_lse_is_only_checked_at_selected_queries_and_chunk_bytes_takes_a_size_string():
+    q, k, m = _ok()
+    m[:, 5:] = False
+    z = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) * q.shape[-1] ** -0.5
+    lse = z.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf")).logsumexp(-1)
+    want = attention_mass(q, k, m)
+    lse[:, :, 5:] = float("nan")  # never read: those queries are not selected
+    assert_close(attention_mass(q, k, m, lse=lse, chunk_bytes="1K"), want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only check")

@@ -220,6 +220,18 @@ def test_qwen2_expanded_forward_equals_separate_forwards(attn):
     _check_forward_equivalence(model, ids, am, steps, cands, labels=labels)
 
 
+def test_expanded_forward_refuses_a_mask_form_the_model_does_not_run():
+    model = build_tiny_causal_lm("student", "qwen2", attn_implementation="eager").eval()
+    ids, am, _ = _small()
+    eb = build_expanded_batch(ids, am, torch.tensor([[2]]), torch.tensor([[[9]]]))
+    with torch.no_grad():
+        same = expanded_hidden_states(model, eb, attn_implementation="eager")
+        assert torch.equal(same, expanded_hidden_states(model, eb))
+        for other in ("sdpa", "flex_attention"):  # a bool mask under eager is silently wrong
+            with pytest.raises(ValueError, match="attn_implementation"):
+                expanded_hidden_states(model, eb, attn_implementation=other)
+
+
 def _llava_batch(n=3):
     proc = build_processor()
     items = synthetic_vqa("train", n_images=4, seed=0, questions_per_image=None)
@@ -351,6 +363,27 @@ def test_select_branch_steps_reproducible_across_batches():
     assert a[2][a[2] >= 0].tolist() == b[1][b[1] >= 0].tolist()
     c = select_branch_steps(labels, am, fraction=0.3, seed=9, sample_ids=sid, epoch=3)
     assert not torch.equal(a, c)  # another epoch draws other positions
+
+
+def _left_pad(x, n, value=0):
+    return torch.cat([torch.full((x.shape[0], n, *x.shape[2:]), value, dtype=x.dtype), x], 1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_steps_and_candidates_do_not_depend_on_left_padding(seed):
+    """Positions are keyed from each sample's first real token: left padding shifts the
+    chosen steps and leaves the candidates unchanged."""
+    hidden, weight, ids, am, labels = _head_setup(seed=seed, b=3, length=14)
+    sid = torch.tensor([3, 4, 5])
+    kw = dict(seed=seed, sample_ids=sid, epoch=1)
+    steps = select_branch_steps(labels, am, fraction=0.4, **kw)
+    cands = sample_candidates(hidden, weight, ids, steps, num_candidates=3, attention_mask=am, **kw)
+    pad = 5
+    steps_l = select_branch_steps(_left_pad(labels, pad, -100), _left_pad(am, pad), fraction=0.4, **kw)
+    assert torch.equal(steps_l, torch.where(steps >= 0, steps + pad, steps))
+    cands_l = sample_candidates(_left_pad(hidden, pad), weight, _left_pad(ids, pad), steps_l,
+                                num_candidates=3, attention_mask=_left_pad(am, pad), **kw)
+    assert torch.equal(cands_l, cands)
 
 
 # --------------------------------------------------------------------------------------------
@@ -615,6 +648,15 @@ def test_builder_bad_shapes():
         eb.attention_mask_for("flash_attention_2")
     with pytest.raises(ValueError, match="mask"):
         eb.expand_rows(torch.zeros(1, 6, dtype=torch.bool))
+    for bad in ([[5]], [[-1]]):  # L = 5: row 5 would be a candidate's
+        with pytest.raises(ValueError, match="positions"):
+            eb.expand_positions(torch.tensor(bad))
+    with pytest.raises(ValueError, match="vocab_size"):
+        build_expanded_batch(ids, am, st, c, vocab_size=99.5)
+    with pytest.raises(TypeError, match="pad_id"):
+        build_expanded_batch(ids, am, st, c, pad_id=1.5)
+    with pytest.raises(TypeError, match="forbidden_ids"):
+        build_expanded_batch(ids, am, st, c, forbidden_ids=["a"])
     with pytest.raises(ValueError, match="student_hidden"):
         tpa_loss(torch.randn(1, 5, 4), torch.randn(10, 4), torch.randn(1, 6, 4), torch.randn(10, 4), eb)
     with pytest.raises(TypeError, match="batch"):
@@ -646,6 +688,26 @@ def test_sampling_bad_input():
         sample_candidates(hidden, weight, ids, steps, sample_ids=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="epoch"):
         sample_candidates(hidden, weight, ids, steps, epoch=1.5)
+    with pytest.raises(ValueError, match="student_weight"):
+        sample_candidates(hidden, weight.to("meta"), ids, steps)
+    with pytest.raises(TypeError, match="student_bias"):
+        sample_candidates(hidden, weight, ids, steps, student_bias=torch.zeros(weight.shape[0], dtype=torch.long))
+    with pytest.raises(TypeError, match="exclude_ground_truth"):
+        sample_candidates(hidden, weight, ids, steps, exclude_ground_truth="no")
+    with pytest.raises(TypeError, match="forbidden_ids"):
+        sample_candidates(hidden, weight, ids, steps, forbidden_ids="ab")
+    for bad in (0, -5, "1X"):
+        with pytest.raises(ValueError, match="chunk_bytes"):
+            sample_candidates(hidden, weight, ids, steps, chunk_bytes=bad)
+    with pytest.raises(ValueError, match="attention_mask"):
+        sample_candidates(hidden, weight, ids, steps, attention_mask=am[:, :4])
+    for poison in (float("nan"), float("inf")):
+        h = hidden.clone()
+        h[:] = poison
+        with pytest.raises(ValueError, match="NaN or inf"):
+            sample_candidates(h, weight, ids, steps)
+    with pytest.raises(ValueError, match="epoch"):
+        select_branch_steps(labels, am, epoch="x")  # checked also when every step is branched
     with pytest.raises(ValueError, match="fraction"):
         select_branch_steps(labels, am, fraction=0.0)
     with pytest.raises(ValueError, match="max_per_sample"):

@@ -490,6 +490,9 @@ def _bad_cases():
         ({"student_bias": torch.randn(VS - 1)}, ValueError, "student_bias"),
         ({"student_hidden": torch.randn(N)}, ValueError, "student_hidden"),
         ({"student_weight": "w"}, TypeError, "student_weight"),
+        ({"temperature": float("inf")}, ValueError, "temperature"),
+        ({"chunk_bytes": -5}, ValueError, "chunk_bytes"),
+        ({"chunk_bytes": "1X"}, ValueError, "chunk_bytes"),
     ]
 
 

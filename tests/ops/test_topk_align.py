@@ -131,9 +131,12 @@ def test_select_low_precision_mass_and_minus_inf():
     vision = torch.rand(2, 30) > 0.3
     for opts in SEL_OPTS:
         assert torch.equal(select_topk(mass, vision, **opts)[0], select_topk_reference(mass, vision, **opts)[0])
-    mass = torch.tensor([[float("-inf"), 0.5, float("-inf"), 0.2]])
+    mass = torch.tensor([[float("-inf"), 0.5, 0.0, 0.2]])
     vision = torch.tensor([[False, False, True, True]])
-    assert select_topk(mass, vision, k=2)[0].tolist() == [2, 3]  # -inf vision token beats text
+    rows, weights = select_topk(mass, vision, k=2)  # text mass is never read, -inf included
+    assert rows.tolist() == [2, 3] and weights.tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match="mass"):
+        select_topk(mass.flip(1), vision, k=2)  # -inf at a vision token
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,18 +306,25 @@ def test_bad_tensors():
         topk_align(**dict(t, mass=t["mass"][:, :-1]))
     with pytest.raises(TypeError, match="vision_mask must have dtype"):
         topk_align(**dict(t, vision_mask=t["vision_mask"].long()))
-    bad = t["mass"].clone()
-    bad[0, 3] = float("nan")
-    with pytest.raises(ValueError, match="mass holds NaN"):
-        topk_align(**dict(t, mass=bad))
-    with pytest.raises(ValueError, match="mass holds NaN"):
-        select_topk(bad, t["vision_mask"])
-    bad[0, 3] = float("inf")
-    with pytest.raises(ValueError, match="mass must be finite"):
-        topk_align(**dict(t, mass=bad))
-    bad[0, 3] = -1.0
-    with pytest.raises(ValueError, match="mass must be >= 0"):
-        topk_align(**dict(t, mass=bad))
+    vm = t["vision_mask"]
+    j = int(vm[0].nonzero()[0])
+    for poison, match in ((float("nan"), "mass.* must be finite"), (float("inf"), "mass.* must be finite"),
+                          (-1.0, "mass.* must be >= 0")):
+        bad = t["mass"].clone()
+        bad[0, j] = poison
+        with pytest.raises(ValueError, match=match):
+            topk_align(**dict(t, mass=bad))
+        with pytest.raises(ValueError, match=match):
+            select_topk(bad, vm)
+        for pad in (False, True):  # outside the vision tokens mass is never read
+            off = t["mass"].clone()
+            off[~vm] = poison
+            assert all(torch.equal(a, b) for a, b in zip(select_topk(off, vm, k=3, pad=pad),
+                                                         select_topk(t["mass"], vm, k=3, pad=pad)))
+    with pytest.raises(TypeError, match="pad"):
+        select_topk(t["mass"], vm, pad="no")
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        topk_align(**t, chunk_bytes=-5)
     with pytest.raises(ValueError, match="student_hidden must be 3-D"):
         topk_align(**dict(t, student_hidden=t["student_hidden"][0]))
     with pytest.raises(ValueError, match="teacher_hidden must have the"):

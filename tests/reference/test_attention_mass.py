@@ -440,7 +440,7 @@ def test_attention_mass_bad_input(name, make, exc, match):
         attention_mass_reference(**args)
 
 
-@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), "0.5", True])
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf"), "0.5", True])
 def test_attention_mass_bad_scale(scale):
     with pytest.raises(ValueError, match="scale"):
         attention_mass_reference(**_good(), scale=scale)
