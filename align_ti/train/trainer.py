@@ -392,7 +392,7 @@ class DistillTrainer(Trainer):
         super().__init__(model, *args, **kwargs)
         self._distill = model
         self._term_sums: dict[str, torch.Tensor] = {}
-        self._term_steps_logged = 0
+        self._terms_since_step = 0  # the global step before the first step in _term_sums
         if self.is_deepspeed_enabled:
             model.register_zero3_heads()
         teacher = model.teacher
@@ -422,6 +422,8 @@ class DistillTrainer(Trainer):
         terms = out["terms"]
         self._check_finite(out["loss"], terms)
         if model.training:
+            if not self._term_sums:  # a resumed run starts at its checkpoint's step, not 0
+                self._terms_since_step = self.state.global_step
             for name, value in terms.items():
                 acc = self._term_sums.get(name)
                 self._term_sums[name] = value.detach().clone() if acc is None else acc + value.detach()
@@ -444,7 +446,7 @@ class DistillTrainer(Trainer):
     # ---- logging: each term next to the total ---------------------------------------------
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         if "loss" in logs and self._term_sums:
-            steps = self.state.global_step - self._term_steps_logged
+            steps = self.state.global_step - self._terms_since_step
             names = sorted(self._term_sums)
             stacked = torch.stack([self._term_sums[n] for n in names]).to(self.args.device)
             if self.args.world_size > 1:
@@ -452,7 +454,6 @@ class DistillTrainer(Trainer):
             for n, v in zip(names, stacked.tolist()):
                 logs[f"loss_{n}"] = round(v / max(steps, 1), 6)
             self._term_sums = {}
-            self._term_steps_logged = self.state.global_step
         super().log(logs, start_time)
 
     # ---- checkpoints: a student checkpoint, written atomically ---------------------------

@@ -59,7 +59,9 @@ def _trainer(setup, out, callbacks=None):
 
 
 def _losses(trainer):
-    return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    """step -> (total loss, per-term losses) as logged."""
+    return {h["step"]: (h["loss"], {k: v for k, v in h.items() if k.startswith("loss_")})
+            for h in trainer.state.log_history if "loss" in h}
 
 
 def test_killed_run_resumes_to_the_same_result(setup, tmp_path):
@@ -86,7 +88,11 @@ def test_killed_run_resumes_to_the_same_result(setup, tmp_path):
     losses = _losses(resumed)
     assert sorted(losses) == list(range(1, STEPS + 1))  # steps 1-4 from the checkpoint's log history
     for step in range(1, STEPS + 1):
-        assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), step
+        assert losses[step][0] == pytest.approx(ref_losses[step][0], rel=1e-5), step
+        # the terms logged after the resume average that one step, not all steps since 0
+        assert losses[step][1].keys() == ref_losses[step][1].keys() == {"loss_sft", "loss_kd", "loss_iva", "loss_tpa"}
+        for name, value in losses[step][1].items():
+            assert value == pytest.approx(ref_losses[step][1][name], rel=1e-4, abs=1e-6), (step, name)
     for k, v in resumed.model.student.state_dict().items():
         torch.testing.assert_close(v, ref_weights[k], rtol=1e-5, atol=1e-7, msg=lambda m: f"{k}: {m}")
 
