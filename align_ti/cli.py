@@ -47,6 +47,9 @@ def _cmd_synth(args) -> int:
     """Write the built-in synthetic visual QA data as a LLaVA-format dataset."""
     from align_ti.data.synthetic import write_llava_dataset
 
+    if args.images < 1:
+        print(f"align-ti synth: error: --images must be >= 1, got {args.images}", file=sys.stderr)
+        return 2
     json_path = write_llava_dataset(args.out, n_images=args.images, seed=args.seed)
     print(f"wrote {json_path} (images under {args.out})")
     return 0
@@ -126,13 +129,26 @@ def _cmd_distill(args) -> int:
     from align_ti.train.data import TokenizerMismatchError
     from align_ti.train.trainer import NonFiniteLossError, run_distill
 
+    resume = None
+    if args.resume:
+        import os
+
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
+        if resume is None:
+            print(f"align-ti distill: --resume: no checkpoint-<step> in {config.output_dir}; "
+                  "starting from step 0", file=sys.stderr)
+        else:
+            print(f"align-ti distill: resuming from {resume}", file=sys.stderr)
     try:
-        metrics = run_distill(config, resume_from_checkpoint=True if args.resume else None)
+        metrics = run_distill(config, resume_from_checkpoint=resume)
     except (ValueError, FileNotFoundError, TokenizerMismatchError, NonFiniteLossError) as e:
         print(f"align-ti distill: error: {e}", file=sys.stderr)
         return 2
-    print(f"train_loss {metrics.get('train_loss', float('nan')):.6g}  wall {metrics['wall_s']:.1f}s  "
-          f"student saved to {config.output_dir}")
+    steps = f"steps {metrics['first_step']}-{metrics['global_step']}"
+    print(f"train_loss {metrics.get('train_loss', float('nan')):.6g} (mean over {steps})  "
+          f"wall {metrics['wall_s']:.1f}s  student saved to {config.output_dir}")
     return 0
 
 
@@ -158,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("env", help="show versions, devices and usable fast paths",
                        description=_cmd_env.__doc__)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=_cmd_env)
+    p.set_defaults(parser=p, func=_cmd_env)
 
     p = sub.add_parser("synth", help="write the synthetic visual QA set as LLaVA-format JSON + images",
                        description=_cmd_synth.__doc__ + " Useful to try the LLaVA-format loader "
@@ -166,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--images", type=int, default=32, help="number of images (several questions each)")
     p.add_argument("--seed", type=int, default=0, help="generation seed")
-    p.set_defaults(func=_cmd_synth)
+    p.set_defaults(parser=p, func=_cmd_synth)
 
     p = sub.add_parser("irs", help="score every teacher layer by IRS and pick the IVA layer",
                        description=_cmd_irs.__doc__)
@@ -180,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="irs_out", help="output folder for irs.json and irs.png")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per forward")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic pairs")
-    p.set_defaults(func=_cmd_irs)
+    p.set_defaults(parser=p, func=_cmd_irs)
     p = sub.add_parser("distill", help="distill a student from a teacher (Align-TI losses, transformers.Trainer)",
                        description=_cmd_distill.__doc__)
     p.add_argument("--config", default=None, help="YAML or JSON run config (see --list-keys); default: all defaults")
@@ -190,34 +206,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="resume from the last checkpoint-<step> in output_dir")
     p.add_argument("--list-keys", action="store_true", help="print the valid config keys and exit")
-    p.set_defaults(func=_cmd_distill)
+    p.set_defaults(parser=p, func=_cmd_distill)
 
     p = sub.add_parser("demo", help="SFT vs KD vs IVA vs TPA vs Align-TI on tiny models (CPU, minutes)",
                        description=_cmd_demo.__doc__)
     from align_ti.train.demo import add_arguments as _demo_arguments
 
     _demo_arguments(p)
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(parser=p, func=_cmd_demo)
 
     p = sub.add_parser("bench", help="benchmark the ops against today's alternatives",
                        description=_cmd_bench.__doc__)
     from align_ti.benchmarks.runner import build_parser as _bench_parser
 
     _bench_parser(p)
-    p.set_defaults(func=_cmd_bench)
+    p.set_defaults(parser=p, func=_cmd_bench)
 
     p = sub.add_parser("build-native", help="build and cache the native CPU kernels (CMake + Ninja)",
                        description=_cmd_build_native.__doc__)
     p.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
     p.add_argument("--verbose", action="store_true", help="show the CMake / compiler output")
     p.add_argument("-j", "--jobs", type=int, default=None, help="parallel compile jobs")
-    p.set_defaults(func=_cmd_build_native)
+    p.set_defaults(parser=p, func=_cmd_build_native)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):  # key=value after a flag (`distill w_kd=1 --resume max_steps=5`)
+        args.overrides += [a for a in unknown if not a.startswith("-")]
+        unknown = [a for a in unknown if a.startswith("-")]
+    if unknown:  # reported with the usage of the subcommand they were given to
+        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

@@ -209,7 +209,7 @@ def run_case(spec, fraction: float, device, dtype, reps: int, log=print) -> dict
              "fwd_bwd": harness._stats([a + b for a, b in zip(f, bw)]), "fwd_nograd": harness._stats(list(ng)),
              "peak_extra_mib": mem[name] / 2**20, "status": "ok"}
         results.append(r)
-        log(f"{spec['name']:32s} frac={fraction:<5} {name:15s} fwd+bwd min {r['fwd_bwd']['min_s'] * 1e3:9.1f} ms  "
+        log(f"{spec['name']:32s} frac={fraction:<5} {name:15s} fwd+bwd median {r['fwd_bwd']['median_s'] * 1e3:9.1f} ms  "
             f"no-grad fwd min {r['fwd_nograd']['min_s'] * 1e3:8.1f} ms  {r['peak_extra_mib']:8.1f} MiB")
     ok = {r["provider"]: r for r in results if r["status"] == "ok"}
     summary = {"T": eb.total_length, "L": length, "C": eb.num_slots,

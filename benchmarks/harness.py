@@ -453,9 +453,14 @@ def markdown(report: dict) -> str:
                       "the round medians, min-max over all repetitions, memory the largest round's", ""]
     if report.get("roofline_tflops"):
         lines += [f"Measured matmul roofline: {report['roofline_tflops']:.1f} TFLOP/s", ""]
+    if report.get("left_out_by_quick"):
+        lines += [f"Left out by --quick: {', '.join(report['left_out_by_quick'])}", ""]
+    timed = report.get("timed", "fwd+bwd")  # "fwd": a forward-only benchmark
+    if timed != "fwd+bwd":
+        lines += [f"Timed: {timed} only (no backward)", ""]
     for case in report["cases"]:
         lines += [f"## {case['name']}", "", f"Parameters: {case['params']}", "",
-                  "| provider | fwd median (s) | bwd median (s) | fwd+bwd median (s) | fwd+bwd min-max (s) "
+                  f"| provider | fwd median (s) | bwd median (s) | {timed} median (s) | {timed} min-max (s) "
                   "| peak extra (MiB) | TFLOP/s | status |",
                   "|---|---:|---:|---:|---|---:|---:|---|"]
         for r in case["results"]:
@@ -506,7 +511,7 @@ def plot(report: dict, path: str) -> str | None:
             label = f"{p} {name}".strip()
             ax_t.plot(xs, [r["fwd_bwd"]["median_s"] * 1e3 for _, r in pts], marker="o", label=label)
             ax_m.plot(xs, [r["peak_extra_mib"] for _, r in pts], marker="o", label=label)
-    ax_t.set(xlabel=xname, ylabel="fwd+bwd median (ms)", title=f"{report['op']}: time")
+    ax_t.set(xlabel=xname, ylabel=f"{report.get('timed', 'fwd+bwd')} median (ms)", title=f"{report['op']}: time")
     ax_m.set(xlabel=xname, ylabel="peak extra memory (MiB)", title=f"{report['op']}: memory")
     for ax in (ax_t, ax_m):
         ax.set_yscale("log")

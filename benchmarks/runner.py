@@ -244,12 +244,19 @@ def run(device: str = "cpu", ops=None, quick: bool = False, reps: int | None = N
             written += harness.write_report(report, out_dir, op + ("-quick" if quick else ""))
             continue
         stem = op + ("-quick" if quick else "")
-        report = {"op": op, "description": bench.description, "device_type": device,
+        timed = "fwd+bwd" if bench.backward and bench.grad_inputs else "fwd"
+        report = {"op": op, "description": bench.description, "device_type": device, "timed": timed,
                   "provenance": harness.provenance(device), "quick": quick, "rounds": rounds,
-                  "memory_metric": ("max_memory_allocated during fwd+bwd minus allocated before"
+                  "memory_metric": (f"max_memory_allocated during {timed} minus allocated before"
                                     if device == "cuda" else
-                                    "max sampled RSS during fwd+bwd minus RSS before, fresh process per provider"),
+                                    f"max sampled RSS during {timed} minus RSS before, fresh process per provider"),
                   "cases": []}
+        if quick and bench.quick_providers is not None:
+            left_out = [p for p in bench.providers if bench.available(p) and p not in bench.quick_providers
+                        and (not providers or p in providers)]
+            if left_out:
+                report["left_out_by_quick"] = left_out
+                log(f"{op}: --quick leaves out {', '.join(left_out)} (compile time dominates small cases)")
         if device == "cuda" and bench.flops is not None:
             report["roofline_tflops"] = harness.matmul_roofline_tflops(torch.device("cuda"), torch.bfloat16)
         for case in cases:
@@ -270,7 +277,7 @@ def run(device: str = "cpu", ops=None, quick: bool = False, reps: int | None = N
                     took = time.perf_counter() - t0
                     tag = f"{p:22s}" + (f" round {rnd + 1}/{rounds}" if rounds > 1 else "")
                     if r.get("status") == "ok":
-                        log(f"{op:15s} {case.name:40s} {tag} fwd+bwd {r['fwd_bwd']['median_s'] * 1e3:9.2f} ms"
+                        log(f"{op:15s} {case.name:40s} {tag} {timed} {r['fwd_bwd']['median_s'] * 1e3:9.2f} ms"
                             f"  {r['peak_extra_mib']:9.1f} MiB  ({took:.0f} s)")
                     else:
                         log(f"{op:15s} {case.name:40s} {tag} {r['status']}")
@@ -300,13 +307,18 @@ def build_parser(parser=None):
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="where to run (default: cuda when available, else cpu)")
     parser.add_argument("--op", action="append", choices=list(OPS), help="an op to benchmark (repeatable; default all)")
-    parser.add_argument("--quick", action="store_true", help="the small quick cases only, fewer repetitions")
+    parser.add_argument("--quick", action="store_true",
+                        help="the small quick cases only, fewer repetitions, and without the providers "
+                             "whose compile time dominates a small case (fused_kl: torch_compile); the "
+                             "report lists what it left out")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per provider (default 7, quick 3)")
     parser.add_argument("--provider", action="append", help="only these providers (repeatable)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every provider this many times, taking turns, and report the median "
                              "of the round medians (a shared machine's drift then hits all providers alike)")
-    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
+    parser.add_argument("--out", default=None,
+                        help="results folder (default benchmarks/results/<device>, where the committed "
+                             "results live: a run there replaces the files of the ops it runs)")
     return parser
 
 

@@ -349,19 +349,44 @@ def write_llava_dataset(
     return path
 
 
+def _check_llava_record(rec, where: str) -> None:
+    """A LLaVA sample: {"id", "image" (optional), "conversations": [{"from", "value"}, ...]}."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(rec).__name__}")
+    missing = [key for key in ("id", "conversations") if key not in rec]
+    if missing:
+        raise ValueError(f"{where} has no {' / '.join(repr(m) for m in missing)} "
+                         f"(LLaVA format: {{'id', 'image', 'conversations': [{{'from', 'value'}}, ...]}})")
+    turns = rec["conversations"]
+    if not isinstance(turns, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str)
+            for t in turns):
+        raise ValueError(f"{where}: 'conversations' must be a list of {{'from': str, 'value': str}} turns")
+    if rec.get("image") is not None and not isinstance(rec["image"], str):
+        raise ValueError(f"{where}: 'image' must be a path string, got {rec['image']!r}")
+
+
 def load_llava_json(json_path, image_folder, image_token: str = "<image>") -> list[dict]:
     """Read a LLaVA-format JSON into item dicts `{"id", "image", "image_id", "question", "answer"}`.
 
     One item per (human, gpt) turn pair; an entry with several pairs gives ids `<id>-<k>`.
     The image placeholder is removed from the question (the chat template re-inserts the
     image). `image_id` is the image path as written in the JSON; entries without an image
-    get `image=None`. Each image file is opened once and shared by its items.
+    get `image=None`. Each image file is opened once and shared by its items. A malformed
+    file or sample raises ValueError naming the file and the sample.
     """
-    records = json.loads(Path(json_path).read_text())
+    try:
+        records = json.loads(Path(json_path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{json_path}: not valid JSON ({e})") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{json_path}: a LLaVA-format file holds a JSON list of samples, got "
+                         f"{type(records).__name__}")
     image_folder = Path(image_folder)
     cache: dict[str, Image.Image] = {}
     items = []
-    for rec in records:
+    for i, rec in enumerate(records):
+        _check_llava_record(rec, f"{json_path}: sample {i}")
         rel = rec.get("image")
         image = None
         if rel is not None:

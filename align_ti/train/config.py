@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -85,15 +86,20 @@ class DistillConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config {name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         for name in ("w_sft", "w_kd", "w_iva", "w_tpa"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"config {name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:  # NaN fails too
+                raise ValueError(f"config {name} must be a finite number >= 0, got {getattr(self, name)}")
         if not any(getattr(self, n) > 0 for n in ("w_sft", "w_kd", "w_iva", "w_tpa")):
             raise ValueError("config: at least one of w_sft, w_kd, w_iva, w_tpa must be > 0")
         if not 0 < self.beta < 1:
             raise ValueError(f"config beta must satisfy 0 < beta < 1, got {self.beta}")
         for name in ("temperature", "tpa_temperature", "learning_rate"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"config {name} must be > 0, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"config {name} must be a finite number > 0, got {getattr(self, name)}")
+        if self.max_steps <= 0 and not 0 < self.num_train_epochs < math.inf:
+            raise ValueError(f"config num_train_epochs must be a finite number > 0 (or set max_steps > 0), "
+                             f"got {self.num_train_epochs}")
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise ValueError(f"config output_dir: {self.output_dir!r} exists and is not a folder")
         if not 0 < self.tpa_fraction <= 1:
             raise ValueError(f"config tpa_fraction must be in (0, 1], got {self.tpa_fraction}")
         for name in ("tpa_d", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps", "irs_samples",
@@ -190,11 +196,17 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         with open(path, encoding="utf-8") as f:
             text = f.read()
         if path.endswith(".json"):
-            loaded = json.loads(text)
+            try:
+                loaded = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"config file {path!r} is not valid JSON: {e}") from None
         else:
             import yaml
 
-            loaded = yaml.safe_load(text)
+            try:
+                loaded = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ValueError(f"config file {path!r} is not valid YAML: {e}") from None
         loaded = loaded or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path!r} must hold a mapping of key: value")

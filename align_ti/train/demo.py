@@ -190,6 +190,15 @@ def _losses(log_history) -> dict:
     return curves
 
 
+def _remove_empty_dirs(root: str) -> None:
+    """Remove the folders under root (and root) that hold no file, deepest first."""
+    if not os.path.isdir(root):
+        return
+    for path, _dirs, _files in sorted(os.walk(root), key=lambda w: -w[0].count(os.sep)):
+        if not os.listdir(path):
+            os.rmdir(path)
+
+
 def run_demo(settings: DemoSettings, out: str, log=print) -> dict:
     """Run the demo (see the module docstring); returns what results.json holds."""
     import torch
@@ -283,6 +292,8 @@ def _run_demo(settings: DemoSettings, out: str, log=print) -> dict:
             "kl_mean": _mean(kls), "kl_std": _std(kls),
             "wall_s_mean": _mean(walls), "wall_s_total": sum(walls),
         }
+
+    _remove_empty_dirs(os.path.join(out, "runs"))  # the trainers' output_dirs; nothing is saved there
 
     results = {
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()},
@@ -476,6 +487,8 @@ def settings_from_args(args) -> DemoSettings:
             raise ValueError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
         s = replace(s, methods=chosen)
     if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         s = replace(s, threads=args.threads)
     return s
 

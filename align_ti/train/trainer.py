@@ -671,10 +671,22 @@ def build_trainer(config, student=None, teacher=None, processor=None, teacher_pr
                           callbacks=callbacks)
 
 
+def _checkpoint_step(path) -> int:
+    """The step of a checkpoint folder (its trainer_state.json, else its checkpoint-<step> name)."""
+    state = os.path.join(path, "trainer_state.json")
+    if os.path.isfile(state):
+        with open(state, encoding="utf-8") as f:
+            return int(json.load(f).get("global_step", 0))
+    tail = os.path.basename(os.path.normpath(path)).rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
 def run_distill(config, resume_from_checkpoint=None) -> dict:
     """Train as configured; save the final student to ``output_dir``; return the train metrics.
 
     ``resume_from_checkpoint``: a checkpoint folder, True (the last one in output_dir), or None.
+    The metrics hold transformers' ``train_loss`` (the mean over the steps this call ran),
+    ``first_step`` and ``global_step`` (the steps it ran), ``wall_s`` and ``log_history``.
     """
     from align_ti.train.config import save_config
 
@@ -690,5 +702,8 @@ def run_distill(config, resume_from_checkpoint=None) -> dict:
     trainer.save_model(config.output_dir)
     metrics = dict(result.metrics)
     metrics["wall_s"] = time.time() - t0
+    # train_loss (transformers) is the mean over the steps this call ran, not over the run
+    metrics["first_step"] = 1 + (_checkpoint_step(resume_from_checkpoint) if resume_from_checkpoint else 0)
+    metrics["global_step"] = result.global_step
     metrics["log_history"] = trainer.state.log_history
     return metrics

@@ -49,6 +49,20 @@ def test_runner_writes_results_and_refuses_disagreeing_provider(tmp_path, monkey
     assert "refused" in md and "Commit:" in md
 
 
+def test_forward_only_and_quick_reports_say_what_they_timed_and_left_out(tmp_path, monkeypatch):
+    bench = dataclasses.replace(_toy_bench(), backward=False, quick_providers=("align_ti", "plain"))
+    cases = [harness.Case("toy", "N=4", {"N": 4}, quick=True)]
+    monkeypatch.setattr(runner, "load_op", lambda name: (bench, cases))
+    lines = []
+    runner.run("cpu", ops=["toy"], quick=True, reps=2, out_dir=str(tmp_path), isolate=False, log=lines.append)
+    report = json.loads((tmp_path / "toy-quick.json").read_text())
+    assert report["timed"] == "fwd" and report["left_out_by_quick"] == ["wrong"]
+    md = (tmp_path / "toy-quick.md").read_text()
+    assert "Timed: fwd only" in md and "| fwd median (s) |" in md and "fwd+bwd" not in md
+    assert "Left out by --quick: wrong" in md
+    assert any(" fwd " in line and "fwd+bwd" not in line for line in lines if "align_ti" in line)
+
+
 def test_rounds_take_turns_and_merge(tmp_path, monkeypatch):
     """--rounds: each provider is measured once per round, the providers taking turns, and
     its rounds merge into the median of the round medians (memory: the largest round)."""

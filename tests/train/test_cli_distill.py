@@ -82,3 +82,38 @@ def test_demo_bad_arguments(capsys):
     assert main(["demo", "--methods", "SFT,DPO"]) == 2
     assert "DPO" in capsys.readouterr().err
     assert main(["demo", "--seeds", "0"]) == 2
+    assert main(["demo", "--threads", "-1"]) == 2
+    assert "--threads" in capsys.readouterr().err
+
+
+def test_unknown_flag_shows_the_subcommand_usage(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["distill", "--bogus"])
+    err = capsys.readouterr().err
+    assert "usage: align-ti distill" in err and "unrecognized arguments: --bogus" in err
+
+
+def test_distill_malformed_data_file_names_it(capsys, tmp_path):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"foo": 1}]))
+    assert main(["distill", f"data={data}", "max_steps=1", f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert str(data) in err and "sample 0" in err and "conversations" in err
+
+
+def test_distill_resume_says_where_it_starts(capsys, tmp_path):
+    """--resume without a checkpoint says it starts from step 0; with one, where it resumes;
+    the summary line names the steps its train_loss averages."""
+    run = tmp_path / "run"
+    args = ["distill", f"output_dir={run}", "per_device_train_batch_size=2", "synthetic_images=2",
+            "w_iva=0", "w_tpa=0", 'training_args={"save_steps": 2, "disable_tqdm": true}']
+    assert main(args + ["--resume", "max_steps=2"]) == 0
+    cap = capsys.readouterr()
+    assert "no checkpoint-<step>" in cap.err and "starting from step 0" in cap.err
+    assert "(mean over steps 1-2)" in cap.out
+    assert main(args + ["--resume", "max_steps=3"]) == 0
+    cap = capsys.readouterr()
+    assert f"resuming from {run / 'checkpoint-2'}" in cap.err
+    assert "(mean over steps 3-3)" in cap.out

@@ -44,8 +44,11 @@ def test_unknown_key_lists_valid_keys(tmp_path):
     [
         ("tpa_d=four", "tpa_d must be int"),
         ("divergence=kl", "divergence must be one of"),
-        ("temperature=0", "temperature must be > 0"),
-        ("w_sft=-1", "w_sft must be >= 0"),
+        ("temperature=0", "temperature must be a finite number > 0"),
+        ("learning_rate=inf", "learning_rate must be a finite number > 0"),
+        ("w_sft=-1", "w_sft must be a finite number >= 0"),
+        ("w_kd=nan", "w_kd must be a finite number >= 0"),
+        ("num_train_epochs=-1", "num_train_epochs must be a finite number > 0"),
         ("tpa_fraction=1.5", "tpa_fraction"),
         ("iva_layer=best", "iva_layer"),
         ("teacher=/no/such/dir", "teacher.*local checkpoint"),
@@ -75,3 +78,25 @@ def test_all_weights_zero_rejected():
 
 def test_field_names_cover_loss_weights():
     assert {"w_sft", "w_kd", "w_iva", "w_tpa", "iva_layer", "tpa_d", "seed"} <= set(field_names())
+
+
+@pytest.mark.parametrize("suffix, text, kind", [
+    (".json", '{"w_kd": 1,}', "JSON"),
+    (".yaml", "w_kd: [1, 2\n", "YAML"),
+])
+def test_a_config_file_that_does_not_parse_is_named(tmp_path, suffix, text, kind):
+    path = tmp_path / f"bad{suffix}"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"{path}.*not valid {kind}"):
+        load_config(str(path))
+
+
+def test_output_dir_that_is_a_file_is_rejected(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match="output_dir.*not a folder"):
+        load_config(overrides=[f"output_dir={afile}"])
+
+
+def test_epochs_only_matter_without_max_steps():
+    assert load_config(overrides=["num_train_epochs=0", "max_steps=5"]).max_steps == 5

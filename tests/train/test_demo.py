@@ -15,6 +15,7 @@ def test_demo_quick(tmp_path, capsys):
     printed = capsys.readouterr().out
     for name in ("results.json", "results.md", "accuracy.png", "loss_curves.png"):
         assert (out / name).stat().st_size > 0, name
+    assert not (out / "runs").exists()  # the trainers' empty output folders are cleaned up
     results = json.loads((out / "results.json").read_text())
     assert list(results["methods"]) == list(METHODS)
     assert 0 <= results["teacher"]["accuracy"] <= 1
