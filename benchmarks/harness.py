@@ -458,18 +458,20 @@ def markdown(report: dict) -> str:
     timed = report.get("timed", "fwd+bwd")  # "fwd": a forward-only benchmark
     if timed != "fwd+bwd":
         lines += [f"Timed: {timed} only (no backward)", ""]
+    split = timed == "fwd+bwd"  # forward and backward columns of their own
+    head = "| provider | fwd median (s) | bwd median (s) " if split else "| provider "
     for case in report["cases"]:
         lines += [f"## {case['name']}", "", f"Parameters: {case['params']}", "",
-                  f"| provider | fwd median (s) | bwd median (s) | {timed} median (s) | {timed} min-max (s) "
-                  "| peak extra (MiB) | TFLOP/s | status |",
-                  "|---|---:|---:|---:|---|---:|---:|---|"]
+                  head + f"| {timed} median (s) | {timed} min-max (s) | peak extra (MiB) | TFLOP/s | status |",
+                  "|---" + "|---:" * (2 if split else 0) + "|---:|---|---:|---:|---|"]
         for r in case["results"]:
             if "fwd_bwd" not in r:
-                lines.append(f"| {r['provider']} | | | | | | | {r.get('status', '')} |")
+                lines.append(f"| {r['provider']} " + "| " * (6 if split else 4) + f"| {r.get('status', '')} |")
                 continue
             fb = r["fwd_bwd"]
+            parts = f"| {_fmt(r['fwd']['median_s'])} | {_fmt(r.get('bwd', {}).get('median_s'))} " if split else ""
             lines.append(
-                f"| {r['provider']} | {_fmt(r['fwd']['median_s'])} | {_fmt(r.get('bwd', {}).get('median_s'))} "
+                f"| {r['provider']} {parts}"
                 f"| {_fmt(fb['median_s'])} | {_fmt(fb['min_s'])}-{_fmt(fb['max_s'])} "
                 f"| {_fmt(r['peak_extra_mib'])} | {_fmt(r.get('tflops'))} | {r.get('status', 'ok')} |"
             )
