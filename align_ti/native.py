@@ -1,8 +1,9 @@
 """The optional native CPU extension: build, cache and load.
 
-The fused KL's per-chunk step is the custom op ``align_ti::kl_chunk`` (its default
-implementation is PyTorch code, see `align_ti.ops.fused_kl`). The C++ kernel in
-``csrc/fused_kl_cpu.cpp`` overrides it for CPU tensors once its shared library is loaded.
+The fused KL's per-chunk step is the custom op ``align_ti::kl_chunk`` and its read-only twin
+``align_ti::kl_chunk_into`` (their default implementation is PyTorch code, see
+`align_ti.ops.fused_kl`). The C++ kernel in ``csrc/fused_kl_cpu.cpp`` overrides both for CPU
+tensors once its shared library is loaded.
 
 - `build()` (or ``align-ti build-native``) configures ``CMakeLists.txt`` with CMake + Ninja
   against the torch that is installed now (no build isolation, so the ABI matches) and puts
@@ -196,8 +197,9 @@ def load(path: str | None = None) -> bool:
         import align_ti.ops.fused_kl  # noqa: F401  (defines the op schema first)
 
         torch.ops.load_library(path)
-        if not torch._C._dispatch_has_kernel_for_dispatch_key("align_ti::kl_chunk", "CPU"):
-            raise RuntimeError("the library registered no CPU kernel for align_ti::kl_chunk")
+        for op in ("align_ti::kl_chunk", "align_ti::kl_chunk_into"):
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"):
+                raise RuntimeError(f"the library registered no CPU kernel for {op}")
     except Exception as e:  # a broken / incompatible build: fall back, say so once
         _error = f"{type(e).__name__}: {e}"
         warnings.warn(f"align_ti: native CPU kernel {path} failed to load ({_error}); "

@@ -1,4 +1,5 @@
-// Native CPU kernel for the fused KL's per-chunk step: `align_ti::kl_chunk`.
+// Native CPU kernel for the fused KL's per-chunk step: `align_ti::kl_chunk` and
+// `align_ti::kl_chunk_into` (the same step; the second only reads zs and zt).
 //
 // The op's schema and its default (PyTorch) implementation live in
 // align_ti/ops/fused_kl.py; this file only overrides the CPU kernel through
@@ -254,20 +255,29 @@ double row_sumexp(const T* p, int64_t n, float m, float k) {
   return total;
 }
 
+// A log-sum-exp kept as shift + log_sum (shift = max * k). Apart, z * k - shift is exact
+// near the max and log_sum <= log n is small, so (z * k - shift) - log_sum keeps a
+// log-probability's precision; z * k - (shift + log_sum) rounds the lse at the logits' size
+// (3e-5 at logits of 300), and the divergence of two close distributions lost all of it.
+struct Lse {
+  float shift, log_sum;
+  float value() const { return shift + log_sum; }
+};
+
 // Log-sum-exp of p[0, n) * k (k > 0) in one streaming read: the row is visited in L1-sized
 // blocks (max of the block, then its sum of exps while it is in L1), blocks are combined
-// with one rescale each. Returns max * k + log(sum); NaN when the row holds NaN (or +inf).
+// with one rescale each. NaN when the row holds NaN (or +inf).
 constexpr int64_t kL1Block = 2048;
 
 template <typename T>
-float row_lse(const T* p, int64_t n, float k) {
+Lse row_lse(const T* p, int64_t n, float k) {
   const float ninf = -std::numeric_limits<float>::infinity();
   float m = ninf;
   double total = 0.0;
   for (int64_t b = 0; b < n; b += kL1Block) {
     const int64_t len = std::min(kL1Block, n - b);
     const float bm = row_max(p + b, len);
-    if (std::isnan(bm)) return bm;
+    if (std::isnan(bm)) return {bm, bm};
     if (bm == ninf) continue;  // exp(-inf) = 0: the block adds nothing
     const double bs = row_sumexp(p + b, len, bm, k);
     if (bm > m) {
@@ -277,7 +287,7 @@ float row_lse(const T* p, int64_t n, float k) {
       total += bs * std::exp(static_cast<double>(bm - m) * k);
     }
   }
-  return m * k + static_cast<float>(std::log(total));
+  return {m * k, static_cast<float>(std::log(total))};
 }
 
 struct Opts {
@@ -343,13 +353,13 @@ void kl_row(const TS* s, const TT* t, G* gd, float* gce, float* lm, const Opts& 
   const float z_label = valid ? static_cast<float>(s[label]) : 0.f;
 
   // pass 1: log-sum-exp of z_S / T and z_T / T over [0, v) (one streaming read each)
-  const float lse_s = row_lse(s, v, inv_t);
-  const float lse_t = row_lse(t, v, inv_t);
+  const Lse lse_s = row_lse(s, v, inv_t);
+  const Lse lse_t = row_lse(t, v, inv_t);
   // CE: log-sum-exp of the raw student logits over [0, ns) (shared when it is the same)
   const bool ce_shared = o.has_ce && inv_t == 1.f && ns == v;
   float lse_ce = 0.f;
   if (o.has_ce) {
-    lse_ce = ce_shared ? lse_s : row_lse(s, ns, 1.f);
+    lse_ce = (ce_shared ? lse_s : row_lse(s, ns, 1.f)).value();
     *nll_out = valid ? -(z_label - lse_ce) : 0.f;
   }
 
@@ -357,8 +367,11 @@ void kl_row(const TS* s, const TT* t, G* gd, float* gce, float* lm, const Opts& 
   const bool ce_grad = grad && o.has_ce;
   const float cc = valid ? c : 0.f;
   float gk_scale = o.div == 2 ? 1.f - o.beta : 1.f;
-  const Vec vk(a * (inv_t * gk_scale)), vcc(cc), vinv(inv_t), vls(lse_s), vlt(lse_t),
-      vlce(lse_ce);
+  const Vec vk(a * (inv_t * gk_scale)), vcc(cc), vinv(inv_t), vlce(lse_ce);
+  const Vec vss(lse_s.shift), vgs(lse_s.log_sum), vst(lse_t.shift), vgt(lse_t.log_sum);
+  // log p_S and log p_T of raw logits z (see Lse)
+  auto log_ps = [&](const Vec& z) { return at::vec::fmsub(z, vinv, vss) - vgs; };
+  auto log_pt = [&](const Vec& z) { return at::vec::fmsub(z, vinv, vst) - vgt; };
   // CE gradient term exp(z - lse_ce) * cc for raw z (vector)
   auto ce_term = [&](const Vec& z) { return fexp(z - vlce) * vcc; };
   // the one-hot part of the CE gradient (-cc at the label) goes into the split CE gradient
@@ -378,8 +391,8 @@ void kl_row(const TS* s, const TT* t, G* gd, float* gce, float* lm, const Opts& 
     Acc acc;
     sweep(v, [&](int64_t j, int64_t cnt) {
       const Vec zs = ld(s + j, cnt), zt = ld(t + j, cnt);
-      const Vec ls = at::vec::fmsub(zs, vinv, vls);
-      const Vec lt = at::vec::fmsub(zt, vinv, vlt);
+      const Vec ls = log_ps(zs);
+      const Vec lt = log_pt(zt);
       const Vec pt = fexp(lt);
       acc.add(keep(pt * (lt - ls), cnt));
       if (grad) {
@@ -397,8 +410,8 @@ void kl_row(const TS* s, const TT* t, G* gd, float* gce, float* lm, const Opts& 
   } else if (o.div == 1) {  // reverse KL(p_S || p_T)
     Acc acc;
     sweep(v, [&](int64_t j, int64_t cnt) {
-      const Vec ls = at::vec::fmsub(ld(s + j, cnt), vinv, vls);
-      const Vec lt = at::vec::fmsub(ld(t + j, cnt), vinv, vlt);
+      const Vec ls = log_ps(ld(s + j, cnt));
+      const Vec lt = log_pt(ld(t + j, cnt));
       acc.add(keep(fexp(ls) * (ls - lt), cnt));
     });
     const float d = static_cast<float>(acc.get());
@@ -407,8 +420,8 @@ void kl_row(const TS* s, const TT* t, G* gd, float* gce, float* lm, const Opts& 
       const Vec vd(d);
       sweep(v, [&](int64_t j, int64_t cnt) {
         const Vec zs = ld(s + j, cnt);
-        const Vec ls = at::vec::fmsub(zs, vinv, vls);
-        const Vec lt = at::vec::fmsub(ld(t + j, cnt), vinv, vlt);
+        const Vec ls = log_ps(zs);
+        const Vec lt = log_pt(ld(t + j, cnt));
         const Vec ps = fexp(ls);
         Vec g = ps * (ls - lt - vd) * vk;
         if (ce_grad) {
@@ -424,8 +437,8 @@ void kl_row(const TS* s, const TT* t, G* gd, float* gce, float* lm, const Opts& 
     // log M is kept for the gradient pass in the fp32 row `lm`
     Acc acc_t, acc_s;
     sweep(v, [&](int64_t j, int64_t cnt) {
-      const Vec ls = at::vec::fmsub(ld(s + j, cnt), vinv, vls);
-      const Vec lt = at::vec::fmsub(ld(t + j, cnt), vinv, vlt);
+      const Vec ls = log_ps(ld(s + j, cnt));
+      const Vec lt = log_pt(ld(t + j, cnt));
       // log M = logaddexp(lt + log beta, ls + log(1 - beta))
       const Vec x = lt + vlb, y = ls + vlb1;
       const Vec mx = at::vec::maximum(x, y);
@@ -440,7 +453,7 @@ void kl_row(const TS* s, const TT* t, G* gd, float* gce, float* lm, const Opts& 
       const Vec vkls(static_cast<float>(kls));
       sweep(v, [&](int64_t j, int64_t cnt) {
         const Vec zs = ld(s + j, cnt);
-        const Vec ls = at::vec::fmsub(zs, vinv, vls);
+        const Vec ls = log_ps(zs);
         const Vec ps = fexp(ls);
         Vec g = ps * (ls - ld(lm + j, cnt) - vkls) * vk;
         if (ce_grad) {
@@ -621,6 +634,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_chunk_cpu(
 
 TORCH_LIBRARY_IMPL(align_ti, CPU, m) {
   m.impl("kl_chunk", &kl_chunk_cpu);
+  m.impl("kl_chunk_into", &kl_chunk_cpu);  // same signature; zs, zt only read (g_out given)
 }
 
 // Lets align_ti/native.py check which ISA the build vectorised for.

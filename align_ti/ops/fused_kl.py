@@ -15,8 +15,10 @@ Design (one structure for every implementation):
 - The gradient matmuls (d hidden = g W, d weight += g^T h) follow per chunk, so no logits are
   recomputed: the work is 2 N V (Hs + Ht) + 4 N V Hs FLOP, the minimum.
 - Gradients are computed during the forward when the upstream gradient is a scalar
-  (reduction "mean"/"sum"); for "none" the forward computes only the per-row losses and the
-  backward recomputes the chunks with the upstream vector.
+  (reduction "mean"/"sum"), and the backward scales them; for "none", and for fp16 inputs
+  (whose range needs a loss scale applied before rounding), the forward computes only the
+  losses and the backward recomputes the chunks with the upstream gradient
+  (`_grads_in_forward`).
 - The entry points are torch.library custom ops (`align_ti::fused_linear_kl`, ...), with
   fake (meta) implementations and autograd registered, so `torch.compile(fullgraph=True)`
   traces a function calling them without a graph break.
@@ -330,9 +332,11 @@ def _chunk_triton(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, spl
     nll = torch.empty(r, dtype=_F32, device=device) if has_ce else d
     g = zs if g_out is None else g_out
     gce = torch.empty_like(zs) if (need_grad and has_ce and split) else g
-    a_t = a if need_grad else d
-    c_t = c if (need_grad and has_ce) else a_t
-    lab = labels if has_ce else d
+    # the kernel reads the per-row vectors at ptr + row: a stride-0 upstream gradient (of
+    # reduction="none" then .sum()) or a strided labels / weights view must be made dense
+    a_t = a.contiguous() if need_grad else d
+    c_t = c.contiguous() if (need_grad and has_ce) else a_t
+    lab = labels.contiguous() if has_ce else d
     if r == 0:
         return d, (nll if has_ce else None), (g if need_grad else None), None
     kernel, tuned = _row_kernel()
@@ -355,15 +359,27 @@ def _chunk_triton(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, spl
     )
 
 
-# The per-chunk step as a custom op. Its default implementation is `_chunk_torch`; the native
-# CPU extension (align_ti/native.py, csrc/fused_kl_cpu.cpp) overrides it for CPU tensors via
+# The per-chunk step as custom ops. Their default implementation is `_chunk_torch`; the native
+# CPU extension (align_ti/native.py, csrc/fused_kl_cpu.cpp) overrides both for CPU tensors via
 # TORCH_LIBRARY_IMPL when loaded. Returns (d [r], nll [r] or [0], gce [r, ns] fp32 or [0]).
 # zs and zt may each be float32, bfloat16 or float16 (`_NATIVE_DTYPES`); the math is fp32.
-# With need_grad the gradient is written in place over zs (in zs's dtype; zt is scratch), or,
-# when g_out ([r, ns], float32 or zs's dtype) is given, into g_out, and zs, zt are then only
-# read (the native kernel reads them without copies and rounds the gradient once, at its
-# store; the default implementation computes on fp32 copies). Columns >= v of the gradient
-# hold only the CE term.
+# Columns >= v of the gradient hold only the CE term.
+# - kl_chunk: the gradient is written in place over zs (in zs's dtype; zt is scratch), or into
+#   g_out when given. Declared as writing zs and zt: only for the drivers' own chunk buffers.
+# - kl_chunk_into: zs and zt are only read (a caller's logits: declaring them written would
+#   bump their version counters and break any other backward that saved them); the gradient
+#   goes into g_out ([r, ns], float32 or zs's dtype). The native kernel reads the rows
+#   without copies and rounds the gradient once, at its store.
+# The two share one signature, so one C++ function implements both.
+def _kl_chunk_on_copies(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split, dest):
+    """`_chunk_torch` on fp32 copies of zs and zt; the gradient is copied into `dest`."""
+    d, nll, g, gce = _chunk_torch(zs.to(_F32, copy=True), zt.to(_F32, copy=True), v, div_code,
+                                  beta, inv_t, labels, a, c, need_grad, split)
+    if dest is not None and g is not None:
+        dest.copy_(g)
+    return d, (nll if nll is not None else _empty(zs.device)), (gce if gce is not None else _empty(zs.device))
+
+
 @torch.library.custom_op("align_ti::kl_chunk", mutates_args=("zs", "zt", "g_out"))
 def _kl_chunk_op(
     zs: torch.Tensor, zt: torch.Tensor, v: int, div_code: int, beta: float, inv_t: float,
@@ -374,19 +390,31 @@ def _kl_chunk_op(
     if g_out is None and zs.dtype != _F32:
         dest = zs  # in place in a low-precision zs: compute on fp32 copies, then store
     if dest is not None or zt.dtype != _F32:
-        zs, zt = zs.to(_F32, copy=True), zt.to(_F32, copy=True)
-    d, nll, g, gce = _chunk_torch(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split)
-    if dest is not None and g is not None:
-        dest.copy_(g)
+        return _kl_chunk_on_copies(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split, dest)
+    d, nll, _, gce = _chunk_torch(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split)
     return d, (nll if nll is not None else _empty(zs.device)), (gce if gce is not None else _empty(zs.device))
 
 
-@_kl_chunk_op.register_fake
-def _(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split, g_out=None):
+@torch.library.custom_op("align_ti::kl_chunk_into", mutates_args=("g_out",))
+def _kl_chunk_into_op(
+    zs: torch.Tensor, zt: torch.Tensor, v: int, div_code: int, beta: float, inv_t: float,
+    labels: Optional[torch.Tensor], a: Optional[torch.Tensor], c: Optional[torch.Tensor],
+    need_grad: bool, split: bool, g_out: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if need_grad and g_out is None:
+        raise ValueError("kl_chunk_into: need_grad needs g_out (zs and zt are only read)")
+    return _kl_chunk_on_copies(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split, g_out)
+
+
+def _kl_chunk_fake(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split, g_out=None):
     r = zs.shape[0]
     nll = zs.new_empty((r,) if labels is not None else (0,), dtype=_F32)
     gce = zs.new_empty(zs.shape if (need_grad and labels is not None and split) else (0,), dtype=_F32)
     return zs.new_empty((r,), dtype=_F32), nll, gce
+
+
+_kl_chunk_op.register_fake(_kl_chunk_fake)
+_kl_chunk_into_op.register_fake(_kl_chunk_fake)
 
 
 # logits dtypes the native kernel reads directly (fp32 math; gradient stored in zs's dtype)
@@ -639,6 +667,64 @@ def _empty(device):
 
 
 # --------------------------------------------------------------------------------------------
+# autograd policy shared by the ops
+# --------------------------------------------------------------------------------------------
+
+def _grads_in_forward(reduction: str, dtype: torch.dtype) -> bool:
+    """Whether the forward computes the gradients (for a unit upstream gradient; the backward
+    scales them): for "mean" and "sum", except in fp16, whose narrow range needs the upstream
+    gradient (e.g. a GradScaler's loss scale) applied before the gradients are rounded.
+    Otherwise (reduction="none", fp16) the backward recomputes the chunks."""
+    return reduction != "none" and dtype != torch.float16
+
+
+def _save_inputs(ctx, tensors) -> None:
+    """save_for_backward, except for inference tensors (e.g. teacher states computed under
+    torch.inference_mode()), which autograd refuses to save: they never get a gradient and
+    are never written, so the context keeps a plain reference to them."""
+    ctx.inference_inputs = {i: t for i, t in enumerate(tensors) if t is not None and t.is_inference()}
+    ctx.save_for_backward(*(None if i in ctx.inference_inputs else t for i, t in enumerate(tensors)))
+
+
+def _saved_inputs(ctx) -> list:
+    saved = list(ctx.saved_tensors)
+    for i, t in ctx.inference_inputs.items():
+        saved[i] = t
+    return saved
+
+
+def _enter_backward(ctx, op: str) -> None:
+    """Refuse what the ops cannot do, with a message instead of a wrong gradient or torch's
+    saved-tensor version error."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(f"{op}: double backward (create_graph=True) is not supported; its "
+                           "gradients come from fused kernels, not from differentiable ops")
+    if ctx.mode == "saved":
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError(
+                f"{op}: the gradients of this graph were computed in the forward and the first "
+                "backward consumed them (scaled in place, no copy); a second backward through it "
+                "(retain_graph=True, or kl and ce backpropagated one after the other) is not "
+                "supported. Backpropagate one combined loss, or use reduction='none', whose "
+                "backward recomputes the chunks each time.")
+        ctx.consumed = True
+
+
+def _scale_(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """t *= s in place (the saved gradient is only read by this backward), multiplied in fp32:
+    an upstream gradient rounded to bf16 first would bias the whole gradient by up to 0.4%.
+    Row blocks bound the fp32 temporary."""
+    if t.dtype == _F32 or t.numel() == 0:
+        return t.mul_(s)
+    rows = t.view(t.shape[0], -1) if t.dim() > 0 else t.view(1, 1)
+    step = max(1, (16 << 20) // max(rows.shape[1], 1))  # 64 MiB of fp32 per block
+    for i in range(0, rows.shape[0], step):
+        blk = rows[i:i + step]
+        blk.copy_(blk.float().mul_(s))
+    return t
+
+
+# --------------------------------------------------------------------------------------------
 # torch.library custom ops: fused linear
 # --------------------------------------------------------------------------------------------
 
@@ -657,7 +743,7 @@ def _fused_linear_kl_op(
     gradient of kl, and of ce separately when labels are given) are computed only for
     scalar reductions and only where need_* is set; otherwise they are empty."""
     device = hs.device
-    with_grad = reduction != "none" and (need_dh or need_dw or need_db)
+    with_grad = _grads_in_forward(reduction, hs.dtype) and (need_dh or need_dw or need_db)
     kl, ce, grads, grads_ce = _linear_driver(
         hs, ws, bs, ht, wt, bt, idx, mask, w, labels,
         divergence, beta, temperature, vocab_size, reduction, impl,
@@ -677,7 +763,7 @@ def _fused_linear_kl_op(
 def _linear_fwd_shapes(hs, ws, bs, idx, labels, reduction, need_dh, need_dw, need_db):
     n = hs.shape[0]
     m = n if idx is None else idx.shape[0]
-    with_grad = reduction != "none" and (need_dh or need_dw or need_db)
+    with_grad = _grads_in_forward(reduction, hs.dtype) and (need_dh or need_dw or need_db)
     split = labels is not None
     kl = hs.new_empty((m,) if reduction == "none" else (), dtype=_F32)
     ce = hs.new_empty((), dtype=_F32)
@@ -753,22 +839,17 @@ def _linear_setup_context(ctx, inputs, output):
     # backward zero tensors of their shapes ([Vs, Hs] among them: a fill and an allocation the
     # size of the weight gradient, 45 ms on the CPU target shape). The backward handles None.
     ctx.set_materialize_grads(False)
-    if opts["reduction"] == "none":
+    if not _grads_in_forward(opts["reduction"], tensors[0].dtype):
         ctx.mode = "recompute"
-        ctx.save_for_backward(*tensors)
+        _save_inputs(ctx, tensors)
     else:
         ctx.mode = "saved"
         ctx.save_for_backward(*output[2:])
 
 
-def _scale_(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    # In place: the saved gradient is only read by this backward (a second backward through
-    # the same graph fails torch's saved-tensor version check instead of giving wrong grads).
-    return t.mul_(s.to(t.dtype))
-
-
 def _linear_backward(ctx, grad_kl, grad_ce, *_unused):
     o = ctx.opts
+    _enter_backward(ctx, "fused_linear_kl")
     if ctx.mode == "saved":
         dh, dw, db, dh_c, dw_c, db_c = ctx.saved_tensors
         out = []
@@ -782,10 +863,10 @@ def _linear_backward(ctx, grad_kl, grad_ce, *_unused):
             out.append(res)
         dh_o, dw_o, db_o = out
     else:
-        hs, ws, bs, ht, wt, bt, idx, mask, w, labels = ctx.saved_tensors
+        hs, ws, bs, ht, wt, bt, idx, mask, w, labels = _saved_inputs(ctx)
         if grad_kl is None:
             m = hs.shape[0] if idx is None else idx.shape[0]
-            grad_kl = torch.zeros(m, dtype=_F32, device=hs.device)
+            grad_kl = torch.zeros((m,) if o["reduction"] == "none" else (), dtype=_F32, device=hs.device)
         if ctx.has_labels and grad_ce is None:
             grad_ce = torch.zeros((), dtype=_F32, device=hs.device)
         dh_o, dw_o, db_o = torch.ops.align_ti.fused_linear_kl_backward(
@@ -850,7 +931,7 @@ def _logits_driver(zs_in, zt_in, idx, mask, w, divergence, beta, temperature, vo
     for s in range(0, n_proc, r_chunk):
         e = min(s + r_chunk, n_proc)
         if direct:
-            d, _, _ = torch.ops.align_ti.kl_chunk(
+            d, _, _ = torch.ops.align_ti.kl_chunk_into(
                 zs_in[s:e, :v], zt_in[s:e, :v], v, div_code, beta, inv_t, None,
                 a[s:e] if need_grad else None, None, need_grad, False,
                 grad_logits[s:e, :v] if need_grad else None)
@@ -885,7 +966,7 @@ def _fused_kl_op(
     reduction: str, impl: str, need_grad: bool, chunk_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, d loss / d student_logits for a unit upstream gradient, or empty)."""
-    with_grad = need_grad and reduction != "none"
+    with_grad = need_grad and _grads_in_forward(reduction, zs.dtype)
     loss, g = _logits_driver(zs, zt.detach(), idx, mask, w, divergence, beta, temperature,
                              vocab_size, reduction, impl, with_grad, None, chunk_bytes)
     return loss, (g if g is not None else _empty(zs.device))
@@ -896,7 +977,8 @@ def _(zs, zt, idx, mask, w, divergence, beta, temperature, vocab_size, reduction
       need_grad, chunk_bytes):
     m = zs.shape[0] if idx is None else idx.shape[0]
     loss = zs.new_empty((m,) if reduction == "none" else (), dtype=_F32)
-    g = zs.new_empty(zs.shape) if (need_grad and reduction != "none") else zs.new_empty((0,), dtype=_F32)
+    g = (zs.new_empty(zs.shape) if (need_grad and _grads_in_forward(reduction, zs.dtype))
+         else zs.new_empty((0,), dtype=_F32))
     return loss, g
 
 
@@ -925,9 +1007,9 @@ def _kl_setup_context(ctx, inputs, output):
     ctx.opts = dict(zip(_KL_OPTS, inputs[5:]))
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # no zero [N, Vs] for the gradient output (as above)
-    if ctx.opts["reduction"] == "none":
+    if not _grads_in_forward(ctx.opts["reduction"], inputs[0].dtype):
         ctx.mode = "recompute"
-        ctx.save_for_backward(*inputs[:5])
+        _save_inputs(ctx, inputs[:5])
     else:
         ctx.mode = "saved"
         ctx.save_for_backward(output[1])
@@ -937,11 +1019,12 @@ def _kl_backward(ctx, grad, _unused):
     o = ctx.opts
     if not o["need_grad"] or grad is None:
         return (None,) * (5 + len(_KL_OPTS))
+    _enter_backward(ctx, "fused_kl")
     if ctx.mode == "saved":
         (g,) = ctx.saved_tensors
         g = _scale_(g, grad)
     else:
-        zs, zt, idx, mask, w = ctx.saved_tensors
+        zs, zt, idx, mask, w = _saved_inputs(ctx)
         g = torch.ops.align_ti.fused_kl_backward(
             grad, zs, zt, idx, mask, w, o["divergence"], o["beta"], o["temperature"],
             o["vocab_size"], o["reduction"], o["impl"], o["chunk_bytes"],
@@ -1058,9 +1141,12 @@ def fused_linear_kl(
 
     Gradients: for ``"mean"`` and ``"sum"`` (a scalar upstream gradient) the gradients of
     student_hidden, student_weight and student_bias are computed during the forward, chunk by
-    chunk, and the backward only scales them by the upstream scalar (so calling backward
-    twice on one graph is an error). For ``"none"`` the forward computes only the per-row
-    losses and the backward recomputes the logits chunk by chunk with the upstream vector.
+    chunk, and the backward only scales them (in fp32) by the upstream scalar, in place: a
+    second backward through the same graph raises RuntimeError, as does double backward
+    (``create_graph=True``). For ``"none"``, and for fp16 inputs (a GradScaler's loss scale
+    must reach the gradients before they are rounded to fp16), the forward computes only the
+    losses and the backward recomputes the logits chunk by chunk with the upstream gradient.
+    Teacher tensors made under ``torch.inference_mode()`` are fine.
     Memory: the fp32 logits of one row chunk for both heads plus the gradient accumulators
     (fp32; the weight's in its own dtype with ``fp32_weight_grad=False``);
     work: one pass of each head's matmul plus the two gradient matmuls (no recomputation,
@@ -1181,8 +1267,9 @@ def fused_kl(
 
     Gradients: for ``"mean"``/``"sum"`` the gradient with respect to student_logits is
     computed in the forward (an ``[N, Vs]`` tensor in the logits dtype, which the backward
-    scales by the upstream scalar); for ``"none"`` the backward recomputes it chunk by chunk
-    with the upstream vector.
+    scales by the upstream scalar); for ``"none"`` and fp16 logits the backward recomputes it
+    chunk by chunk with the upstream gradient. As `fused_linear_kl`: one backward per graph
+    for "mean"/"sum", no double backward.
 
     NaN/inf: propagate to a NaN loss (see `fused_linear_kl`).
 

@@ -43,6 +43,7 @@ import torch
 
 from align_ti.ops import heuristics as _heur
 from align_ti.ops.dispatch import cdiv, interpret_mode, resolve_impl
+from align_ti.ops.fused_kl import _enter_backward, _grads_in_forward, _scale_
 from align_ti.reference.fused_kl import KLOptions, check_head, resolve_vocab_size
 from align_ti.reference.topk_align import check_selection_args, kept_count
 from align_ti.validation import (
@@ -331,12 +332,14 @@ class TopkAlignFunction(torch.autograd.Function):
             None if dw is None else dw.to(ws.dtype),
             None if db is None else db.to(bs.dtype),
         )
+        ctx.mode = "saved"
         return loss
 
     @staticmethod
     def backward(ctx, grad):
+        _enter_backward(ctx, "topk_align")
         dh, dw, db = ctx.saved_tensors
-        out = [None if t is None else t.mul_(grad.to(t.dtype)) for t in (dh, dw, db)]
+        out = [None if t is None else _scale_(t, grad) for t in (dh, dw, db)]
         return (out[0], out[1], out[2]) + (None,) * 6
 
 
@@ -462,7 +465,9 @@ def topk_align(
     w = _normalized_weights(keep, w, n_keep, normalize)
     rows, weights = _compact(keep, w)
 
-    if impl in ("auto", "torch"):
+    # fp16: fused_linear_kl, whose backward applies the upstream gradient (a loss scale)
+    # before rounding; the gather kernel computes the gradients in the forward
+    if impl in ("auto", "torch") or not _grads_in_forward("mean", student_hidden.dtype):
         from align_ti.ops.fused_kl import fused_linear_kl
 
         return fused_linear_kl(

@@ -38,6 +38,10 @@ IGNORE_INDEX = -100
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+# temperature and 1 / temperature both normal float32 numbers (the kernels scale in fp32)
+_TEMPERATURE_RANGE = (1e-37, 1e37)
+
+
 @dataclass(frozen=True)
 class KLOptions:
     """The non-tensor options of every vocabulary-divergence op, validated once."""
@@ -51,12 +55,19 @@ class KLOptions:
         check_choice("divergence", self.divergence, DIVERGENCES)
         check_choice("reduction", self.reduction, REDUCTIONS)
         check_positive("temperature", self.temperature)
+        if not _TEMPERATURE_RANGE[0] <= self.temperature <= _TEMPERATURE_RANGE[1]:
+            raise ValueError(f"temperature must be in [{_TEMPERATURE_RANGE[0]:.0e}, "
+                             f"{_TEMPERATURE_RANGE[1]:.0e}] (the kernels scale by 1 / temperature in "
+                             f"float32), got {self.temperature!r}")
         if self.divergence == "jsd":
             check_open_unit("beta", self.beta)
 
 
 def resolve_vocab_size(vocab_size, vs: int, vt: int) -> int:
     """V' = min(Vs, Vt) by default; an explicit value must fit both heads."""
+    if min(vs, vt) == 0:
+        raise ValueError(f"the heads must have at least one vocabulary row: the student has {vs}, "
+                         f"the teacher {vt} (student_weight / teacher_weight, or the logits' last dim)")
     if vocab_size is None:
         return min(vs, vt)
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
@@ -108,7 +119,8 @@ def check_weights(weights, rows, n: int, device) -> None:
                 f"weights has {weights.shape[0]} entries; with a bool rows mask it must have "
                 f"N = {n} or M = {m} (the number of True rows)"
             )
-    check_finite_nonnegative("weights", weights)
+    # the ops weigh in float32: an fp64 weight that overflows it is as bad as an inf
+    check_finite_nonnegative("weights", weights.float() if weights.dtype == torch.float64 else weights)
 
 
 def check_labels(labels, rows, n: int, vs: int, device) -> None:

@@ -845,3 +845,155 @@ def test_fp32_weight_grad_must_be_a_bool():
     t = make()
     with pytest.raises(TypeError, match="fp32_weight_grad"):
         align_ti.fused_linear_kl(**t, fp32_weight_grad="no")
+
+
+# ============================================================================================
+# autograd edge cases: loss scaling, double / repeated backward, inference tensors
+# ============================================================================================
+
+@pytest.mark.parametrize("fn", ["linear", "logits"])
+@pytest.mark.parametrize("scale", [1024.0, 65536.0])
+def test_fp16_gradients_take_the_loss_scale_before_rounding(fn, scale):
+    """fp16 (a GradScaler's loss scale; 65536 is not even an fp16 number): the gradient is no
+    further from the truth than plain fp16 torch's, which rounds the scaled gradient once.
+    (Precomputed for a unit upstream, small gradients underflowed and 65536 became inf.)"""
+    g = torch.Generator().manual_seed(3)
+    h32, w32 = torch.randn(64, 8, generator=g), torch.randn(50, 8, generator=g)
+    ht32 = h32 + 0.01 * torch.randn(64, 8, generator=g)
+
+    def grads(dtype, fused):
+        h = h32.to(dtype).requires_grad_()
+        w = w32.to(dtype).requires_grad_()
+        ht, wt = ht32.to(dtype), w32.to(dtype)
+        if fn == "linear":
+            loss = (align_ti.fused_linear_kl(h, w, ht, wt, impl="torch") if fused
+                    else fused_linear_kl_reference(h, w, ht, wt))
+            (loss * scale).backward()
+            return h.grad, w.grad
+        z = (h @ w.t()).detach().requires_grad_()
+        zt = ht @ wt.t()
+        loss = align_ti.fused_kl(z, zt, impl="torch") if fused else fused_kl_reference(z, zt)
+        (loss * scale).backward()
+        return (z.grad,)
+
+    for ours, plain, truth in zip(grads(torch.float16, True), grads(torch.float16, False),
+                                  grads(torch.float32, False)):
+        assert ours.dtype == torch.float16
+        assert_three_way(ours, plain, truth, atol=0, rtol=1e-3)
+
+
+def test_double_backward_is_refused():
+    for reduction in ("mean", "none"):
+        t = make()
+        loss = align_ti.fused_linear_kl(**t, reduction=reduction, impl="torch").sum()
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(loss, t["student_hidden"], create_graph=True)
+    zs = torch.randn(N, VS, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(align_ti.fused_kl(zs, torch.randn(N, VT), impl="torch"), zs, create_graph=True)
+
+
+def test_second_backward_through_one_graph():
+    """mean/sum consume their forward-computed gradients in the first backward: a second one
+    is refused with an explanation; reduction='none' recomputes, so kl and ce may be
+    backpropagated one after the other and add up to the combined gradient."""
+    labels = torch.randint(0, VS, (N,))
+    t = make()
+    kl, ce = align_ti.fused_linear_distill(**t, labels=labels, impl="torch")
+    kl.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        ce.backward()
+    seq, both = make(), make()
+    kl, ce = align_ti.fused_linear_distill(**seq, labels=labels, reduction="none", impl="torch")
+    kl.sum().backward(retain_graph=True)
+    ce.backward()
+    kl, ce = align_ti.fused_linear_distill(**both, labels=labels, reduction="none", impl="torch")
+    (kl.sum() + ce).backward()
+    for k in STUDENT:
+        assert_close(seq[k].grad, both[k].grad, atol=1e-6, rtol=1e-5, name=k)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_teacher_from_inference_mode(reduction):
+    """Teacher states computed under torch.inference_mode() (a frozen teacher's forward)."""
+    t = make()
+    with torch.inference_mode():
+        ht, wt = t["teacher_hidden"] * 1, t["teacher_weight"] * 1
+    plain = {**t, "teacher_hidden": ht.clone(), "teacher_weight": wt.clone()}
+    a = run(align_ti.fused_linear_kl, {**t, "teacher_hidden": ht, "teacher_weight": wt},
+            reduction=reduction, impl="torch")
+    b = run(align_ti.fused_linear_kl, plain, reduction=reduction, impl="torch")
+    assert torch.equal(a[0][0], b[0][0]) and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+    zs = torch.randn(N, VS, requires_grad=True)
+    with torch.inference_mode():
+        zt = torch.randn(N, VT)
+    align_ti.fused_kl(zs, zt, reduction=reduction, impl="torch").sum().backward()
+    assert zs.grad is not None
+
+
+def test_upstream_gradient_scales_in_fp32():
+    """A bf16 gradient computed in the forward is scaled by the fp32 upstream once, not by the
+    upstream rounded to bf16 (1/3 would be off by 0.2%)."""
+    zs = torch.randn(N, VS).bfloat16().requires_grad_()
+    zt = torch.randn(N, VT).bfloat16()
+    align_ti.fused_kl(zs, zt, impl="torch").backward()
+    unit = zs.grad.clone()
+    zs.grad = None
+    (align_ti.fused_kl(zs, zt, impl="torch") * (1 / 3)).backward()
+    assert torch.equal(zs.grad, (unit.float() * torch.tensor(1 / 3)).bfloat16())
+
+
+def test_empty_vocabulary_and_out_of_range_numbers_are_refused():
+    t = {k: v.detach() for k, v in make(bias=False).items()}
+    with pytest.raises(ValueError, match="at least one vocabulary row"):
+        align_ti.fused_linear_kl(**{**t, "student_weight": t["student_weight"][:0]}, impl="torch")
+    with pytest.raises(ValueError, match="at least one vocabulary row"):
+        align_ti.fused_kl(torch.randn(4, 0), torch.randn(4, 0), impl="torch")
+    for temperature in (1e-40, 1e300):
+        with pytest.raises(ValueError, match="temperature"):
+            align_ti.fused_linear_kl(**t, temperature=temperature, impl="torch")
+    with pytest.raises(ValueError, match="weights"):
+        align_ti.fused_linear_kl(**t, weights=torch.full((N,), 1e300, dtype=torch.float64), impl="torch")
+
+
+@pytest.mark.interpret
+def test_triton_reads_strided_row_vectors(quiet_interpreter):
+    """The kernel reads the per-row upstream gradient, labels and weights at ptr + row: a
+    stride-0 upstream (reduction='none' then .sum()), strided labels and strided weights."""
+    t = imake()
+    labels = torch.randint(0, IVS, (IN, 2))[:, 0]
+    weights = rand_weights(2 * IN)[::2]
+
+    def loss(**kw):
+        kl, ce = align_ti.fused_linear_distill(**kw)
+        return kl.sum() + ce  # .sum(): a stride-0 upstream gradient for kl
+
+    tri = run(loss, t, labels=labels, weights=weights, reduction="none", impl="triton")
+    ref = run(lambda **kw: sum(o.sum() for o in fused_linear_distill_reference(**kw)), t,
+              labels=labels, weights=weights, reduction="none")
+    assert_close(tri[0][0], ref[0][0], atol=1e-5, rtol=1e-4)
+    for k in tri[1]:
+        assert_close(tri[1][k], ref[1][k], atol=1e-5, rtol=1e-4, name=k)
+    zs = torch.randn(IN, IVS, requires_grad=True)
+    zt = torch.randn(IN, IVT)
+    align_ti.fused_kl(zs, zt, weights=weights, reduction="none", impl="triton").sum().backward()
+    want = zs.detach().clone().requires_grad_()
+    fused_kl_reference(want, zt, weights=weights, reduction="none").sum().backward()
+    assert_close(zs.grad, want.grad, atol=1e-6, rtol=1e-4, name="student_logits")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("divergence", ["forward", "reverse"])
+def test_triton_kl_keeps_its_precision_at_large_logits(divergence, quiet_interpreter):
+    """Logits of std 100 and a small divergence: the kernel's divergence is no further from
+    the fp64 truth than plain fp32 torch's (a one-pass sum over raw logits lost 20%)."""
+    g = torch.Generator().manual_seed(5)
+    zs = torch.randn(8, 3000, generator=g) * 100
+    zt = zs + torch.randn(8, 3000, generator=g)
+    ls, lt = torch.log_softmax(zs.double(), -1), torch.log_softmax(zt.double(), -1)
+    fwd = divergence == "forward"
+    truth = ((lt.exp() * (lt - ls)) if fwd else (ls.exp() * (ls - lt))).sum(-1)
+    ls32, lt32 = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+    plain = ((lt32.exp() * (lt32 - ls32)) if fwd else (ls32.exp() * (ls32 - lt32))).sum(-1)
+    ours = align_ti.fused_kl(zs, zt, divergence=divergence, reduction="none", impl="triton")
+    assert_three_way(ours, plain, truth.float(), atol=1e-7)

@@ -107,8 +107,8 @@ def test_kernel_matches_torch_chunk(native_lib, div, temperature, extra, with_la
     assert_close(d2, d1, atol=2e-5, rtol=1e-5, name="d")
     if with_labels:
         assert_close(nll2, nll1, atol=2e-5, rtol=1e-5, name="nll")
-    if need_grad:
-        assert_close(zs2, g1, atol=1e-7, rtol=1e-4, name="grad")
+    if need_grad:  # the kernel keeps each lse as shift + log_sum: other roundings (~1e-7)
+        assert_close(zs2, g1, atol=5e-7, rtol=1e-4, name="grad")
         if with_labels and split:
             assert_close(gce2, gce1, atol=1e-7, rtol=1e-4, name="grad ce")
 
@@ -667,3 +667,32 @@ def test_installed_package_can_build_native(native_lib, tmp_path):
 
 def test_checkout_source_dir_is_repo_root():
     assert native.source_dir() in (ROOT, os.path.abspath(os.environ.get("ALIGN_TI_NATIVE_SRC", ROOT)))
+
+
+def test_fused_kl_leaves_the_callers_logits_unversioned(use_native):
+    """The logits path hands the caller's rows to the kernel through the read-only op: another
+    backward that saved those logits still works (a declared write bumped their version)."""
+    h = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(50, 8)
+    z = h @ w.t()
+    assert _kernel_ran(z)
+    other = torch.logsumexp(z, -1).pow(2).mean()  # saves z for its backward
+    version = z._version
+    (align_ti.fused_kl(z, torch.randn(6, 50), impl="torch") + 1e-4 * other).backward()
+    assert z._version == version and h.grad is not None and torch.isfinite(h.grad).all()
+
+
+@pytest.mark.parametrize("div", [0, 1])
+def test_kernel_divergence_keeps_its_precision_at_large_logits(native_lib, div):
+    """Logits of std 100 and close distributions: no further from the fp64 truth than plain
+    fp32 torch (an lse rounded at the logits' size, 3e-5, lost the whole divergence)."""
+    g = torch.Generator().manual_seed(5)
+    zs0 = torch.randn(8, 3000, generator=g) * 100
+    zt0 = zs0 + torch.randn(8, 3000, generator=g)
+    d, _, _ = torch.ops.align_ti.kl_chunk(zs0.clone(), zt0.clone(), 3000, div, 0.5, 1.0, None,
+                                          None, None, False, False)
+    ls, lt = torch.log_softmax(zs0.double(), -1), torch.log_softmax(zt0.double(), -1)
+    ls32, lt32 = torch.log_softmax(zs0, -1), torch.log_softmax(zt0, -1)
+    truth = (lt.exp() * (lt - ls) if div == 0 else ls.exp() * (ls - lt)).sum(-1)
+    plain = (lt32.exp() * (lt32 - ls32) if div == 0 else ls32.exp() * (ls32 - lt32)).sum(-1)
+    assert_three_way(d, plain, truth.float(), atol=1e-7)
