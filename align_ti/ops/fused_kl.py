@@ -711,17 +711,12 @@ def _enter_backward(ctx, op: str) -> None:
 
 
 def _scale_(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """t *= s in place (the saved gradient is only read by this backward), multiplied in fp32:
-    an upstream gradient rounded to bf16 first would bias the whole gradient by up to 0.4%.
-    Row blocks bound the fp32 temporary."""
-    if t.dtype == _F32 or t.numel() == 0:
-        return t.mul_(s)
-    rows = t.view(t.shape[0], -1) if t.dim() > 0 else t.view(1, 1)
-    step = max(1, (16 << 20) // max(rows.shape[1], 1))  # 64 MiB of fp32 per block
-    for i in range(0, rows.shape[0], step):
-        blk = rows[i:i + step]
-        blk.copy_(blk.float().mul_(s))
-    return t
+    """t *= s in place: the saved gradient is only read by this backward, and one kernel over
+    it (a [Vs, Hs] weight gradient) is all the backward costs. For a bf16 t the upstream s
+    is rounded to bf16 first (within 0.2%: exact for the usual 1, 0.5, 0.25, ...); scaling in
+    fp32 would take three more passes over t, ~1 ms (2%) of the fused KL on an H200 by a
+    bandwidth estimate."""
+    return t.mul_(s.to(t.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1141,7 +1136,7 @@ def fused_linear_kl(
 
     Gradients: for ``"mean"`` and ``"sum"`` (a scalar upstream gradient) the gradients of
     student_hidden, student_weight and student_bias are computed during the forward, chunk by
-    chunk, and the backward only scales them (in fp32) by the upstream scalar, in place: a
+    chunk, and the backward only scales them by the upstream scalar, in place: a
     second backward through the same graph raises RuntimeError, as does double backward
     (``create_graph=True``). For ``"none"``, and for fp16 inputs (a GradScaler's loss scale
     must reach the gradients before they are rounded to fp16), the forward computes only the
