@@ -146,6 +146,15 @@ def sample_keys(seed: int, sample_ids: Optional[torch.Tensor], epoch: int, batch
 # which positions are branched
 # --------------------------------------------------------------------------------------------
 
+def branch_count(n: torch.Tensor, fraction: float, max_per_sample: Optional[int] = None) -> torch.Tensor:
+    """How many of a sample's n eligible positions are branched: ``ceil(fraction * n)`` with a
+    1e-9 slack for float rounding (0.3 * 10 -> 3, not 4), at most ``max_per_sample``. The one
+    rule for `select_branch_steps` and for anything that counts its steps in advance (the
+    trainer's loss normalisers)."""
+    k = n if fraction >= 1 else torch.ceil(n.to(torch.float64) * fraction - 1e-9).long()
+    return k if max_per_sample is None else k.clamp(max=max_per_sample)
+
+
 def select_branch_steps(
     labels: torch.Tensor,
     attention_mask: Optional[torch.Tensor] = None,
@@ -185,12 +194,7 @@ def select_branch_steps(
     if attention_mask is not None:
         eligible &= attention_mask.bool()
     n = eligible.sum(1)
-    if fraction >= 1:
-        k = n
-    else:
-        k = torch.ceil(n.to(torch.float64) * fraction - 1e-9).long()  # 0.3 * 10 -> 3, not 4
-    if max_per_sample is not None:
-        k = k.clamp(max=max_per_sample)
+    k = branch_count(n, fraction, max_per_sample)
     keys = sample_keys(seed, sample_ids, epoch, b_size, device)  # validates them in any case
     if fraction >= 1 and max_per_sample is None:
         chosen = eligible

@@ -42,7 +42,7 @@ class DistillConfig:
     w_tpa: float = 1.0
     divergence: str = "forward"             # forward | reverse | jsd
     beta: float = 0.5                       # JSD weight
-    temperature: float = 1.0
+    temperature: float = 1.0                # of KD, IVA and TPA alike; no T^2 factor (scale w_* for it)
     # IVA
     iva_layer: Union[int, str] = "auto"     # teacher layer, or "auto" = IRS argmax (cached)
     iva_k: int | None = None                # top-k vision tokens; None with iva_ratio None = all
@@ -50,7 +50,8 @@ class DistillConfig:
     irs_samples: int = 32                   # calibration pairs for iva_layer="auto"
     # TPA
     tpa_d: int = 4                          # candidates per branched step
-    tpa_strategy: str = "sample"            # sample | topk
+    tpa_strategy: str = "sample"            # sample (d distinct tokens, Gumbel-top-d) | topk
+    tpa_exclude_ground_truth: bool = True   # candidates never y_t, whose transition KD aligns
     tpa_fraction: float = 0.25              # fraction of response positions branched
     tpa_temperature: float = 1.0            # sampling temperature of the candidates
     tpa_max_per_sample: int | None = None   # cap on branched steps per sample (None = no cap)

@@ -90,6 +90,7 @@ class LossSpec:
     iva_ratio: Optional[float] = None
     tpa_d: int = 4
     tpa_strategy: str = "sample"
+    tpa_exclude_ground_truth: bool = True
     tpa_fraction: float = 0.25
     tpa_temperature: float = 1.0
     tpa_max_per_sample: Optional[int] = None
@@ -112,6 +113,7 @@ class LossSpec:
             iva_layer=iva_layer, iva_k=config.iva_k, iva_ratio=config.iva_ratio,
             tpa_d=config.tpa_d, tpa_strategy=config.tpa_strategy, tpa_fraction=config.tpa_fraction,
             tpa_temperature=config.tpa_temperature,
+            tpa_exclude_ground_truth=getattr(config, "tpa_exclude_ground_truth", True),
             tpa_max_per_sample=getattr(config, "tpa_max_per_sample", None), seed=config.seed,
             chunk_bytes=(None if getattr(config, "kl_chunk_bytes", None) is None
                          else parse_bytes(config.kl_chunk_bytes, "config kl_chunk_bytes")),
@@ -132,11 +134,9 @@ def _branch_counts(labels: torch.Tensor, attention_mask: torch.Tensor, spec: Los
     """Branched steps per sample, exactly as `select_branch_steps` chooses them."""
     pos = torch.arange(labels.shape[1], device=labels.device)
     eligible = (labels != IGNORE_INDEX) & (pos >= 1) & attention_mask.bool()
-    n = eligible.sum(1)
-    k = n if spec.tpa_fraction >= 1 else torch.ceil(n.to(torch.float64) * spec.tpa_fraction).long()
-    if spec.tpa_max_per_sample is not None:
-        k = k.clamp(max=spec.tpa_max_per_sample)
-    return k
+    from align_ti.ops.branches import branch_count
+
+    return branch_count(eligible.sum(1), spec.tpa_fraction, spec.tpa_max_per_sample)
 
 
 def count_normalizers(batch: dict, spec: LossSpec, image_token_id: int) -> torch.Tensor:
@@ -252,6 +252,7 @@ class DistillModule(nn.Module):
                                     attention_mask=attention_mask, use_cache=False).last_hidden_state
                 cands = sample_candidates(h0, ws, input_ids, steps, num_candidates=spec.tpa_d,
                                           strategy=spec.tpa_strategy, temperature=spec.tpa_temperature,
+                                          exclude_ground_truth=spec.tpa_exclude_ground_truth,
                                           forbidden_ids=self.forbidden_ids, vocab_limit=self.vocab_limit,
                                           seed=spec.seed, sample_ids=sample_ids, epoch=epoch,
                                           student_bias=bs, chunk_bytes=spec.chunk_bytes,
@@ -555,10 +556,21 @@ def _fsync_dir(path: str) -> None:
 # building a run from a config
 # --------------------------------------------------------------------------------------------
 
+def _folder_fingerprint(path: str) -> list:
+    """(name, size, mtime) of a checkpoint folder's files: a cached result of another teacher
+    saved at the same path does not match. [] for a built-in model name."""
+    if not os.path.isdir(path):
+        return []
+    return sorted([name, st.st_size, int(st.st_mtime)] for name in os.listdir(path)
+                  if os.path.isfile(os.path.join(path, name))
+                  for st in [os.stat(os.path.join(path, name))])
+
+
 def resolve_iva_layer(config, teacher, processor, items, cache_dir: str) -> int:
     """``config.iva_layer`` as an int: itself, or for "auto" the IRS argmax of the teacher over
     ``config.irs_samples`` calibration pairs from the training items (samples sharing an image),
-    cached in ``<cache_dir>/irs.json`` (reused when teacher and sample count match)."""
+    cached in ``<cache_dir>/irs.json`` (reused when the teacher -- its path, files and layer count
+    --, the tiny text model, the data, the seed and the sample count match)."""
     if config.iva_layer != "auto":
         n = teacher.config.get_text_config().num_hidden_layers
         layer = int(config.iva_layer)
@@ -567,15 +579,18 @@ def resolve_iva_layer(config, teacher, processor, items, cache_dir: str) -> int:
         return layer % n
     from align_ti.models.irs import irs_scores, pairs_from_llava
 
+    n_layers = teacher.config.get_text_config().num_hidden_layers
     key = {"teacher": os.path.abspath(config.teacher) if os.path.isdir(config.teacher) else config.teacher,
-           "irs_samples": config.irs_samples, "data": config.data, "seed": config.seed}
+           "teacher_files": _folder_fingerprint(config.teacher), "tiny_text_model": config.tiny_text_model,
+           "teacher_layers": n_layers, "irs_samples": config.irs_samples, "data": config.data,
+           "seed": config.seed}
     path = os.path.join(cache_dir, "irs.json")
     if os.path.isfile(path):
         try:
             cached = json.loads(open(path).read())
-            if cached.get("key") == key:
+            if cached.get("key") == key and 0 <= int(cached["layer"]) < n_layers:
                 return int(cached["layer"])
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError):
             pass
     pairs = pairs_from_llava(items, max_pairs=config.irs_samples)
     if not pairs:
@@ -648,11 +663,14 @@ def build_trainer(config, student=None, teacher=None, processor=None, teacher_pr
             items = load_items(config.data, config.image_folder, getattr(config, "synthetic_images", 200),
                                seed=config.seed)
         train_dataset = EncodedDataset(items, processor, max_length=config.max_length)
+    args = training_arguments(config, **args_overrides)
     layer = iva_layer
     if config.w_iva > 0 and layer is None:
         src_items = items if items is not None else getattr(train_dataset, "items", None)
         if src_items is None and config.iva_layer == "auto":
             raise ValueError("iva_layer='auto' needs the raw training items for calibration pairs")
+        if config.iva_layer == "auto":
+            teacher.to(args.device)  # IRS's calibration forwards run where training will
         layer = resolve_iva_layer(config, teacher, teacher_processor or processor, src_items or [],
                                   config.output_dir)
     spec = LossSpec.from_config(config, iva_layer=layer)
@@ -665,7 +683,6 @@ def build_trainer(config, student=None, teacher=None, processor=None, teacher_pr
         vocab_limit = min(vocab_limit, _head(student)[0].shape[0], _head(teacher)[0].shape[0])
     module = DistillModule(student, teacher, spec, image_token_id=student.config.image_token_index,
                            pad_token_id=tok.pad_token_id, forbidden_ids=forbidden, vocab_limit=vocab_limit)
-    args = training_arguments(config, **args_overrides)
     return DistillTrainer(module, args=args, train_dataset=train_dataset,
                           data_collator=DistillCollator(tok.pad_token_id), processing_class=processor,
                           callbacks=callbacks)

@@ -165,7 +165,7 @@ def test_tpa_expanded_forward_serves_the_other_terms(setup):
 
 def test_kernel_options_reach_every_fused_op(setup, monkeypatch):
     """kl_chunk_bytes / fp32_weight_grad of the config reach the SFT+KD, IVA and TPA ops (and
-    TPA's candidate sampling gets the chunk budget)."""
+    TPA's candidate sampling gets the chunk budget, the ground-truth rule and the padding)."""
     import align_ti.ops.branches as branches
     import align_ti.ops.fused_kl as fused_kl
     import align_ti.ops.topk_align as topk_align
@@ -175,15 +175,19 @@ def test_kernel_options_reach_every_fused_op(setup, monkeypatch):
                          (branches, "tpa_loss"), (branches, "sample_candidates")):
         def spy(*args, _op=getattr(module, name), _name=name, **kw):
             seen[_name] = (kw.get("chunk_bytes"), kw.get("fp32_weight_grad"))
+            if _name == "sample_candidates":
+                seen["sampling"] = (kw["exclude_ground_truth"], kw["attention_mask"] is not None)
             return _op(*args, **kw)
         monkeypatch.setattr(module, name, spy)
-    cfg = load_config(overrides=["kl_chunk_bytes=1M", "fp32_weight_grad=false", "iva_layer=1"])
+    cfg = load_config(overrides=["kl_chunk_bytes=1M", "fp32_weight_grad=false", "iva_layer=1",
+                                 "tpa_exclude_ground_truth=false"])
     spec = LossSpec.from_config(cfg, iva_layer=1)
     teacher, student, _, _, _ = setup
     DistillModule(student, teacher, spec, image_token_id=student.config.image_token_index,
                   pad_token_id=0)(**_batch(setup))
     assert seen == {**{n: (1 << 20, False) for n in ("fused_linear_distill", "topk_align", "tpa_loss")},
-                    "sample_candidates": (1 << 20, None)}  # sampling has no weight gradient
+                    "sample_candidates": (1 << 20, None),  # sampling has no weight gradient
+                    "sampling": (False, True)}
 
 
 def test_attn_implementation_reaches_both_models(tmp_path):
@@ -224,15 +228,21 @@ def test_flex_attention_is_refused_without_cuda(tmp_path):
         build_trainer(_config(tmp_path, attn_implementation="flex_attention"))
 
 
-def test_normalizers_count_response_rows_images_and_candidates(setup):
-    batch = _batch(setup)
-    spec = LossSpec(w_tpa=1.0, tpa_d=4, tpa_fraction=0.5)
+@pytest.mark.parametrize("fraction", [0.5, 0.28, 0.14, 0.07])
+def test_normalizers_count_response_rows_images_and_candidates(fraction):
+    """The TPA count is the number of steps select_branch_steps branches, also for fractions
+    whose product with the row count lands just above an integer in floats (0.28 * 25)."""
+    from align_ti.ops.branches import select_branch_steps
+
+    labels = torch.full((2, 110), IGNORE_INDEX)
+    labels[0, 2:27] = 7    # 25 eligible rows: 0.28 * 25 = 7.000000000000001
+    labels[1, 5:105] = 9   # 100: 0.07 * 100 = 7.000000000000001
+    batch = dict(labels=labels, attention_mask=torch.ones_like(labels), input_ids=torch.full_like(labels, 3))
+    spec = LossSpec(w_tpa=1.0, tpa_d=4, tpa_fraction=fraction)
     counts = count_normalizers(batch, spec, image_token_id=3)
     assert counts[0] == (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
     assert counts[1] == batch["labels"].shape[0]
-    from align_ti.ops.branches import select_branch_steps
-
-    steps = select_branch_steps(batch["labels"], batch["attention_mask"], fraction=0.5)
+    steps = select_branch_steps(batch["labels"], batch["attention_mask"], fraction=fraction)
     assert counts[2] == (steps >= 0).sum() * 4
 
 
@@ -311,3 +321,32 @@ def test_module_rejects_missing_pieces(setup):
         DistillModule(student, None, LossSpec(w_kd=1.0), image_token_id=3, pad_token_id=0)
     with pytest.raises(ValueError, match="iva_layer"):
         DistillModule(student, teacher, LossSpec(w_iva=1.0), image_token_id=3, pad_token_id=0)
+
+
+def test_irs_layer_cache_is_keyed_on_the_teacher(setup, tmp_path, monkeypatch):
+    """iva_layer=auto reuses irs.json only for the same teacher, tiny text model, data and
+    seed, and only a layer the teacher has."""
+    import align_ti.models.irs as irs
+    from align_ti.train.trainer import resolve_iva_layer
+
+    teacher, _, processor, _, _ = setup
+    items = synthetic_vqa("train", 4, seed=0, questions_per_image=4)
+    calls = []
+
+    def fake_scores(model, proc, pairs):
+        calls.append(len(pairs))
+        return irs.IRSResult(scores=[0.1, 0.5], layer=1, num_pairs=len(pairs), cos_std=[0.0, 0.0])
+
+    monkeypatch.setattr(irs, "irs_scores", fake_scores)
+    cfg = _config(tmp_path, iva_layer="auto", irs_samples=4)
+    assert resolve_iva_layer(cfg, teacher, processor, items, str(tmp_path)) == 1
+    assert resolve_iva_layer(cfg, teacher, processor, items, str(tmp_path)) == 1
+    assert len(calls) == 1  # the second call read the cache
+    other = _config(tmp_path, iva_layer="auto", irs_samples=4, tiny_text_model="qwen3")
+    resolve_iva_layer(other, teacher, processor, items, str(tmp_path))
+    assert len(calls) == 2  # another tiny text model: recomputed
+    record = json.loads((tmp_path / "irs.json").read_text())
+    record["layer"] = 99  # not a layer of this teacher
+    (tmp_path / "irs.json").write_text(json.dumps(record))
+    assert resolve_iva_layer(other, teacher, processor, items, str(tmp_path)) == 1
+    assert len(calls) == 3
