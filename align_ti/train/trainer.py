@@ -391,6 +391,10 @@ class DistillTrainer(Trainer):
         if not isinstance(model, DistillModule):
             raise TypeError(f"model must be a DistillModule, got {type(model).__name__}")
         super().__init__(model, *args, **kwargs)
+        # compute_loss divides by the step's global counts: transformers must not divide by the
+        # accumulation steps again. Newer versions read loss_is_scaled_for_ga; older ones (5.17,
+        # the GPU image's) only skip that division when the model "accepts loss kwargs".
+        self.model_accepts_loss_kwargs = True
         self._distill = model
         self._term_sums: dict[str, torch.Tensor] = {}
         self._terms_since_step = 0  # the global step before the first step in _term_sums
