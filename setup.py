@@ -71,7 +71,7 @@ setup(
     install_requires=[
         "torch>=2.6",
         "triton>=3.2; platform_system == 'Linux'",
-        "transformers>=5.0",
+        "transformers>=5.17",  # the oldest tested (CI tier "oldest"; 5.0 lacks what checkpoints use)
         "accelerate>=1.0",
         "numpy",
         "Pillow",

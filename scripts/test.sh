@@ -5,8 +5,11 @@
 #   interpret  Triton kernels on CPU tensors, TRITON_INTERPRET=1 set     budget 6 min
 #              before triton is imported (fp32/fp16 only)
 #   e2e        demo, resume, 2-process runs, the FlexAttention training step  budget 8 min
+#   oldest     (not in the default; CI runs it) the trainer, model and TPA tests on the oldest
+#              transformers setup.py allows, installed from the package index into a scratch
+#              folder put first on PYTHONPATH                             budget 5 min
 # A tier that runs past twice its budget is killed and fails; past its budget it warns.
-# Usage: bash scripts/test.sh [cpu|interpret|e2e ...]   (default: all three)
+# Usage: bash scripts/test.sh [cpu|interpret|e2e|oldest ...]   (default: cpu interpret e2e)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,7 +39,19 @@ for tier in "${tiers[@]}"; do
     cpu)       run_tier cpu 360 OMP_NUM_THREADS=2 -- -q -m "not interpret and not e2e and not gpu" ;;
     interpret) run_tier interpret 360 TRITON_INTERPRET=1 OMP_NUM_THREADS=2 -- -q -m "interpret and not gpu" ;;
     e2e)       run_tier e2e 480 OMP_NUM_THREADS=1 -- -q -m "e2e and not gpu" ;;
-    *) echo "unknown tier $tier (cpu, interpret, e2e)"; exit 2 ;;
+    oldest)
+      # the floor of setup.py's transformers requirement, e.g. "transformers>=5.17"
+      floor=$(sed -n 's/.*"transformers>=\([0-9.]*\)".*/\1/p' setup.py | head -1)
+      site=$(mktemp -d)
+      if "$PY" -m pip install -q --target "$site" "transformers==$floor" >"$site.log" 2>&1; then
+        rm -rf "$site"/numpy* "$site"/torch*  # keep the environment's own numpy and torch
+        run_tier "oldest (transformers $floor)" 300 OMP_NUM_THREADS=1 PYTHONPATH="$site" -- \
+          -q -p no:cacheprovider -m "not gpu" tests/train tests/models tests/ops/test_branches.py
+      else
+        echo "tier oldest: could not install transformers==$floor: $(tail -1 "$site.log")"
+        failed+=(oldest)
+      fi ;;
+    *) echo "unknown tier $tier (cpu, interpret, e2e, oldest)"; exit 2 ;;
   esac
 done
 
