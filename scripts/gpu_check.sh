@@ -92,8 +92,9 @@ stage attention_mass 40 python3 -m align_ti.benchmarks.runner --device cuda --op
 stage topk_align 40 python3 -m align_ti.benchmarks.runner --device cuda --quick --op topk_align --out "$res"
 stage iva 45 python3 -m align_ti.benchmarks.train_step --device cuda --scale full --iva-share --steps 3 --out "$res"
 # the training step on FlexAttention (TPA's expanded sequence block-sparse) against SDPA, same run
-stage train_flex 120 python3 -m align_ti.benchmarks.train_step --device cuda --scale full --steps 2 \
-  --ways "align-ti,align-ti flex" --stem train_step-flex --out "$res"
+# (recompiles logged: past dynamo's limit flex falls back to an unfused, slow, memory-hungry path)
+stage train_flex 120 env TORCH_LOGS=recompiles python3 -m align_ti.benchmarks.train_step --device cuda \
+  --scale full --steps 2 --ways "align-ti,align-ti flex" --stem train_step-flex --out "$res"
 # the whole fused_kl registry: the sweep over N (the plot) and torch.compile of the plain path
 stage fused_kl_full 150 python3 -m align_ti.benchmarks.runner --device cuda --op fused_kl --out "$res"
 # the qwen-shaped TPA expanded forwards (the tiny ones are measured on the CPU); two earlier
