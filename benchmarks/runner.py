@@ -169,6 +169,8 @@ def measure_provider(bench, case, provider, device, reps: int) -> dict:
 
 
 def summarize(results: list[dict], baseline: str = "align_ti") -> dict:
+    """Our variants against the fastest and (separately) the leanest peer that ran ok; a peer
+    that failed or was refused is in the table but not here."""
     ok = {r["provider"]: r for r in results if r.get("status") == "ok"}
     if baseline not in ok:
         return {}
@@ -184,7 +186,8 @@ def summarize(results: list[dict], baseline: str = "align_ti") -> dict:
             ours = ok[name]
             prefix = "" if name == baseline else f"{name}_"
             out[f"{prefix}time_vs_fastest_peer"] = ours["fwd_bwd"]["median_s"] / fastest["fwd_bwd"]["median_s"]
-            out[f"{prefix}memory_vs_leanest_peer"] = ours["peak_extra_mib"] / max(leanest["peak_extra_mib"], 1e-9)
+            if leanest["peak_extra_mib"] >= 1.0:  # below 1 MiB, RSS noise would make the ratio meaningless
+                out[f"{prefix}memory_vs_leanest_peer"] = ours["peak_extra_mib"] / leanest["peak_extra_mib"]
     return out
 
 
