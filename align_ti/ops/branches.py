@@ -252,19 +252,14 @@ def _forbidden_list(forbidden_ids) -> list[int]:
     return sorted({int(v) for v in ids})
 
 
-def _banned_columns(forbidden_ids, vlim: int, device) -> torch.Tensor:
-    """bool [vlim]: the forbidden token ids below vlim (built on the host: a short list)."""
+def _banned_columns(ids: list[int], vlim: int, device) -> torch.Tensor:
+    """bool [vlim]: True at `ids` (token ids in [0, vlim); built on the host: a short list)."""
     banned = torch.zeros(vlim, dtype=torch.bool)
-    ids = [v for v in _forbidden_list(forbidden_ids) if 0 <= v < vlim]
     if ids:
         banned[torch.tensor(ids)] = True
     if torch.device(device).type == "cuda":  # pinned + non_blocking: the host does not wait
         return banned.pin_memory().to(device, non_blocking=True)
     return banned.to(device)
-
-
-def _count_forbidden(forbidden_ids, vlim: int) -> int:
-    return sum(1 for v in _forbidden_list(forbidden_ids) if 0 <= v < vlim)
 
 
 @torch.no_grad()
@@ -348,9 +343,9 @@ def sample_candidates(
     check_same_device({"student_hidden": student_hidden, "student_weight": student_weight,
                        "student_bias": student_bias})
     check_bool("exclude_ground_truth", exclude_ground_truth)
-    forbidden_ids = _forbidden_list(forbidden_ids)
+    banned_ids = [v for v in _forbidden_list(forbidden_ids) if 0 <= v < vlim]
     chunk_bytes = _heur.resolve_chunk_bytes(chunk_bytes)
-    n_allowed = vlim - _count_forbidden(forbidden_ids, vlim) - (1 if exclude_ground_truth else 0)
+    n_allowed = vlim - len(banned_ids) - (1 if exclude_ground_truth else 0)
     if n_allowed < num_candidates:
         raise ValueError(f"num_candidates = {num_candidates} exceeds the {n_allowed} allowed tokens "
                          f"(vocab_limit {vlim}, forbidden_ids and the ground truth excluded)")
@@ -368,7 +363,7 @@ def sample_candidates(
     gt = input_ids.to(device).long().gather(1, t).reshape(-1)
     gt_in = gt < vlim
     gt_col = torch.where(gt_in, gt, torch.zeros_like(gt)).clamp(min=0)[:, None]
-    banned = _banned_columns(forbidden_ids, vlim, device)
+    banned = _banned_columns(banned_ids, vlim, device)
     if strategy == "sample":
         keys = sample_keys(seed, sample_ids, epoch, b_size, device)
         rel = (steps - _real_offset(attention_mask, b_size, device)[:, None]).clamp(min=0)
@@ -684,9 +679,8 @@ def build_expanded_batch(
             if bool(oov.any()):
                 raise ValueError(f"candidates must be token ids in [0, {vocab_size}) (vocab_size), got e.g. "
                                  f"{slot_cands[oov][:5].tolist()}")
-        fb_list = _forbidden_list(forbidden_ids)
-        if fb_list:
-            fb = torch.tensor(fb_list, dtype=torch.int64, device=device)
+        if forbidden_ids:  # already a sorted list (validated above)
+            fb = torch.tensor(forbidden_ids, dtype=torch.int64, device=device)
             hit = filled & torch.isin(slot_cands, fb)
             if bool(hit.any()):
                 raise ValueError(f"candidates hold forbidden_ids, e.g. {slot_cands[hit][:5].tolist()}")

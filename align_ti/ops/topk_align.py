@@ -43,7 +43,7 @@ import torch
 
 from align_ti.ops import heuristics as _heur
 from align_ti.ops.dispatch import cdiv, interpret_mode, resolve_impl
-from align_ti.ops.fused_kl import _enter_backward, _grads_in_forward, _scale_
+from align_ti.ops.fused_kl import _enter_backward, _grads_in_forward, _scale_, fused_linear_kl
 from align_ti.reference.fused_kl import KLOptions, check_head, resolve_vocab_size
 from align_ti.reference.topk_align import check_selection_args, kept_count
 from align_ti.validation import (
@@ -468,8 +468,6 @@ def topk_align(
     # fp16: fused_linear_kl, whose backward applies the upstream gradient (a loss scale)
     # before rounding; the gather kernel computes the gradients in the forward
     if impl in ("auto", "torch") or not _grads_in_forward("mean", student_hidden.dtype):
-        from align_ti.ops.fused_kl import fused_linear_kl
-
         return fused_linear_kl(
             hs2, student_weight, ht2, teacher_weight, rows=rows, weights=weights,
             divergence=divergence, beta=beta, temperature=temperature, vocab_size=v,

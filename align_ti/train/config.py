@@ -116,9 +116,9 @@ class DistillConfig:
         if self.iva_ratio is not None and not 0 < self.iva_ratio <= 1:
             raise ValueError(f"config iva_ratio must be in (0, 1], got {self.iva_ratio}")
         if self.kl_chunk_bytes is not None:
-            from align_ti.ops.heuristics import parse_bytes  # imports torch: only when set
+            from align_ti.ops.heuristics import resolve_chunk_bytes  # imports torch: only when set
 
-            parse_bytes(self.kl_chunk_bytes, "config kl_chunk_bytes")
+            resolve_chunk_bytes(self.kl_chunk_bytes, "config kl_chunk_bytes")
         if isinstance(self.iva_layer, str) and self.iva_layer != "auto":
             raise ValueError(f"config iva_layer must be a layer index or 'auto', got {self.iva_layer!r}")
         for name in ("teacher", "student"):

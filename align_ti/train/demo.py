@@ -473,12 +473,11 @@ def settings_from_args(args) -> DemoSettings:
         if args.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
         s = replace(s, seeds=tuple(range(args.seeds)))
-    for arg, name in (("student_steps", "student_steps"), ("teacher_steps", "teacher_steps"),
-                      ("batch_size", "batch_size")):
-        v = getattr(args, arg)
+    for name in ("student_steps", "teacher_steps", "batch_size", "threads"):
+        v = getattr(args, name)
         if v is not None:
             if v < 1:
-                raise ValueError(f"--{arg.replace('_', '-')} must be >= 1, got {v}")
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
             s = replace(s, **{name: v})
     if args.methods:
         chosen = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -486,10 +485,6 @@ def settings_from_args(args) -> DemoSettings:
         if unknown:
             raise ValueError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
         s = replace(s, methods=chosen)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        s = replace(s, threads=args.threads)
     return s
 
 

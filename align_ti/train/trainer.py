@@ -52,7 +52,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from align_ti.data.synthetic import IGNORE_INDEX
-from align_ti.ops.heuristics import parse_bytes
+from align_ti.ops.heuristics import resolve_chunk_bytes
 
 __all__ = [
     "LossSpec",
@@ -115,8 +115,7 @@ class LossSpec:
             tpa_temperature=config.tpa_temperature,
             tpa_exclude_ground_truth=getattr(config, "tpa_exclude_ground_truth", True),
             tpa_max_per_sample=getattr(config, "tpa_max_per_sample", None), seed=config.seed,
-            chunk_bytes=(None if getattr(config, "kl_chunk_bytes", None) is None
-                         else parse_bytes(config.kl_chunk_bytes, "config kl_chunk_bytes")),
+            chunk_bytes=resolve_chunk_bytes(getattr(config, "kl_chunk_bytes", None), "config kl_chunk_bytes"),
             fp32_weight_grad=getattr(config, "fp32_weight_grad", True),
         )
 
