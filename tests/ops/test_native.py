@@ -490,6 +490,33 @@ def test_op_default_implementation_low_precision(ts, tt):
     assert torch.equal(d3, d1) and torch.equal(zs_ip, g1.to(zs.dtype))
 
 
+@pytest.mark.parametrize("ts,tt", [("fp32", "fp32"), ("bf16", "fp16")])
+def test_read_only_op_default_implementation(ts, tt):
+    """align_ti::kl_chunk_into without the extension: the chunk code's results, the gradient
+    in g_out, zs and zt untouched (fp32 rows too, which kl_chunk uses as scratch); no g_out
+    with need_grad is refused; the op writes only what it declares (opcheck's schema test)."""
+    zs, zt, args = _low_chunk_args(ts, tt, 1, "ce")
+    v = args[0]
+    zs0, zt0 = zs.clone(), zt[:, :v].clone()
+    d1, nll1, g1, _ = F._chunk_torch(zs.to(torch.float32, copy=True), zt0.to(torch.float32, copy=True), *args)
+    g_out = torch.empty(zs.shape, dtype=zs.dtype)
+    d2, nll2, _ = F._kl_chunk_into_op._init_fn(zs, zt[:, :v], *args, g_out)
+    assert torch.equal(zs, zs0) and torch.equal(zt[:, :v], zt0), "inputs were written"
+    assert torch.equal(d2, d1) and torch.equal(nll2, nll1) and torch.equal(g_out, g1.to(zs.dtype))
+    with pytest.raises(ValueError, match="g_out"):
+        F._kl_chunk_into_op._init_fn(zs, zt[:, :v], *args)
+    torch.library.opcheck(torch.ops.align_ti.kl_chunk_into.default, (zs, zt[:, :v], *args, g_out),
+                          test_utils=("test_schema", "test_faketensor"))  # whichever kernel is registered
+
+
+def test_opcheck_native_read_only_kernel(native_lib):
+    zs, zt, args = _low_chunk_args("bf16", "fp16", 0, "ce")
+    v = args[0]
+    for g_out in (torch.zeros(zs.shape, dtype=torch.bfloat16), torch.zeros(zs.shape)):
+        torch.library.opcheck(torch.ops.align_ti.kl_chunk_into.default, (zs, zt[:, :v], *args, g_out),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
 def test_opcheck_native_kernel_bf16(native_lib):
     zs, zt, args = _low_chunk_args("bf16", "fp16", 0, "ce")
     v = args[0]
