@@ -1,9 +1,13 @@
 """Packaging for align-ti.
 
-`kernels/` holds Triton device code. It is installed as `align_ti.kernels` (package_dir) and
-never as a top-level `kernels` package, which would shadow the PyPI package `kernels` that
-transformers probes for. `benchmarks/` is installed as `align_ti.benchmarks` the same way, so
-that `align-ti bench` works from an installed package.
+`kernels/` holds Triton device code and has no `__init__.py`, so that it never shadows the
+environment's `kernels` package (Hugging Face's, imported by transformers) when the repository
+root is on sys.path. It is installed as `align_ti.kernels`: the package `align_ti/kernels/`
+finds the folder in a checkout (editable install) and build_py copies its modules in beside it
+for a wheel (setuptools' editable finder cannot map a folder without `__init__.py` below a
+regular package, hence no package_dir entry). `benchmarks/` is installed as
+`align_ti.benchmarks` through package_dir, so that `align-ti bench` works from an installed
+package.
 
 The sources of the optional native CPU extension (CMakeLists.txt and csrc/ at the repository
 root) are copied into the package as data, `align_ti/_native_src/` with the same layout, so
@@ -29,22 +33,36 @@ def native_sources() -> list[str]:
     return sorted(files)
 
 
+def kernel_sources() -> list[str]:
+    """The Triton device-code modules of kernels/, relative to the repository root."""
+    return sorted(os.path.join("kernels", n) for n in os.listdir(os.path.join(HERE, "kernels"))
+                  if n.endswith(".py"))
+
+
+def copied_files() -> list[tuple[str, str]]:
+    """(source relative to the repository root, destination relative to build_lib)."""
+    pairs = [(rel, os.path.join(NATIVE_PACKAGE_DIR, rel)) for rel in native_sources()]
+    pairs += [(rel, os.path.join("align_ti", rel)) for rel in kernel_sources()]
+    return pairs
+
+
 class build_py(_build_py):
-    """build_py that also copies the native sources into align_ti/_native_src/."""
+    """build_py that also copies kernels/ into align_ti/kernels/ and the native sources into
+    align_ti/_native_src/ (an editable install reads both from the checkout)."""
 
     def run(self):
         super().run()
-        if getattr(self, "editable_mode", False):  # an editable install uses the checkout
+        if getattr(self, "editable_mode", False):
             return
-        for rel in native_sources():
-            dst = os.path.join(self.build_lib, NATIVE_PACKAGE_DIR, rel)
+        for src, dst in copied_files():
+            dst = os.path.join(self.build_lib, dst)
             self.mkpath(os.path.dirname(dst))
-            self.copy_file(os.path.join(HERE, rel), dst)
+            self.copy_file(os.path.join(HERE, src), dst)
 
     def get_outputs(self, include_bytecode=True):
         outs = super().get_outputs(include_bytecode)
         if not getattr(self, "editable_mode", False):
-            outs += [os.path.join(self.build_lib, NATIVE_PACKAGE_DIR, rel) for rel in native_sources()]
+            outs += [os.path.join(self.build_lib, dst) for _, dst in copied_files()]
         return outs
 
 
@@ -67,12 +85,15 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=PACKAGES,
-    package_dir={"align_ti.kernels": "kernels", "align_ti.benchmarks": "benchmarks"},
+    package_dir={"align_ti.benchmarks": "benchmarks"},
+    # Floors are versions that ran (README, "Supported versions"): torch and triton those of the
+    # lent GPU machines' image, transformers and accelerate the CI tier "oldest" (transformers
+    # 5.0 lacks what checkpoints use; accelerate 1.2 lacks what transformers 5.17's Trainer calls).
     install_requires=[
-        "torch>=2.6",
-        "triton>=3.2; platform_system == 'Linux'",
-        "transformers>=5.17",  # the oldest tested (CI tier "oldest"; 5.0 lacks what checkpoints use)
-        "accelerate>=1.0",
+        "torch>=2.11",
+        "triton>=3.6; platform_system == 'Linux'",
+        "transformers>=5.17",
+        "accelerate>=1.3",
         "numpy",
         "Pillow",
         "matplotlib",

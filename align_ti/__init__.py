@@ -5,20 +5,10 @@ CLI's help, the config loader and the references do not pay for triton or transf
 """
 from __future__ import annotations
 
-import os
-
 from align_ti._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-# setup.py installs kernels/ and benchmarks/ as align_ti.kernels and align_ti.benchmarks. In a
-# source checkout used without installing (a lent GPU machine running from the repo root, say)
-# they sit beside the package instead: let the package find them there too.
-_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if not os.path.isdir(os.path.join(os.path.dirname(__file__), "kernels")) and os.path.isfile(
-    os.path.join(_root, "kernels", "__init__.py")
-):
-    __path__.append(_root)
 
 # public name -> module that defines it
 _LAZY = {

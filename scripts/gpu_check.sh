@@ -60,12 +60,21 @@ stage() {
 }
 
 # The project without dependencies, into the torch that is already there (editable, so the
-# repo's own files run). Where pip cannot build offline, the repo root on PYTHONPATH does the
-# same: align_ti then finds kernels/ and benchmarks/ beside itself.
+# repo's own files run). Where pip cannot build offline, run from a copy of the tree laid out as
+# a wheel installs it (benchmarks/ and kernels/ inside align_ti/), so that `align_ti.benchmarks`
+# and `align_ti.kernels` import with the copy's root first on the path.
 if python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$work/pip.log" 2>&1; then
   log "installed align-ti (editable, no dependencies)"
 else
-  log "pip could not install offline ($(tail -1 "$work/pip.log")); using the repo root on PYTHONPATH"
+  log "pip could not install offline ($(tail -1 "$work/pip.log")); running from a copy laid out as installed"
+  OUT=$(cd "$OUT" && pwd)
+  commit=$(git rev-parse HEAD 2>/dev/null) && export ALIGN_TI_GIT_COMMIT=${ALIGN_TI_GIT_COMMIT:-$commit}
+  tree="$work/tree"
+  mkdir -p "$tree"
+  tar cf - --exclude=./.git --exclude=./gpu-results . | tar xf - -C "$tree"
+  cp -r "$tree/benchmarks" "$tree/align_ti/benchmarks"
+  cp "$tree"/kernels/*.py "$tree/align_ti/kernels/"
+  cd "$tree" || exit 1
 fi
 site="$work/site"
 mkdir -p "$site"
