@@ -87,8 +87,9 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_build_native(args) -> int:
-    """Build the native CPU kernels of the fused KL (C++17, OpenMP, at::vec) with CMake + Ninja
-    against the installed torch, cache them per torch version and load them. Afterwards the
+    """Build the native CPU kernels of the fused KL (OpenMP, at::vec) with CMake + Ninja
+    against the installed torch, in the C++ standard its headers need (C++20 for torch >= 2.14),
+    cache them per torch version and load them. Afterwards the
     CPU path of fused_linear_kl / fused_linear_distill / fused_kl uses them automatically
     (ALIGN_TI_NATIVE=0 turns them off)."""
     import time

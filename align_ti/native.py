@@ -164,6 +164,9 @@ def build(force: bool = False, verbose: bool = False, jobs: int | None = None) -
                 if verbose:
                     print(proc.stdout, end="")
                 if proc.returncode != 0:
+                    reason = cmake_error(proc.stdout)
+                    if reason:  # CMakeLists.txt's own check (e.g. the C++ standard torch needs)
+                        raise RuntimeError(f"native build failed: {reason} (log {log_path})")
                     tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
                     raise RuntimeError(f"native build failed ({' '.join(cmd[:2])}...); log {log_path}:\n{tail}")
         os.replace(os.path.join(work, LIB_NAME), out)  # atomic: concurrent builders are safe
@@ -173,6 +176,22 @@ def build(force: bool = False, verbose: bool = False, jobs: int | None = None) -
         print(f"built {out} in {time.perf_counter() - t0:.1f} s")
     load(out)
     return out
+
+
+def cmake_error(output: str) -> str | None:
+    """The first ``CMake Error`` message in CMake's output as one line (CMake indents and wraps
+    a FATAL_ERROR message below its "CMake Error at FILE:LINE" header), or None."""
+    lines = output.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("CMake Error"):
+            body = []
+            for nxt in lines[i + 1:]:
+                if nxt.strip() == "" and body:
+                    break
+                if nxt.strip():
+                    body.append(nxt.strip())
+            return " ".join(body) or line.strip()
+    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -340,6 +340,48 @@ def test_cli_build_native(native_lib, capsys):
     assert native_lib in out and "loaded" in out
 
 
+def _configure(tmp_path, torch_dir):
+    """CMake configure (no build) of CMakeLists.txt against the torch package folder `torch_dir`."""
+    cmake, ninja = native._tool("cmake"), native._tool("ninja")
+    if cmake is None or ninja is None:
+        pytest.skip("cmake and ninja are needed (pip install cmake ninja)")
+    return subprocess.run([cmake, "-S", ROOT, "-B", str(tmp_path / "build"), "-G", "Ninja",
+                           f"-DCMAKE_MAKE_PROGRAM={ninja}", f"-DALIGN_TI_TORCH_DIR={torch_dir}"],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_native_build_uses_the_standard_torch_needs(tmp_path):
+    """The compile line has the C++ standard the installed torch's CMake config states (20 for
+    torch >= 2.14, whose headers fail under C++17), not a fixed one. (The native_lib fixture
+    builds with it.)"""
+    import re
+
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    with open(os.path.join(torch_dir, "share", "cmake", "Torch", "TorchConfig.cmake")) as f:
+        wanted = re.search(r"CXX_STANDARD (\d+)", f.read()).group(1)
+    proc = _configure(tmp_path, torch_dir)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    flags = set(re.findall(r"-std=\S+", (tmp_path / "build" / "build.ninja").read_text()))
+    assert flags == {f"-std=c++{wanted}"}, flags
+
+
+def test_native_build_names_a_standard_the_compiler_lacks(tmp_path):
+    """A compiler without the standard torch needs: CMake stops with one message naming the
+    standard, and native.cmake_error turns CMake's output into that one line."""
+    fake = tmp_path / "torch"  # a stand-in torch folder: configure only looks the libraries up
+    (fake / "share" / "cmake" / "Torch").mkdir(parents=True)
+    (fake / "share" / "cmake" / "Torch" / "TorchConfig.cmake").write_text(
+        "set_target_properties(torch PROPERTIES CXX_STANDARD 41)\n")
+    (fake / "lib").mkdir()
+    for lib in ("libc10.so", "libtorch_cpu.so"):
+        (fake / "lib" / lib).write_bytes(b"")
+    proc = _configure(tmp_path, fake)
+    assert proc.returncode != 0
+    reason = native.cmake_error(proc.stdout + proc.stderr)
+    assert reason and "needs C++41" in reason and "does not support" in reason, proc.stdout + proc.stderr
+    assert "\n" not in reason
+
+
 def _opcheck_args(with_labels=True, need_grad=True, split=True):
     g = torch.Generator().manual_seed(3)
     r, v, ns = 5, 97, 103
