@@ -6,8 +6,8 @@
 #              before triton is imported (fp32/fp16 only)
 #   e2e        demo, resume, 2-process runs, the FlexAttention training step  budget 8 min
 #   oldest     (not in the default; CI runs it) the trainer, model and TPA tests on the oldest
-#              transformers setup.py allows, installed from the package index into a scratch
-#              folder put first on PYTHONPATH                             budget 5 min
+#              transformers and accelerate setup.py allows, installed from the package index
+#              into a scratch folder put first on PYTHONPATH              budget 5 min
 # A tier that runs past twice its budget is killed and fails; past its budget it warns.
 # Usage: bash scripts/test.sh [cpu|interpret|e2e|oldest ...]   (default: cpu interpret e2e)
 set -uo pipefail
@@ -40,17 +40,19 @@ for tier in "${tiers[@]}"; do
     interpret) run_tier interpret 360 TRITON_INTERPRET=1 OMP_NUM_THREADS=2 -- -q -m "interpret and not gpu" ;;
     e2e)       run_tier e2e 480 OMP_NUM_THREADS=1 -- -q -m "e2e and not gpu" ;;
     oldest)
-      # the floor of setup.py's transformers requirement, e.g. "transformers>=5.17"
-      floor=$(sed -n 's/.*"transformers>=\([0-9.]*\)".*/\1/p' setup.py | head -1)
+      # the floors of setup.py's transformers and accelerate requirements, e.g. "transformers>=5.17"
+      floor() { sed -n "s/.*\"$1>=\([0-9.]*\)\".*/\1/p" setup.py | head -1; }
+      tf=$(floor transformers) acc=$(floor accelerate)
       site=$(mktemp -d)
-      if "$PY" -m pip install -q --target "$site" "transformers==$floor" >"$site.log" 2>&1; then
+      if "$PY" -m pip install -q --target "$site" "transformers==$tf" "accelerate==$acc" >"$site.log" 2>&1; then
         rm -rf "$site"/numpy* "$site"/torch*  # keep the environment's own numpy and torch
-        run_tier "oldest (transformers $floor)" 300 OMP_NUM_THREADS=1 PYTHONPATH="$site" -- \
+        run_tier "oldest (transformers $tf, accelerate $acc)" 300 OMP_NUM_THREADS=1 PYTHONPATH="$site" -- \
           -q -p no:cacheprovider -m "not gpu" tests/train tests/models tests/ops/test_branches.py
       else
-        echo "tier oldest: could not install transformers==$floor: $(tail -1 "$site.log")"
+        echo "tier oldest: could not install transformers==$tf accelerate==$acc: $(tail -1 "$site.log")"
         failed+=(oldest)
-      fi ;;
+      fi
+      rm -rf "$site" "$site.log" ;;
     *) echo "unknown tier $tier (cpu, interpret, e2e, oldest)"; exit 2 ;;
   esac
 done
