@@ -1,7 +1,9 @@
 """The `align-ti` command line.
 
 Each subcommand is one function; heavy modules are imported inside it, so `align-ti --help`
-answers at once. Subcommands are listed here only once they do real work.
+answers at once. Subcommands are listed here only once they do real work. Every subcommand that
+writes files checks its output folder (`align_ti.paths.ensure_writable_dir`) before it loads a
+model, so an unwritable path is a one-line error (exit 2), not a traceback after the work.
 """
 from __future__ import annotations
 
@@ -45,12 +47,22 @@ def _cmd_env(args) -> int:
 
 def _cmd_synth(args) -> int:
     """Write the built-in synthetic visual QA data as a LLaVA-format dataset."""
-    from align_ti.data.synthetic import write_llava_dataset
+    from align_ti.paths import ensure_writable_dir
 
-    if args.images < 1:
-        print(f"align-ti synth: error: --images must be >= 1, got {args.images}", file=sys.stderr)
+    try:
+        if args.images < 1:
+            raise ValueError(f"--images must be >= 1, got {args.images}")
+        ensure_writable_dir(args.out, "--out")
+        from align_ti.data.synthetic import write_llava_dataset
+
+        json_path = write_llava_dataset(args.out, n_images=args.images, seed=args.seed)
+    except ValueError as e:
+        print(f"align-ti synth: error: {e}", file=sys.stderr)
         return 2
-    json_path = write_llava_dataset(args.out, n_images=args.images, seed=args.seed)
+    except OSError as e:  # the folder checked out writable, then a write failed (a full disk)
+        print(f"align-ti synth: error: --out {args.out!r}: writing {e.filename or 'a file'} failed: "
+              f"{e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"wrote {json_path} (images under {args.out})")
     return 0
 
@@ -59,12 +71,15 @@ def _cmd_irs(args) -> int:
     """Compute IRS (instruction relevance score) for every decoder layer of a LLaVA-style
     teacher over calibration pairs (same image, different instructions); write irs.json and
     irs.png and print the chosen layer argmax_l IRS(l)."""
-    from align_ti.models.irs import run_irs
+    from align_ti.paths import ensure_writable_dir
 
     try:
+        ensure_writable_dir(args.out, "--out")
+        from align_ti.models.irs import run_irs
+
         result = run_irs(model=args.model, data=args.data, samples=args.samples, out=args.out,
                          batch_size=args.batch_size, seed=args.seed)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:  # FileNotFoundError: an image of --data
         print(f"align-ti irs: error: {e}", file=sys.stderr)
         return 2
     width = max(len(str(len(result.scores) - 1)), 5)
@@ -99,6 +114,9 @@ def _cmd_build_native(args) -> int:
     t0 = time.perf_counter()
     try:
         path = native.build(force=args.force, verbose=args.verbose, jobs=args.jobs)
+    except ValueError as e:  # its cache folder cannot be written
+        print(f"align-ti build-native: error: {e}", file=sys.stderr)
+        return 2
     except RuntimeError as e:
         print(f"align-ti build-native: error: {e}", file=sys.stderr)
         return 1
@@ -118,12 +136,14 @@ def _cmd_distill(args) -> int:
     visual QA data. Checkpoints go to output_dir/checkpoint-<step>; --resume continues from
     the last one."""
     try:
+        from align_ti.paths import ensure_writable_dir
         from align_ti.train.config import field_names, load_config
 
         if args.list_keys:
             print("\n".join(field_names()))
             return 0
         config = load_config(args.config, args.overrides)
+        ensure_writable_dir(config.output_dir, "output_dir")
     except (ValueError, FileNotFoundError) as e:
         print(f"align-ti distill: error: {e}", file=sys.stderr)
         return 2

@@ -125,7 +125,8 @@ def build(force: bool = False, verbose: bool = False, jobs: int | None = None) -
     """Build the extension for the installed torch (if not cached yet) and load it.
 
     Returns the path of the shared library. Raises RuntimeError with the tail of the build
-    log when CMake, Ninja or the compiler are missing or fail.
+    log when CMake, Ninja or the compiler are missing or fail, and ValueError when the cache
+    folder ($ALIGN_TI_NATIVE_DIR, default ~/.cache/align_ti/native) cannot be written.
     """
     import torch
 
@@ -139,11 +140,13 @@ def build(force: bool = False, verbose: bool = False, jobs: int | None = None) -
     if os.path.isfile(out) and not force:
         load(out)
         return out
+    from align_ti.paths import ensure_writable_dir
+
+    ensure_writable_dir(os.path.dirname(out), "native cache folder ($ALIGN_TI_NATIVE_DIR)")
     cmake, ninja = _tool("cmake"), _tool("ninja")
     missing = [n for n, p in (("cmake", cmake), ("ninja", ninja)) if p is None]
     if missing:
         raise RuntimeError(f"native build needs {' and '.join(missing)} (pip install cmake ninja)")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
     work = tempfile.mkdtemp(prefix="build-", dir=os.path.dirname(out))
     log_path = os.path.join(os.path.dirname(out), "build.log")
     cmds = [

@@ -232,7 +232,7 @@ def run(device: str = "cpu", ops=None, quick: bool = False, reps: int | None = N
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but CUDA is not available here")
     reps = reps or (3 if quick else 7)
-    out_dir = out_dir or os.path.join(os.getcwd(), "benchmarks", "results", device)
+    out_dir = out_dir or default_out_dir(device)
     written = []
     for op in ops or list(OPS):
         bench, cases = load_op(op)
@@ -297,6 +297,11 @@ def run(device: str = "cpu", ops=None, quick: bool = False, reps: int | None = N
     return written
 
 
+def default_out_dir(device: str) -> str:
+    """Where results go without --out: the committed results of the device type."""
+    return os.path.join(os.getcwd(), "benchmarks", "results", device)
+
+
 def _find_case(op: str, name: str):
     bench, cases = load_op(op)
     for c in cases:
@@ -350,10 +355,17 @@ def main(argv=None) -> int:
 def cli(args) -> int:
     import torch
 
+    from align_ti.paths import ensure_writable_dir
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.rounds < 1:
         raise SystemExit(f"align-ti bench: --rounds must be >= 1, got {args.rounds}")
-    paths = run(device, ops=args.op, quick=args.quick, reps=args.reps, out_dir=args.out, providers=args.provider,
+    try:  # before any provider runs, not when the first report is written
+        out_dir = ensure_writable_dir(args.out or default_out_dir(device), "--out")
+    except ValueError as e:
+        print(f"align-ti bench: error: {e}", file=sys.stderr)
+        return 2
+    paths = run(device, ops=args.op, quick=args.quick, reps=args.reps, out_dir=out_dir, providers=args.provider,
                 rounds=args.rounds)
     for p in paths:
         print("wrote", p)

@@ -491,8 +491,11 @@ def settings_from_args(args) -> DemoSettings:
 def main(args) -> int:
     import sys
 
+    from align_ti.paths import ensure_writable_dir
+
     try:
         settings = settings_from_args(args)
+        ensure_writable_dir(args.out, "--out")  # before minutes of training, not after
     except ValueError as e:
         print(f"align-ti demo: error: {e}", file=sys.stderr)
         return 2
