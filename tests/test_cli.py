@@ -39,3 +39,25 @@ def test_console_entry_point_help_is_fast():
         capture_output=True, text=True,
     )
     assert check.stdout.strip() == "False"
+
+
+def test_irs_data_with_missing_images_is_one_line_error(tmp_path, capsys, monkeypatch):
+    """JSONL and LLaVA JSON alike: exit 2 naming the image file and the sample, before a model loads."""
+    import align_ti.models.tiny as tiny
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the data was read")
+
+    monkeypatch.setattr(tiny, "build_tiny_llava", no_model)
+    (tmp_path / "calib.jsonl").write_text('{"image": "gone.png", "instructions": ["a?", "b?"]}\n')
+    json_path = tmp_path / "llava" / "train.json"
+    main(["synth", "--out", str(json_path.parent), "--images", "1"])
+    (json_path.parent / "images" / "train-0-00000.png").unlink()
+    capsys.readouterr()
+    for data, sample, image in [(tmp_path / "calib.jsonl", f"{tmp_path / 'calib.jsonl'}:1", tmp_path / "gone.png"),
+                                (json_path, f"{json_path}: sample 0 (id 'train-0-00000-q0')",
+                                 json_path.parent / "images" / "train-0-00000.png")]:
+        assert main(["irs", "--data", str(data), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"align-ti irs: error: {'data: ' if data.suffix == '.jsonl' else ''}{sample}: "
+                       f"image file {str(image)!r} does not exist"]

@@ -366,15 +366,66 @@ def _check_llava_record(rec, where: str) -> None:
         raise ValueError(f"{where}: 'image' must be a path string, got {rec['image']!r}")
 
 
-def load_llava_json(json_path, image_folder, image_token: str = "<image>") -> list[dict]:
+BAD_SAMPLES = ("error", "skip")
+
+
+def open_image(path, where: str) -> Image.Image:
+    """The image file at ``path`` as RGB. A missing file raises FileNotFoundError, an unreadable
+    one (a folder, not an image, no permission) ValueError; both name ``where`` (the sample) and
+    the file."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{where}: image file {str(path)!r} does not exist") from None
+    except OSError as e:  # IsADirectoryError, PermissionError, PIL.UnidentifiedImageError, truncated
+        raise ValueError(f"{where}: cannot read image file {str(path)!r}: {e}") from None
+
+
+def llava_sample_problem(rec: dict, image_token: str = "<image>") -> str | None:
+    """Why a (well-formed) LLaVA sample would not train as written, or None.
+
+    Its image placeholders must match its images: one ``image_token`` in its turns with an
+    image, none without (a text-only sample is fine). Each answer must be non-empty, and it
+    needs a (human, gpt) turn pair. Otherwise the loader would quietly train on something else:
+    the image it re-inserts without the placeholder the data meant, a sample whose image is
+    gone, or only the end-of-answer token.
+    """
+    turns = rec["conversations"]
+    n_images = 0 if rec.get("image") is None else 1
+    n_tokens = sum(t["value"].count(image_token) for t in turns)
+    if n_tokens != n_images:
+        return f"{n_tokens} {image_token} placeholder(s) for {n_images} image(s)"
+    if any(t["from"] == "gpt" and not t["value"].strip() for t in turns):
+        return "an empty answer"
+    if not _turn_pairs(turns):
+        return "no (human, gpt) turn pair"
+    return None
+
+
+def _turn_pairs(turns: list[dict]) -> list[tuple[dict, dict]]:
+    return [(turns[k], turns[k + 1]) for k in range(0, len(turns) - 1, 2)
+            if turns[k]["from"] == "human" and turns[k + 1]["from"] == "gpt"]
+
+
+def load_llava_json(json_path, image_folder, image_token: str = "<image>", bad_samples: str = "error",
+                    skipped: list | None = None) -> list[dict]:
     """Read a LLaVA-format JSON into item dicts `{"id", "image", "image_id", "question", "answer"}`.
 
     One item per (human, gpt) turn pair; an entry with several pairs gives ids `<id>-<k>`.
     The image placeholder is removed from the question (the chat template re-inserts the
     image). `image_id` is the image path as written in the JSON; entries without an image
-    get `image=None`. Each image file is opened once and shared by its items. A malformed
-    file or sample raises ValueError naming the file and the sample.
+    (and without a placeholder) are text-only items with `image=None`. Each image file is
+    opened once and shared by its items.
+
+    Errors name the file and the sample (index and id): a malformed file or sample raises
+    ValueError, a missing image file FileNotFoundError. A sample that would not train as
+    written (`llava_sample_problem`: placeholders that do not match its images, an empty
+    answer) is an error with ``bad_samples="error"`` (all of them in one message) and left out
+    with ``bad_samples="skip"``, its id appended to ``skipped`` when a list is given.
     """
+    if bad_samples not in BAD_SAMPLES:
+        raise ValueError(f"bad_samples must be one of {list(BAD_SAMPLES)}, got {bad_samples!r}")
     try:
         records = json.loads(Path(json_path).read_text())
     except json.JSONDecodeError as e:
@@ -384,21 +435,28 @@ def load_llava_json(json_path, image_folder, image_token: str = "<image>") -> li
                          f"{type(records).__name__}")
     image_folder = Path(image_folder)
     cache: dict[str, Image.Image] = {}
-    items = []
+    items, bad = [], []
     for i, rec in enumerate(records):
-        _check_llava_record(rec, f"{json_path}: sample {i}")
+        where = f"{json_path}: sample {i}"
+        _check_llava_record(rec, where)
+        where += f" (id {rec['id']!r})"
+        problem = llava_sample_problem(rec, image_token)
+        if problem is not None:
+            bad.append(f"sample {i} (id {rec['id']!r}): {problem}")
+            if skipped is not None and bad_samples == "skip":
+                skipped.append(str(rec["id"]))
+            continue
         rel = rec.get("image")
-        image = None
-        if rel is not None:
-            if rel not in cache:
-                with Image.open(image_folder / rel) as im:
-                    cache[rel] = im.convert("RGB")
-            image = cache[rel]
-        turns = rec["conversations"]
-        pairs = [(turns[k], turns[k + 1]) for k in range(0, len(turns) - 1, 2)
-                 if turns[k]["from"] == "human" and turns[k + 1]["from"] == "gpt"]
+        if rel is not None and rel not in cache:
+            cache[rel] = open_image(image_folder / rel, where)
+        image = None if rel is None else cache[rel]
+        pairs = _turn_pairs(rec["conversations"])
         for k, (human, gpt) in enumerate(pairs):
             question = human["value"].replace(image_token, "").strip()
             items.append({"id": str(rec["id"]) if len(pairs) == 1 else f"{rec['id']}-{k}", "image": image,
                           "image_id": rel, "question": question, "answer": gpt["value"]})
+    if bad and bad_samples == "error":
+        shown = "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else "")
+        raise ValueError(f"{json_path}: {len(bad)} bad sample(s): {shown} (fix them, or set bad_samples=skip "
+                         "to leave them out)")
     return items

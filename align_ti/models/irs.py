@@ -62,19 +62,15 @@ class IRSResult:
 # --------------------------------------------------------------------------------------
 
 
-def _open_image(path: Path):
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
 def load_calibration_jsonl(path, max_pairs: int | None = None) -> list[tuple[dict, dict]]:
     """Pairs from a JSONL of ``{"image": path, "instructions": [a, b, ...]}`` records.
 
     Image paths are relative to the JSONL's folder (absolute paths are kept). Every two
     distinct instructions of a record form one pair, in order: (a, b), (a, c), (b, c), ...
+    A missing image file raises FileNotFoundError naming the file and the record's line.
     """
+    from align_ti.data.synthetic import open_image
+
     path = Path(path)
     pairs = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -92,7 +88,7 @@ def load_calibration_jsonl(path, max_pairs: int | None = None) -> list[tuple[dic
         image_path = Path(rec["image"])
         if not image_path.is_absolute():
             image_path = path.parent / image_path
-        image = _open_image(image_path)
+        image = open_image(image_path, f"data: {path}:{n}")
         for a, b in itertools.combinations(instructions, 2):
             pairs.append(({"image": image, "question": a, "image_id": str(rec["image"])},
                           {"image": image, "question": b, "image_id": str(rec["image"])}))
@@ -131,6 +127,8 @@ def load_calibration_pairs(data=None, samples: int = 32, seed: int = 0) -> list[
 
     ``*.jsonl``: ``load_calibration_jsonl``; ``*.json``: a LLaVA-format dataset (images
     relative to its folder), paired by ``pairs_from_llava``. At most ``samples`` pairs.
+    Samples that `load_llava_json` calls bad are left out (as `distill` with bad_samples=skip
+    leaves them out) rather than refused: IRS reads only images and questions.
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -146,7 +144,8 @@ def load_calibration_pairs(data=None, samples: int = 32, seed: int = 0) -> list[
     elif path.suffix == ".json":
         from align_ti.data.synthetic import load_llava_json
 
-        pairs = pairs_from_llava(load_llava_json(path, image_folder=path.parent), max_pairs=samples)
+        items = load_llava_json(path, image_folder=path.parent, bad_samples="skip")
+        pairs = pairs_from_llava(items, max_pairs=samples)
     else:
         raise ValueError(f"data: expected a .jsonl calibration file or a LLaVA-format .json, got {path}")
     if not pairs:
@@ -308,8 +307,8 @@ def run_irs(model=None, data=None, samples: int = 32, out=".", batch_size: int =
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    pairs = load_calibration_pairs(data, samples=samples, seed=seed)  # data errors before a model loads
     m, processor, model_name = _load_model(model)
-    pairs = load_calibration_pairs(data, samples=samples, seed=seed)
     result = irs_scores(m, processor, pairs, batch_size=batch_size)
     text_cfg = getattr(m.config, "text_config", m.config)
     record = {

@@ -32,6 +32,9 @@ class DistillConfig:
     # data: "synthetic" (built-in visual QA) or a LLaVA-format JSON file
     data: str = "synthetic"
     image_folder: str | None = None         # images of a LLaVA-format JSON (default: its folder)
+    # LLaVA samples whose <image> placeholders do not match their images, or with an empty
+    # answer: error (naming them) | skip (left out, their ids printed once at the start)
+    bad_samples: str = "error"
     synthetic_images: int = 200             # data=synthetic: training images (4 questions each)
     max_length: int = 2048
     output_dir: str = "runs/distill"
@@ -82,6 +85,7 @@ class DistillConfig:
             "tpa_strategy": ("sample", "topk"),
             "tiny_text_model": ("qwen2", "qwen3"),
             "attn_implementation": ("sdpa", "eager", "flex_attention"),
+            "bad_samples": ("error", "skip"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -12,6 +12,7 @@ are checked here, with errors that say what differs.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,10 +138,12 @@ def check_image_expansion(teacher, student) -> None:
 # --------------------------------------------------------------------------------------------
 
 def load_items(data: str, image_folder: str | None = None, synthetic_images: int = 200,
-               seed: int = 0) -> list[dict]:
+               seed: int = 0, bad_samples: str = "error") -> list[dict]:
     """Raw items ``{"id", "image", "question", "answer", ...}``: the synthetic training split
     (``data="synthetic"``, ``synthetic_images`` images, 4 questions each) or a LLaVA-format JSON
-    (images relative to ``image_folder``, default the JSON's folder)."""
+    (images relative to ``image_folder``, default the JSON's folder; text-only samples train
+    too). Bad LLaVA samples (`align_ti.data.synthetic.llava_sample_problem`) are an error naming
+    them, or with ``bad_samples="skip"`` left out and reported in one line on stderr."""
     if data == "synthetic":
         from align_ti.data.synthetic import synthetic_vqa
 
@@ -152,13 +155,23 @@ def load_items(data: str, image_folder: str | None = None, synthetic_images: int
     folder = image_folder if image_folder is not None else os.path.dirname(os.path.abspath(data))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image_folder {folder!r}: no such folder")
-    try:
-        items = load_llava_json(data, folder)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"data {data!r}: an image is missing under image_folder {folder!r}: {e}") from e
+    skipped: list[str] = []
+    items = load_llava_json(data, folder, bad_samples=bad_samples, skipped=skipped)
+    if skipped:
+        _report_skipped(data, skipped)
     if not items:
-        raise ValueError(f"data {data!r}: no (human, gpt) conversation turn found")
+        left = f" ({len(skipped)} bad samples skipped)" if skipped else ""
+        raise ValueError(f"data {data!r}: no (human, gpt) conversation turn to train on{left}")
     return items
+
+
+def _report_skipped(data: str, ids: list[str], shown: int = 20) -> None:
+    """One line on stderr, from the first process only (every process loads the data)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    listed = ", ".join(ids[:shown]) + (f", ... ({len(ids) - shown} more)" if len(ids) > shown else "")
+    print(f"align-ti: data {data!r}: skipped {len(ids)} bad samples: ids {listed} (bad_samples=skip)",
+          file=sys.stderr, flush=True)
 
 
 class EncodedDataset(torch.utils.data.Dataset):

@@ -664,7 +664,7 @@ def build_trainer(config, student=None, teacher=None, processor=None, teacher_pr
     if train_dataset is None:
         if items is None:
             items = load_items(config.data, config.image_folder, getattr(config, "synthetic_images", 200),
-                               seed=config.seed)
+                               seed=config.seed, bad_samples=getattr(config, "bad_samples", "error"))
         train_dataset = EncodedDataset(items, processor, max_length=config.max_length)
     args = training_arguments(config, **args_overrides)
     layer = iva_layer

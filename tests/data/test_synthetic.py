@@ -185,3 +185,21 @@ def test_pad_batch_mixes_image_and_text_only_examples():
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     pixel_values=batch["pixel_values"])
     assert torch.isfinite(out.logits).all()
+
+
+def test_load_llava_json_missing_or_unreadable_image_names_file_and_sample(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "folder.png").mkdir()
+    turns = [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]
+    records = [{"id": "a", "image": "a.png", "conversations": turns},
+               {"id": "b", "image": "gone.png", "conversations": turns}]
+    (tmp_path / "d.json").write_text(__import__("json").dumps(records))
+    with pytest.raises(FileNotFoundError) as e:
+        load_llava_json(tmp_path / "d.json", tmp_path)
+    assert str(e.value) == f"{tmp_path / 'd.json'}: sample 1 (id 'b'): image file {str(tmp_path / 'gone.png')!r} does not exist"
+    records[1]["image"] = "folder.png"
+    (tmp_path / "d.json").write_text(__import__("json").dumps(records))
+    with pytest.raises(ValueError, match=r"sample 1 \(id 'b'\): cannot read image file .*folder.png"):
+        load_llava_json(tmp_path / "d.json", tmp_path)

@@ -106,6 +106,14 @@ def test_bad_calibration_input(tmp_path):
         load_calibration_pairs(None, samples=0)
     with pytest.raises(ValueError, match="pairs"):
         irs_scores(None, None, [])
+    (tmp_path / "gone.jsonl").write_text('{"image": "a.png", "instructions": ["p", "q"]}\n'
+                                         '{"image": "gone.png", "instructions": ["p", "q"]}\n')
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    with pytest.raises(FileNotFoundError) as e:
+        load_calibration_jsonl(tmp_path / "gone.jsonl")
+    assert str(e.value) == f"data: {tmp_path / 'gone.jsonl'}:2: image file {str(tmp_path / 'gone.png')!r} does not exist"
 
 
 def test_cli_irs_on_tiny_teacher(tmp_path, capsys):

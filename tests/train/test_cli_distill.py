@@ -117,3 +117,14 @@ def test_distill_resume_says_where_it_starts(capsys, tmp_path):
     cap = capsys.readouterr()
     assert f"resuming from {run / 'checkpoint-2'}" in cap.err
     assert "(mean over steps 3-3)" in cap.out
+
+
+def test_distill_missing_image_names_file_and_sample(capsys, tmp_path):
+    data = tmp_path / "data"
+    assert main(["synth", "--out", str(data), "--images", "2"]) == 0
+    (data / "images" / "train-0-00001.png").unlink()
+    capsys.readouterr()
+    assert main(["distill", f"data={data / 'train.json'}", "max_steps=1", f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"align-ti distill: error: {data / 'train.json'}: sample 4 (id 'train-0-00001-q0'): "
+                   f"image file {str(data / 'images' / 'train-0-00001.png')!r} does not exist"]
