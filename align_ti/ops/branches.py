@@ -347,8 +347,12 @@ def sample_candidates(
     chunk_bytes = _heur.resolve_chunk_bytes(chunk_bytes)
     n_allowed = vlim - len(banned_ids) - (1 if exclude_ground_truth else 0)
     if n_allowed < num_candidates:
-        raise ValueError(f"num_candidates = {num_candidates} exceeds the {n_allowed} allowed tokens "
-                         f"(vocab_limit {vlim}, forbidden_ids and the ground truth excluded)")
+        pool = f"vocab_limit = {vlim}" if vocab_limit is not None else f"student_weight's {vlim} rows"
+        less = ([f"{len(banned_ids)} forbidden_ids"] if banned_ids else []) + (
+            ["the ground truth"] if exclude_ground_truth else [])
+        pool += f", less {' and '.join(less)}" if less else ""
+        raise ValueError(f"num_candidates = {num_candidates} exceeds the {max(n_allowed, 0)} tokens a "
+                         f"candidate may be ({pool})")
     device = student_hidden.device
     steps = steps.to(device=device, dtype=torch.int64)
     if value_checks_enabled() and steps.numel():
