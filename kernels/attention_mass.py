@@ -61,7 +61,7 @@ def _probs(q, k, rpos, rvalid, kpos, kreal, lse2, qk_scale2, DOT_PREC: tl.conste
 
 
 @triton.jit
-def _attention_mass_lse(
+def attention_mass_lse_kernel(
     Q, K, ORDER, NSEL, REAL, LSE,
     sqb, sqh, sql, sqd,
     skb, skh, skl, skd,
@@ -100,7 +100,7 @@ def _attention_mass_lse(
 
 
 @triton.jit
-def _attention_mass_fwd(
+def attention_mass_fwd_kernel(
     Q, K, ORDER, NSEL, REAL, LSE, MASS,
     sqb, sqh, sql, sqd,
     skb, skh, skl, skd,
@@ -148,7 +148,7 @@ def _key_block(K, k_base, REAL_ROW, G, g_base, n0, q, rpos, rvalid, lse2, skl, s
 
 
 @triton.jit
-def _attention_mass_bwd_dq(
+def attention_mass_bwd_dq_kernel(
     Q, K, ORDER, NSEL, REAL, LSE, G, DELTA, DQ,
     sqb, sqh, sql, sqd,
     skb, skh, skl, skd,
@@ -198,7 +198,7 @@ def _attention_mass_bwd_dq(
 
 
 @triton.jit
-def _attention_mass_bwd_dk(
+def attention_mass_bwd_dk_kernel(
     Q, K, ORDER, NSEL, REAL, LSE, G, DELTA, DK,
     sqb, sqh, sql, sqd,
     skb, skh, skl, skd,

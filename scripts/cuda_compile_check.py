@@ -210,7 +210,7 @@ def production_variants(entry: dict):
         for k in ("zs_ptr", "zt_ptr", "g_ptr"):  # fused_kl on bf16 logits
             low["signature"][k] = "*bf16"
         yield low
-    elif name.startswith("_attention_mass"):
+    elif name.startswith("attention_mass_"):
         dtype = "bfloat16" if "*bf16" in entry["signature"].values() else "float32"
         import torch
 

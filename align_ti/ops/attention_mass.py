@@ -4,7 +4,8 @@
 layer's instruction->vision attention (IRS / IVA, METHOD.md): it works only on the selected
 query rows and never holds ``[B, H, L, L]``.
 
-Two implementations share one autograd Function (``AttentionMassFunction``):
+Two implementations behind one ``torch.library`` op, ``align_ti::attention_mass`` (with fake
+tensor support, so ``torch.compile`` traces through it), and its backward op:
 
 - ``impl="triton"`` (the default on CUDA): kernels in ``align_ti.kernels.attention_mass``.
   Selected rows are compacted per sample on the device (a stable argsort, no host sync);
@@ -23,23 +24,28 @@ when ``lse`` is supplied (the ``lse`` is only a cached forward value and gets no
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from align_ti.ops import heuristics as _heur
+from align_ti.ops._autograd import refuse_double_backward, save_inputs, saved_inputs
 from align_ti.ops.dispatch import cdiv, interpret_mode
 from align_ti.ops.heuristics import ATTENTION_MASS_CHUNK_BYTES, attention_mass_config, resolve_chunk_bytes
-from align_ti.reference.attention_mass import check_attention_mass_args
 from align_ti.validation import (
+    check_bool,
     check_choice,
     check_dim,
+    check_positive,
     check_same_device,
+    check_same_dtype,
     check_tensor,
     describe,
     value_checks_enabled,
 )
 
-__all__ = ["attention_mass", "AttentionMassOptions", "AttentionMassFunction"]
+__all__ = ["attention_mass", "check_attention_mass_args"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,74 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+# --------------------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------------------
+
+
+def _check_binary_mask(name: str, mask: torch.Tensor) -> None:
+    """A content check: an integer mask holds only 0 and 1."""
+    if mask.dtype == torch.bool or mask.numel() == 0 or not value_checks_enabled():
+        return
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name} must hold only 0 and 1 (1 = real token), got values "
+            f"{torch.unique(mask[bad])[:5].tolist()} ({describe(mask)})"
+        )
+
+
+def check_attention_mass_args(q, k, query_mask, attention_mask=None, scale=None, average_heads=True) -> float:
+    """The argument checks of ``attention_mass``: TypeError / ValueError naming the argument;
+    returns the resolved scale (``D ** -0.5`` when ``scale`` is None)."""
+    check_tensor("q", q, ndim=4, dtypes=_FLOATS)
+    check_tensor("k", k, ndim=4, dtypes=_FLOATS)
+    check_same_dtype("k", k, "q", q)
+    B, Hq, L, D = q.shape
+    if D == 0:
+        raise ValueError(f"q must have a head dim D >= 1, got shape {list(q.shape)}")
+    check_dim("k", k, 0, B, "the batch size of q")
+    check_dim("k", k, 2, L, "the sequence length of q")
+    check_dim("k", k, 3, D, "the head dim of q")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(
+            f"the number of query heads must be a multiple of the number of key heads: "
+            f"q has Hq = {Hq} heads (shape {list(q.shape)}), k has Hkv = {Hkv} "
+            f"(shape {list(k.shape)})"
+        )
+    check_tensor("query_mask", query_mask, ndim=2, dtypes=(torch.bool,))
+    check_dim("query_mask", query_mask, 0, B, "the batch size of q")
+    check_dim("query_mask", query_mask, 1, L, "the sequence length of q")
+    if attention_mask is not None:
+        check_tensor("attention_mask", attention_mask, ndim=2, dtypes=_MASK_DTYPES)
+        check_dim("attention_mask", attention_mask, 0, B, "the batch size of q")
+        check_dim("attention_mask", attention_mask, 1, L, "the sequence length of q")
+    check_same_device({"q": q, "k": k, "query_mask": query_mask, "attention_mask": attention_mask})
+    if attention_mask is not None:
+        _check_binary_mask("attention_mask", attention_mask)
+    if scale is None:
+        scale = D**-0.5
+    else:
+        check_positive("scale", scale)
+    check_bool("average_heads", average_heads)
+    return float(scale)
+
+
+def _check_lse(lse, q):
+    if lse is None:
+        return
+    check_tensor("lse", lse, ndim=3, dtypes=_FLOATS)
+    B, Hq, L, _ = q.shape
+    check_dim("lse", lse, 0, B, "the batch size of q")
+    check_dim("lse", lse, 1, Hq, "the number of query heads of q")
+    check_dim("lse", lse, 2, L, "the sequence length of q")
+    check_same_device({"q": q, "lse": lse})
 
 
 # --------------------------------------------------------------------------------------
@@ -210,11 +284,18 @@ def _torch_forward(q, k, selected, real, lse, opts, need_lse=True):
             mass[..., n0:n1] += _probs(s, lse_c).sum(dim=-2)
     denom = plan.n_sel.clamp(min=1).to(plan.cdt)
     mass = mass.view(B, Hq, L) / denom[:, None, None]
-    return mass, lse_out, plan
+    # the LSE at every position (0 where no row is selected): the backward gathers its rows
+    lse_full = torch.zeros(B, Hq, L, dtype=plan.cdt, device=q.device)
+    if need_lse or lse is not None:
+        rows = plan.rows[:, None, :].expand(B, Hq, plan.M)
+        lse_full.scatter_(2, rows, lse_out * plan.row_valid[:, None, :])
+    return mass, lse_full
 
 
-def _torch_backward(q, k, grad, lse_c, plan: _TorchPlan, scale):
-    """grad: [B, Hq, L] upstream gradient of the per-head mass."""
+def _torch_backward(q, k, grad, selected, real, lse_full, opts):
+    """grad: [B, Hq, L] upstream gradient of the per-head mass; lse_full: [B, Hq, L] row LSE."""
+    plan = _TorchPlan(q, k, selected, real, opts)
+    scale = opts.scale
     B, Hq, Hkv, G, L, D = plan.B, plan.Hq, plan.Hkv, plan.G, plan.L, plan.D
     cdt = plan.cdt
     gk = (grad.to(cdt) / plan.n_sel.clamp(min=1).to(cdt)[:, None, None]).view(B, Hkv, G, L)
@@ -224,7 +305,7 @@ def _torch_backward(q, k, grad, lse_c, plan: _TorchPlan, scale):
     for r0, r1 in plan.row_chunks():
         R = r1 - r0
         qc = plan.gather_q(q, r0, r1)  # [B, Hkv, G*R, D]
-        lse_r = lse_c[:, :, r0:r1].reshape(B, Hkv, G, R)
+        lse_r = plan.lse_rows(lse_full, r0, r1)  # [B, Hkv, G, R]
         delta = torch.zeros(B, Hkv, G, R, dtype=cdt, device=q.device)
         p_first = None
         for n0, n1 in plan.key_chunks():
@@ -263,64 +344,66 @@ def _triton_blocks(q, opts):
     return blocks
 
 
+def _launch(kernel, block: str, n: int, programs: int, args, blocks) -> None:
+    """Launch ``kernel`` on a grid of (blocks of ``n`` rows or keys, ``programs``), where
+    ``block`` ("BLOCK_M" for row-oriented kernels, "BLOCK_N" for key-oriented ones) sizes the
+    first axis: the fixed heuristics, or with ALIGN_TI_AUTOTUNE=1 the autotuned choice."""
+    fixed = dict(BLOCK_D=blocks["BLOCK_D"], DOT_PREC=blocks["DOT_PREC"])
+    if _heur.autotune_enabled():
+        _kernel(kernel)[lambda meta: (_grid(n, meta[block]), programs)](*args, **fixed)
+    else:
+        kernel[(_grid(n, blocks[block]), programs)](
+            *args, BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], num_warps=blocks["num_warps"], **fixed)
+
+
+def _device_rows(selected, real):
+    """What the kernels read: the row order, selected-row counts (int32) and real keys (int8)."""
+    order, n_sel = _compact_rows(selected)
+    return order, n_sel.to(torch.int32), real.to(torch.int8).contiguous()
+
+
 def _triton_forward(q, k, selected, real, lse, opts):
-    from align_ti.kernels.attention_mass import _attention_mass_fwd, _attention_mass_lse
+    from align_ti.kernels.attention_mass import attention_mass_fwd_kernel, attention_mass_lse_kernel
 
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
-    order, n_sel = _compact_rows(selected)
-    real_i8 = real.to(torch.int8).contiguous()
-    n_sel32 = n_sel.to(torch.int32)
+    order, n_sel32, real_i8 = _device_rows(selected, real)
     blocks = _triton_blocks(q, opts)
-    BM, BN = blocks["BLOCK_M"], blocks["BLOCK_N"]
     if lse is None:
         lse_buf = torch.zeros(B, Hq, L, dtype=torch.float32, device=q.device)
-        grid = (_grid(L, BM), B * Hq)
-        _attention_mass_lse[grid](
+        _launch(attention_mass_lse_kernel, "BLOCK_M", L, B * Hq, (
             q, k, order, n_sel32, real_i8, lse_buf,
             *q.stride(), *k.stride(), *lse_buf.stride(),
-            Hq, Hkv, L, D, opts.scale * _LOG2E,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=blocks["BLOCK_D"], DOT_PREC=blocks["DOT_PREC"],
-            num_warps=blocks["num_warps"],
-        )
+            Hq, Hkv, L, D, opts.scale * _LOG2E), blocks)
     else:
-        lse_buf = lse.detach().to(torch.float32)
+        lse_buf = lse.to(torch.float32, copy=True)  # an op output never aliases an input
     mass = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
-    grid = (_grid(L, BN), B * Hq)
-    _attention_mass_fwd[grid](
+    _launch(attention_mass_fwd_kernel, "BLOCK_N", L, B * Hq, (
         q, k, order, n_sel32, real_i8, lse_buf, mass,
         *q.stride(), *k.stride(), *lse_buf.stride(), *mass.stride(),
-        Hq, Hkv, L, D, opts.scale * _LOG2E,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=blocks["BLOCK_D"], DOT_PREC=blocks["DOT_PREC"],
-        num_warps=blocks["num_warps"],
-    )
-    return mass, lse_buf, (order, n_sel32, real_i8)
+        Hq, Hkv, L, D, opts.scale * _LOG2E), blocks)
+    return mass, lse_buf
 
 
-def _triton_backward(q, k, grad, lse_buf, aux, opts):
-    from align_ti.kernels.attention_mass import _attention_mass_bwd_dk, _attention_mass_bwd_dq
+def _triton_backward(q, k, grad, selected, real, lse_buf, opts):
+    from align_ti.kernels.attention_mass import attention_mass_bwd_dk_kernel, attention_mass_bwd_dq_kernel
 
-    order, n_sel32, real_i8 = aux
+    order, n_sel32, real_i8 = _device_rows(selected, real)
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
     blocks = _triton_blocks(q, opts)
-    BM, BN = blocks["BLOCK_M"], blocks["BLOCK_N"]
     g = (grad.to(torch.float32) / n_sel32.clamp(min=1).to(torch.float32)[:, None, None]).contiguous()
     dq = torch.zeros(B, Hq, L, D, dtype=torch.float32, device=q.device)
     delta = torch.zeros(B, Hq, L, dtype=torch.float32, device=q.device)
-    common = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=blocks["BLOCK_D"], DOT_PREC=blocks["DOT_PREC"],
-                  num_warps=blocks["num_warps"])
-    _attention_mass_bwd_dq[(_grid(L, BM), B * Hq)](
+    _launch(attention_mass_bwd_dq_kernel, "BLOCK_M", L, B * Hq, (
         q, k, order, n_sel32, real_i8, lse_buf, g, delta, dq,
         *q.stride(), *k.stride(), *lse_buf.stride(), *g.stride(), *delta.stride(), *dq.stride(),
-        Hq, Hkv, L, D, opts.scale * _LOG2E, opts.scale, **common,
-    )
+        Hq, Hkv, L, D, opts.scale * _LOG2E, opts.scale), blocks)
     dk = torch.empty(B, Hkv, L, D, dtype=torch.float32, device=q.device)
-    _attention_mass_bwd_dk[(_grid(L, BN), B * Hkv)](
+    _launch(attention_mass_bwd_dk_kernel, "BLOCK_N", L, B * Hkv, (
         q, k, order, n_sel32, real_i8, lse_buf, g, delta, dk,
         *q.stride(), *k.stride(), *lse_buf.stride(), *g.stride(), *delta.stride(), *dk.stride(),
-        Hq, Hkv, L, D, opts.scale * _LOG2E, opts.scale, **common,
-    )
+        Hq, Hkv, L, D, opts.scale * _LOG2E, opts.scale), blocks)
     return dq.to(q.dtype), dk.to(k.dtype)
 
 
@@ -332,60 +415,99 @@ def _grid(n: int, block: int) -> int:
     return max(1, cdiv(n, block))
 
 
+def _kernel(fn):
+    """A kernel as launched: itself, or with ALIGN_TI_AUTOTUNE=1 wrapped in triton.autotune
+    over ``heuristics.attention_mass_autotune_configs()`` (BLOCK_M, BLOCK_N, num_warps)."""
+    if not _heur.autotune_enabled():
+        return fn
+    if fn not in _autotuned:
+        import triton
+
+        _autotuned[fn] = triton.autotune(configs=_heur.attention_mass_autotune_configs(),
+                                         key=["Hq", "Hkv", "L", "D"])(fn)
+    return _autotuned[fn]
+
+
+_autotuned: dict = {}
+
+
 # --------------------------------------------------------------------------------------
-# autograd
+# torch.library ops and their autograd formula
 # --------------------------------------------------------------------------------------
 
 
-class AttentionMassFunction(torch.autograd.Function):
-    """Per-head attention mass ``[B, Hq, L]`` (already divided by the selected-row count).
+def _options(scale, impl, chunk_bytes, block_m, block_n) -> AttentionMassOptions:
+    return AttentionMassOptions(scale=scale, impl=impl, chunk_bytes=chunk_bytes, block_m=block_m,
+                                block_n=block_n)
 
-    Inputs: q, k, selected (bool [B, L]), real (bool [B, L]), lse (or None; no gradient),
-    options. Gradients flow to q and k only.
-    """
 
-    @staticmethod
-    def forward(ctx, q, k, selected, real, lse, opts: AttentionMassOptions):
-        if opts.impl == "triton" and q.numel() == 0:
-            opts = replace(opts, impl="torch")  # nothing to launch
-        if opts.impl == "triton":
-            mass, lse_buf, aux = _triton_forward(q, k, selected, real, lse, opts)
-            ctx.aux = aux
-        else:
-            need = any(ctx.needs_input_grad[:2])
-            mass, lse_buf, plan = _torch_forward(q, k, selected, real, lse, opts, need_lse=need)
-            ctx.plan = plan
-        ctx.opts = opts
-        ctx.save_for_backward(q, k, lse_buf)
-        return mass
+@torch.library.custom_op("align_ti::attention_mass", mutates_args=())
+def _attention_mass_op(
+    q: torch.Tensor, k: torch.Tensor, selected: torch.Tensor, real: torch.Tensor,
+    lse: Optional[torch.Tensor], scale: float, impl: str, chunk_bytes: int,
+    block_m: Optional[int], block_n: Optional[int], need_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mass [B, Hq, L] per head, already divided by the selected-row count; the row LSE
+    [B, Hq, L] at selected positions, what the backward reads: the supplied one, or computed
+    when ``need_lse``, else zeros)."""
+    opts = _options(scale, impl, chunk_bytes, block_m, block_n)
+    if opts.impl == "triton" and q.numel() > 0:
+        return _triton_forward(q, k, selected, real, lse, opts)
+    return _torch_forward(q, k, selected, real, lse, opts, need_lse=need_lse)
 
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, lse_buf = ctx.saved_tensors
-        need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_q or need_k):
-            return None, None, None, None, None, None
-        if ctx.opts.impl == "triton":
-            dq, dk = _triton_backward(q, k, grad, lse_buf, ctx.aux, ctx.opts)
-        else:
-            dq, dk = _torch_backward(q, k, grad, lse_buf, ctx.plan, ctx.opts.scale)
-        return (dq if need_q else None), (dk if need_k else None), None, None, None, None
+
+@_attention_mass_op.register_fake
+def _(q, k, selected, real, lse, scale, impl, chunk_bytes, block_m, block_n, need_lse):
+    B, Hq, L, _ = q.shape
+    cdt = torch.float32 if impl == "triton" else _compute_dtype(q.dtype)
+    return q.new_empty((B, Hq, L), dtype=cdt), q.new_empty((B, Hq, L), dtype=cdt)
+
+
+@torch.library.custom_op("align_ti::attention_mass_backward", mutates_args=())
+def _attention_mass_backward_op(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, selected: torch.Tensor,
+    real: torch.Tensor, lse: torch.Tensor, scale: float, impl: str, chunk_bytes: int,
+    block_m: Optional[int], block_n: Optional[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dq, dk) in the dtypes of q and k, for the upstream gradient ``grad`` [B, Hq, L]."""
+    opts = _options(scale, impl, chunk_bytes, block_m, block_n)
+    if opts.impl == "triton" and q.numel() > 0:
+        return _triton_backward(q, k, grad, selected, real, lse, opts)
+    return _torch_backward(q, k, grad, selected, real, lse, opts)
+
+
+@_attention_mass_backward_op.register_fake
+def _(grad, q, k, selected, real, lse, scale, impl, chunk_bytes, block_m, block_n):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+_OPTION_NAMES = ("scale", "impl", "chunk_bytes", "block_m", "block_n")
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, selected, real, _lse = inputs[:5]
+    ctx.options = inputs[5:10]
+    ctx.mark_non_differentiable(output[1])
+    save_inputs(ctx, (q, k, selected, real, output[1]))
+
+
+def _backward(ctx, grad, _grad_lse):
+    refuse_double_backward("attention_mass")
+    q, k, selected, real, lse = saved_inputs(ctx)
+    need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad is None or not (need_q or need_k):
+        dq = dk = None
+    else:
+        dq, dk = torch.ops.align_ti.attention_mass_backward(grad, q, k, selected, real, lse, *ctx.options)
+    return (dq if need_q else None), (dk if need_k else None), *([None] * 9)
+
+
+torch.library.register_autograd("align_ti::attention_mass", _backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------
 # public function
 # --------------------------------------------------------------------------------------
-
-
-def _check_lse(lse, q):
-    if lse is None:
-        return
-    check_tensor("lse", lse, ndim=3, dtypes=_FLOATS)
-    B, Hq, L, _ = q.shape
-    check_dim("lse", lse, 0, B, "the batch size of q")
-    check_dim("lse", lse, 1, Hq, "the number of query heads of q")
-    check_dim("lse", lse, 2, L, "the sequence length of q")
-    check_same_device({"q": q, "lse": lse})
 
 
 def attention_mass(
@@ -456,10 +578,7 @@ def attention_mass(
                 f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
                 f"imported); q is on {q.device}. Use impl='torch' or 'auto'."
             )
-    chunk_bytes = resolve_chunk_bytes(chunk_bytes)
-    opts = AttentionMassOptions(scale=scale, impl=impl)
-    if chunk_bytes is not None:
-        opts = replace(opts, chunk_bytes=chunk_bytes)
+    chunk_bytes = resolve_chunk_bytes(chunk_bytes) or ATTENTION_MASS_CHUNK_BYTES
 
     B, Hq, L, _ = q.shape
     real = (
@@ -475,7 +594,9 @@ def attention_mass(
             if bool(bad.any()):
                 raise ValueError(f"lse must be finite at the selected queries; it holds NaN or inf "
                                  f"there ({describe(lse)})")
-    mass = AttentionMassFunction.apply(q, k, selected, real, lse, opts)
+    need_lse = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    mass, _ = torch.ops.align_ti.attention_mass(q, k, selected, real, lse, scale, impl, chunk_bytes,
+                                                None, None, need_lse)
     if average_heads:
         mass = mass.mean(dim=1)
     return mass

@@ -153,12 +153,24 @@ ATTENTION_MASS_CHUNK_BYTES = 2 * MiB
 
 def attention_mass_config(head_dim: int, dtype: torch.dtype, interpret: bool = False) -> dict:
     """BLOCK_M (selected rows), BLOCK_N (keys), BLOCK_D and num_warps for the attention-mass
-    kernels (no autotune: the kernels are memory-light and not the training bottleneck)."""
+    kernels (fixed: the kernels are memory-light and not the training bottleneck; see
+    `attention_mass_autotune_configs` for ALIGN_TI_AUTOTUNE=1)."""
     block_d = max(16, _next_pow2(head_dim))
     if interpret:
         return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": block_d, "num_warps": 4}
     warps = 8 if (block_d >= 128 and dtype == torch.float32) else 4
     return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_D": block_d, "num_warps": warps}
+
+
+def attention_mass_autotune_configs():
+    """Candidates (BLOCK_M, BLOCK_N, num_warps) of every attention-mass kernel under
+    `ALIGN_TI_AUTOTUNE=1` (BLOCK_D stays the head dim's); imports triton lazily."""
+    import triton
+
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w)
+        for m, n, w in ((16, 64, 4), (32, 64, 4), (32, 64, 8), (64, 64, 8), (32, 128, 8))
+    ]
 
 
 # --------------------------------------------------------------------------------------

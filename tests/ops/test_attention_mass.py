@@ -286,6 +286,56 @@ def test_bad_input(mutate, exc, name):
         attention_mass(q, k, m, **kw)
 
 
+def _good():
+    B, Hq, Hkv, L, D = 2, 4, 2, 7, 8
+    return dict(
+        q=torch.randn(B, Hq, L, D),
+        k=torch.randn(B, Hkv, L, D),
+        query_mask=torch.ones(B, L, dtype=torch.bool),
+        attention_mask=torch.ones(B, L, dtype=torch.int64),
+    )
+
+
+BAD_MASS = [
+    ("q", lambda a: a["q"].tolist(), TypeError, "q must be a torch.Tensor"),
+    ("q", lambda a: a["q"][0], ValueError, "q must be 4-D"),
+    ("q", lambda a: a["q"].long(), TypeError, "q must have dtype"),
+    ("k", lambda a: a["k"][0], ValueError, "k must be 4-D"),
+    ("k", lambda a: a["k"].double(), TypeError, "k and q must share one dtype"),
+    ("k", lambda a: a["k"][:1], ValueError, "k has size 1 in dim 0.*batch size of q"),
+    ("k", lambda a: a["k"][:, :, :5], ValueError, "k has size 5 in dim 2.*sequence length of q"),
+    ("k", lambda a: a["k"][..., :4], ValueError, "k has size 4 in dim 3.*head dim of q"),
+    ("k", lambda a: torch.randn(2, 3, 7, 8), ValueError, "multiple of the number of key heads.*Hkv = 3"),
+    ("query_mask", lambda a: a["query_mask"].long(), TypeError, "query_mask must have dtype"),
+    ("query_mask", lambda a: a["query_mask"][0], ValueError, "query_mask must be 2-D"),
+    ("query_mask", lambda a: a["query_mask"][:, :6], ValueError, "query_mask has size 6 in dim 1"),
+    ("query_mask", lambda a: a["query_mask"][:1], ValueError, "query_mask has size 1 in dim 0"),
+    ("attention_mask", lambda a: a["attention_mask"].float(), TypeError, "attention_mask must have dtype"),
+    ("attention_mask", lambda a: a["attention_mask"][:, :6], ValueError, "attention_mask has size 6 in dim 1"),
+    ("attention_mask", lambda a: a["attention_mask"][None], ValueError, "attention_mask must be 2-D"),
+    ("attention_mask", lambda a: a["attention_mask"] * 2, ValueError, "attention_mask must hold only 0 and 1"),
+]
+
+
+@pytest.mark.parametrize("name,make,exc,match", BAD_MASS, ids=[m for _, _, _, m in BAD_MASS])
+def test_bad_input_messages(name, make, exc, match):
+    args = _good()
+    args[name] = make(args)
+    with pytest.raises(exc, match=match):
+        attention_mass(**args)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf"), "0.5", True])
+def test_bad_scale(scale):
+    with pytest.raises(ValueError, match="scale"):
+        attention_mass(**_good(), scale=scale)
+
+
+def test_bad_average_heads():
+    with pytest.raises(TypeError, match="average_heads"):
+        attention_mass(**_good(), average_heads="yes")
+
+
 def test_lse_is_only_checked_at_selected_queries_and_chunk_bytes_takes_a_size_string():
     q, k, m = _ok()
     m[:, 5:] = False
@@ -294,6 +344,58 @@ def test_lse_is_only_checked_at_selected_queries_and_chunk_bytes_takes_a_size_st
     want = attention_mass(q, k, m)
     lse[:, :, 5:] = float("nan")  # never read: those queries are not selected
     assert_close(attention_mass(q, k, m, lse=lse, chunk_bytes="1K"), want, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------
+# the torch.library op: schema, fake tensors, torch.compile
+# --------------------------------------------------------------------------------------
+
+
+def _op_args(impl="torch", lse=None, need_lse=True):
+    q, k, qm, am = _inputs(2, 4, 2, 13, 8, padding="left")
+    real = am != 0
+    return (q, k, qm & real, real, lse, 8 ** -0.5, impl, 2 << 20, None, None, need_lse)
+
+
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_opcheck(with_lse):
+    """Schema, fake-tensor and autograd-registration checks of align_ti::attention_mass and its
+    backward op (what torch.compile relies on)."""
+    args = _op_args()
+    if with_lse:
+        args = args[:4] + (_lse_reference(args[0], args[1], args[3].long()),) + args[5:]
+    torch.library.opcheck(torch.ops.align_ti.attention_mass.default, args)
+    q, k, sel, real, _, *opts = args
+    grad = torch.randn(q.shape[0], q.shape[1], q.shape[2])
+    _, lse = torch.ops.align_ti.attention_mass(*args)
+    torch.library.opcheck(torch.ops.align_ti.attention_mass_backward.default,
+                          (grad, q.detach(), k.detach(), sel, real, lse, *opts[:5]))
+
+
+def test_compile_aot_eager_fullgraph():
+    """attention_mass inside torch.compile(fullgraph=True): no graph break, the same mass and
+    gradients as eager (aot_eager on CPU; inductor runs in the GPU tier)."""
+    q, k, qm, am = _inputs(2, 4, 2, 13, 8, padding="right")
+
+    def loss_fn(q, k):
+        return (attention_mass(q, k, qm, am) * torch.arange(13.0)).sum()
+
+    eager = loss_fn(q, k)
+    want = torch.autograd.grad(eager, (q, k))
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    got = compiled(q, k)
+    assert_close(got, eager, atol=1e-6, rtol=1e-6)
+    for a, b in zip(torch.autograd.grad(got, (q, k)), want):
+        assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_double_backward_is_refused():
+    q, k, qm, am = _inputs(2, 4, 2, 13, 8)
+    (dq,) = torch.autograd.grad(attention_mass(q, k, qm, am).sum(), (q,), create_graph=False)
+    assert dq.shape == q.shape
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(attention_mass(q, k, qm, am).sum(), (q,), create_graph=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only check")
@@ -420,3 +522,38 @@ def test_gpu_lse_from_sdpa_shape_contract():
     a = attention_mass(q, k, qm)
     b = attention_mass(q, k, qm, lse=lse)
     assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_compile_inductor_fullgraph():
+    q, k, qm, am = _to("cuda", *_inputs(2, 8, 2, 96, 64, dtype=torch.bfloat16, padding="right"))
+    q.requires_grad_()
+    k.requires_grad_()
+
+    def loss_fn(q, k):
+        return (attention_mass(q, k, qm, am) * torch.arange(96.0, device="cuda")).sum()
+
+    eager = loss_fn(q, k)
+    want = torch.autograd.grad(eager, (q, k))
+    torch._dynamo.reset()
+    got = torch.compile(loss_fn, backend="inductor", fullgraph=True)(q, k)
+    assert_close(got, eager, atol=1e-4, rtol=1e-4)
+    for a, b in zip(torch.autograd.grad(got, (q, k)), want):
+        assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_autotune_matches_fixed_blocks(monkeypatch):
+    """ALIGN_TI_AUTOTUNE=1: every attention-mass kernel runs under triton.autotune and gives the
+    fixed-block result."""
+    q, k, qm, am = _to("cuda", *_inputs(2, 8, 2, 200, 64, padding="holes"))
+    q.requires_grad_()
+    k.requires_grad_()
+    g = torch.randn(2, 200, device="cuda")
+    fixed = attention_mass(q, k, qm, am)
+    want = _grads(fixed, q, k, g)
+    monkeypatch.setenv("ALIGN_TI_AUTOTUNE", "1")
+    tuned = attention_mass(q, k, qm, am)
+    assert_close(tuned, fixed, atol=1e-6, rtol=1e-5)
+    for a, b in zip(_grads(tuned, q, k, g), want):
+        assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -401,56 +401,6 @@ def test_irs_argmax():
 # --------------------------------------------------------------------------------------
 
 
-def _good():
-    B, Hq, Hkv, L, D = 2, 4, 2, 7, 8
-    return dict(
-        q=torch.randn(B, Hq, L, D),
-        k=torch.randn(B, Hkv, L, D),
-        query_mask=torch.ones(B, L, dtype=torch.bool),
-        attention_mask=torch.ones(B, L, dtype=torch.int64),
-    )
-
-
-BAD_MASS = [
-    ("q", lambda a: a["q"].tolist(), TypeError, "q must be a torch.Tensor"),
-    ("q", lambda a: a["q"][0], ValueError, "q must be 4-D"),
-    ("q", lambda a: a["q"].long(), TypeError, "q must have dtype"),
-    ("k", lambda a: a["k"][0], ValueError, "k must be 4-D"),
-    ("k", lambda a: a["k"].double(), TypeError, "k and q must share one dtype"),
-    ("k", lambda a: a["k"][:1], ValueError, "k has size 1 in dim 0.*batch size of q"),
-    ("k", lambda a: a["k"][:, :, :5], ValueError, "k has size 5 in dim 2.*sequence length of q"),
-    ("k", lambda a: a["k"][..., :4], ValueError, "k has size 4 in dim 3.*head dim of q"),
-    ("k", lambda a: torch.randn(2, 3, 7, 8), ValueError, "multiple of the number of key heads.*Hkv = 3"),
-    ("query_mask", lambda a: a["query_mask"].long(), TypeError, "query_mask must have dtype"),
-    ("query_mask", lambda a: a["query_mask"][0], ValueError, "query_mask must be 2-D"),
-    ("query_mask", lambda a: a["query_mask"][:, :6], ValueError, "query_mask has size 6 in dim 1"),
-    ("query_mask", lambda a: a["query_mask"][:1], ValueError, "query_mask has size 1 in dim 0"),
-    ("attention_mask", lambda a: a["attention_mask"].float(), TypeError, "attention_mask must have dtype"),
-    ("attention_mask", lambda a: a["attention_mask"][:, :6], ValueError, "attention_mask has size 6 in dim 1"),
-    ("attention_mask", lambda a: a["attention_mask"][None], ValueError, "attention_mask must be 2-D"),
-    ("attention_mask", lambda a: a["attention_mask"] * 2, ValueError, "attention_mask must hold only 0 and 1"),
-]
-
-
-@pytest.mark.parametrize("name,make,exc,match", BAD_MASS, ids=[m for _, _, _, m in BAD_MASS])
-def test_attention_mass_bad_input(name, make, exc, match):
-    args = _good()
-    args[name] = make(args)
-    with pytest.raises(exc, match=match):
-        attention_mass_reference(**args)
-
-
-@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf"), "0.5", True])
-def test_attention_mass_bad_scale(scale):
-    with pytest.raises(ValueError, match="scale"):
-        attention_mass_reference(**_good(), scale=scale)
-
-
-def test_attention_mass_bad_average_heads():
-    with pytest.raises(TypeError, match="average_heads"):
-        attention_mass_reference(**_good(), average_heads="yes")
-
-
 BAD_IRS = [
     (lambda a, b: (a.tolist(), b), TypeError, "alpha_1 must be a torch.Tensor"),
     (lambda a, b: (a, b[None]), ValueError, "alpha_2 must be 2-D or 3-D"),
