@@ -13,7 +13,8 @@ import zipfile
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.utils import ROOT, copy_project
+
 KERNEL_MODULES = sorted(n for n in os.listdir(os.path.join(ROOT, "kernels")) if n.endswith(".py"))
 
 # Prints where `kernels` and align_ti's device code came from, and imports what broke when our
@@ -74,10 +75,12 @@ def test_wheel_installs_kernels_as_align_ti_kernels(tmp_path):
     for byte, and nothing at a top-level `kernels/`; installed into a folder and imported from
     elsewhere, `align_ti.kernels` is the installed copy and `kernels` the environment's."""
     pytest.importorskip("setuptools")
-    out, site = tmp_path / "out", tmp_path / "site"
+    src, out, site = tmp_path / "src", tmp_path / "out", tmp_path / "site"
+    src.mkdir()
+    copy_project(src)  # a wheel build writes build/ beside setup.py: not in the checkout
     run = dict(capture_output=True, text=True, timeout=600)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                           "-q", "-w", str(out), ROOT], **run)
+                           "-q", "-w", str(out), str(src)], **run)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = out.glob("*.whl")
     with zipfile.ZipFile(wheel) as zf:

@@ -2,8 +2,27 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def copy_project(dst) -> None:
+    """What a source distribution holds (setup files, align_ti/, kernels/, benchmarks/, csrc/)
+    copied into the folder `dst`, so a packaging test builds there and never in the checkout."""
+    def ignore(folder, names):
+        return [n for n in names if n in ("__pycache__", "results", ".pytest_cache", "build")
+                or n.endswith((".pyc", ".egg-info"))]
+
+    dst = str(dst)
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "CMakeLists.txt"):
+        if os.path.exists(os.path.join(ROOT, name)):
+            shutil.copy2(os.path.join(ROOT, name), os.path.join(dst, name))
+    for name in ("align_ti", "kernels", "benchmarks", "csrc"):
+        shutil.copytree(os.path.join(ROOT, name), os.path.join(dst, name), ignore=ignore)
 
 
 def _max_err(x: torch.Tensor, truth: torch.Tensor) -> float:
