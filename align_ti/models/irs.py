@@ -29,9 +29,14 @@ from pathlib import Path
 
 import torch
 
+from align_ti.validation import check_dim, check_same_device, check_tensor, describe
+
 __all__ = [
     "IRSResult",
     "irs_scores",
+    "select_vision_mass",
+    "pair_cosines",
+    "irs_argmax",
     "load_calibration_jsonl",
     "pairs_from_llava",
     "load_calibration_pairs",
@@ -193,13 +198,11 @@ def irs_scores(model, processor, pairs, batch_size: int = 4, impl: str = "auto")
     Returns:
         ``IRSResult``: ``scores[l] = 1 - mean over pairs of cos(alpha_l(x1), alpha_l(x2))``
         with ``alpha_l`` the head- and instruction-averaged attention mass on the vision
-        tokens (``align_ti.reference.attention_mass.irs_reference`` semantics: a zero mass
-        counts as cos 0); ``layer = argmax_l``.
+        tokens (`pair_cosines`: a zero mass counts as cos 0); ``layer = argmax_l``.
     """
     from align_ti.data.synthetic import pad_batch
     from align_ti.models.capture import capture_qk
     from align_ti.ops.attention_mass import attention_mass
-    from align_ti.reference.attention_mass import irs_argmax, select_vision_mass
 
     pairs = list(pairs)
     if not pairs:
@@ -229,11 +232,7 @@ def irs_scores(model, processor, pairs, batch_size: int = 4, impl: str = "auto")
             ])  # [n_layers, 2P, L]
             del cap
             alpha = select_vision_mass(masses.float(), vision)  # [n_layers, 2P, Nv]
-            a1, a2 = alpha[:, 0::2].double(), alpha[:, 1::2].double()
-            dot = (a1 * a2).sum(-1)
-            denom = a1.norm(dim=-1) * a2.norm(dim=-1)
-            ok = denom > 0
-            cosines.append(torch.where(ok, dot / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(dot)).cpu())
+            cosines.append(pair_cosines(alpha[:, 0::2], alpha[:, 1::2]).cpu())
     finally:
         model.train(was_training)
     cos = torch.cat(cosines, dim=1)  # [n_layers, P]
@@ -241,6 +240,65 @@ def irs_scores(model, processor, pairs, batch_size: int = 4, impl: str = "auto")
     std = cos.std(dim=1) if cos.shape[1] > 1 else torch.zeros(cos.shape[0], dtype=cos.dtype)
     return IRSResult(scores=[float(s) for s in scores], layer=irs_argmax(scores),
                      num_pairs=cos.shape[1], cos_std=[float(s) for s in std])
+
+
+# --------------------------------------------------------------------------------------
+# the maths of IRS (align_ti.reference.attention_mass holds its own plain copy: an oracle
+# must not share code with what it checks)
+# --------------------------------------------------------------------------------------
+
+
+def select_vision_mass(mass: torch.Tensor, vision_mask: torch.Tensor) -> torch.Tensor:
+    """Restrict each sample's mass to its own vision-token positions, in order.
+
+    mass ``[..., B, L]`` (e.g. ``[num_layers, B, L]``); vision_mask bool ``[B, L]``, the same
+    number ``Nv >= 1`` of vision tokens in every sample (positions may differ). Returns
+    ``[..., B, Nv]``: ``out[..., b, n]`` is the mass at sample b's n-th vision token.
+    """
+    check_tensor("mass", mass, floating=True)
+    if mass.dim() < 2:
+        raise ValueError(f"mass must be at least 2-D [..., B, L], got shape {list(mass.shape)}")
+    check_tensor("vision_mask", vision_mask, ndim=2, dtypes=(torch.bool,))
+    B, L = mass.shape[-2], mass.shape[-1]
+    check_dim("vision_mask", vision_mask, 0, B, "the batch size of mass (dim -2)")
+    check_dim("vision_mask", vision_mask, 1, L, "the sequence length of mass (dim -1)")
+    check_same_device({"mass": mass, "vision_mask": vision_mask})
+    if B == 0:
+        raise ValueError(f"mass holds no sample (B = 0, shape {list(mass.shape)})")
+    counts = vision_mask.sum(dim=1)
+    # a shape decision, so it looks at the contents whatever the value-check setting
+    if bool((counts != counts[0]).any()):
+        raise ValueError(f"vision_mask must mark the same number of vision tokens in every sample, "
+                         f"got counts {counts.tolist()}")
+    nv = int(counts[0])
+    if nv == 0:
+        raise ValueError("vision_mask marks no vision token (Nv = 0): IRS is undefined")
+    # sort positions by (not vision, position): the vision positions come first, in order
+    pos = torch.arange(L, device=mass.device)
+    order = torch.argsort((~vision_mask).to(torch.int64) * L + pos, dim=1)
+    return torch.gather(mass, -1, order[:, :nv].expand(*mass.shape[:-2], B, nv))
+
+
+def pair_cosines(alpha_1: torch.Tensor, alpha_2: torch.Tensor) -> torch.Tensor:
+    """``cos(alpha_1, alpha_2)`` over the last dim, in fp64; 0 where a vector is all zero (a
+    sample with no selected query), so such a pair counts as fully instruction-dependent.
+    Exactly ``a . b / (|a| |b|)`` (no eps clamp: invariant to scaling either side)."""
+    a, b = alpha_1.double(), alpha_2.double()
+    dot = (a * b).sum(-1)
+    denom = a.norm(dim=-1) * b.norm(dim=-1)
+    ok = denom > 0
+    return torch.where(ok, dot / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(dot))
+
+
+def irs_argmax(scores: torch.Tensor) -> int:
+    """The chosen layer ``l* = argmax_l IRS(l)`` of finite ``[num_layers]`` scores; ties go to
+    the lowest layer index."""
+    check_tensor("scores", scores, ndim=1, floating=True)
+    if scores.numel() == 0:
+        raise ValueError("scores is empty: no layer to choose")
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"scores must be finite; it holds NaN or inf ({describe(scores)})")
+    return int(torch.nonzero(scores == scores.max())[0, 0])
 
 
 # --------------------------------------------------------------------------------------

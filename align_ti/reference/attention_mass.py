@@ -1,7 +1,8 @@
 """Plain-PyTorch fp32 definitions of the attention-mass op and of IRS: the test oracle.
 
 Simple and obviously correct, not fast: the full ``[B, Hq, L, L]`` probability tensor is
-materialised. Never imports triton. Everything here is differentiable by plain autograd
+materialised. A leaf: imports only torch, checks no argument (the ops and align_ti.models.irs
+do), and keeps its own plain copy of the IRS maths that align_ti.models.irs also computes. Everything here is differentiable by plain autograd
 (except the argmax helper), so gradient tests can use it as their oracle.
 
 Numerics: inputs in fp16 / bf16 / fp32 are computed and returned in fp32. fp64 inputs are
@@ -21,14 +22,6 @@ from __future__ import annotations
 
 import torch
 
-from align_ti.validation import (
-    check_dim,
-    check_same_device,
-    check_same_shape,
-    check_tensor,
-    describe,
-    value_checks_enabled,
-)
 
 __all__ = [
     "attention_mass_reference",
@@ -38,7 +31,6 @@ __all__ = [
     "irs_argmax",
 ]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -126,46 +118,11 @@ def attention_mass_reference(
 
 
 def select_vision_mass(mass: torch.Tensor, vision_mask: torch.Tensor) -> torch.Tensor:
-    """Restrict each sample's mass to its own vision-token positions, in order.
-
-    Args:
-        mass: ``[..., B, L]`` (e.g. ``[num_layers, B, L]``) masses from
-            ``attention_mass_reference``.
-        vision_mask: bool ``[B, L]``: vision-token positions of each sample. Every sample
-            must hold the same number ``Nv >= 1`` of vision tokens (positions may differ).
-
-    Returns:
-        ``[..., B, Nv]``: ``out[..., b, n]`` is the mass at sample b's n-th vision token.
-    """
-    return _select_vision_mass(mass, vision_mask, "mass", "vision_mask")
-
-
-def _select_vision_mass(mass, vision_mask, mass_name: str, mask_name: str) -> torch.Tensor:
-    check_tensor(mass_name, mass, dtypes=_FLOAT_DTYPES)
-    if mass.dim() < 2:
-        raise ValueError(f"{mass_name} must be at least 2-D [..., B, L], got shape {list(mass.shape)}")
-    check_tensor(mask_name, vision_mask, ndim=2, dtypes=(torch.bool,))
-    B, L = mass.shape[-2], mass.shape[-1]
-    check_dim(mask_name, vision_mask, 0, B, f"the batch size of {mass_name} (dim -2)")
-    check_dim(mask_name, vision_mask, 1, L, f"the sequence length of {mass_name} (dim -1)")
-    check_same_device({mass_name: mass, mask_name: vision_mask})
-    if B == 0:
-        raise ValueError(f"{mass_name} holds no sample (B = 0, shape {list(mass.shape)})")
-    counts = vision_mask.sum(dim=1)
-    # A shape decision, so it must look at the contents whatever the value-check setting.
-    if bool((counts != counts[0]).any()):
-        raise ValueError(
-            f"{mask_name} must mark the same number of vision tokens in every sample, "
-            f"got counts {counts.tolist()}"
-        )
-    nv = int(counts[0])
-    if nv == 0:
-        raise ValueError(f"{mask_name} marks no vision token (Nv = 0): IRS is undefined")
-    # Sort positions by (not vision, position): the vision positions come first, in order.
-    pos = torch.arange(L, device=mass.device)
-    order = torch.argsort((~vision_mask).to(torch.int64) * L + pos, dim=1)
-    idx = order[:, :nv].expand(*mass.shape[:-2], B, nv)  # [..., B, Nv]
-    return torch.gather(mass, -1, idx)
+    """Restrict each sample's mass ``[..., B, L]`` to its own vision-token positions, in order:
+    ``[..., B, Nv]`` (every sample of the bool ``vision_mask [B, L]`` marks the same Nv)."""
+    B = vision_mask.shape[0]
+    rows = [mass[..., b, vision_mask[b]] for b in range(B)]  # each [..., Nv]
+    return torch.stack(rows, dim=-2)
 
 
 def irs_reference(alpha_1: torch.Tensor, alpha_2: torch.Tensor) -> torch.Tensor:
@@ -180,36 +137,20 @@ def irs_reference(alpha_1: torch.Tensor, alpha_2: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[num_layers]`` (or a 0-d tensor for 2-D input):
         ``IRS(l) = 1 - mean_p cos(alpha_1[l, p], alpha_2[l, p])``, computed in fp64 and
-        returned in fp32 (fp64 for fp64 input). Lies in [0, 2]; in [0, 1] for
-        non-negative masses.
+        returned in fp32 (fp64 for fp64 input).
 
-    Zero-vector rule: cos(a, b) is defined as 0 when ``|a| * |b| == 0`` (a sample with no
-    selected query has an all-zero mass), so such a pair contributes 1 to the mean; no NaN.
-    Cosine is computed exactly as ``a . b / (|a| |b|)``, with no eps clamp, so it is
-    invariant to scaling either vector by any positive factor.
-
-    Raises ValueError for P == 0, Nv == 0, mismatched shapes, or NaN / inf entries.
+    Zero-vector rule: cos(a, b) is 0 when ``|a| * |b| == 0`` (a sample with no selected query
+    has an all-zero mass), so such a pair contributes 1 to the mean. Cosine is exactly
+    ``a . b / (|a| |b|)``, with no eps clamp.
     """
-    check_tensor("alpha_1", alpha_1, ndim=(2, 3), dtypes=_FLOAT_DTYPES)
-    check_tensor("alpha_2", alpha_2, ndim=(2, 3), dtypes=_FLOAT_DTYPES)
-    check_same_shape("alpha_2", alpha_2, "alpha_1", alpha_1)
-    check_same_device({"alpha_1": alpha_1, "alpha_2": alpha_2})
-    if alpha_1.shape[-2] == 0:
-        raise ValueError(f"alpha_1 holds no pair (P = 0, shape {list(alpha_1.shape)}): IRS is undefined")
-    if alpha_1.shape[-1] == 0:
-        raise ValueError(f"alpha_1 holds no vision token (Nv = 0, shape {list(alpha_1.shape)}): IRS is undefined")
-    if value_checks_enabled():
-        for name, t in (("alpha_1", alpha_1), ("alpha_2", alpha_2)):
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name} must be finite; it holds NaN or inf ({describe(t)})")
-
     out_dtype = _compute_dtype(torch.promote_types(alpha_1.dtype, alpha_2.dtype))
     a = alpha_1.to(torch.float64)
     b = alpha_2.to(torch.float64)
-    dot = (a * b).sum(dim=-1)
-    denom = a.norm(dim=-1) * b.norm(dim=-1)
-    nonzero = denom > 0
-    cos = torch.where(nonzero, dot / torch.where(nonzero, denom, torch.ones_like(denom)), torch.zeros_like(dot))
+    cos = []
+    for x, y in zip(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])):
+        norms = x.norm() * y.norm()
+        cos.append(torch.dot(x, y) / norms if norms > 0 else torch.zeros((), dtype=torch.float64))
+    cos = torch.stack(cos).reshape(a.shape[:-1])
     return (1.0 - cos.mean(dim=-1)).to(out_dtype)
 
 
@@ -219,46 +160,13 @@ def irs_from_mass_reference(
     vision_mask_1: torch.Tensor,
     vision_mask_2: torch.Tensor,
 ) -> torch.Tensor:
-    """IRS per layer from full-length masses of the two sides of each pair.
-
-    Args:
-        mass_1: ``[num_layers, P, L1]``: masses of the first samples (row p of every layer
-            is pair p); ``[P, L1]`` for one layer.
-        mass_2: ``[num_layers, P, L2]``: masses of the second samples; ``L2`` may differ
-            from ``L1`` (different instruction lengths).
-        vision_mask_1: bool ``[P, L1]``; vision_mask_2: bool ``[P, L2]``. Each side is
-            restricted to its own vision positions in order; every sample on both sides must
-            hold the same number of vision tokens.
-
-    Returns: ``irs_reference`` of the restricted masses (``[num_layers]`` fp32).
-    """
-    check_tensor("mass_1", mass_1, ndim=(2, 3), dtypes=_FLOAT_DTYPES)
-    check_tensor("mass_2", mass_2, ndim=(2, 3), dtypes=_FLOAT_DTYPES)
-    if mass_1.dim() != mass_2.dim() or mass_1.shape[:-1] != mass_2.shape[:-1]:
-        raise ValueError(
-            "mass_1 and mass_2 must agree in every dim but the last (layers, pairs): got "
-            f"{list(mass_1.shape)} vs {list(mass_2.shape)}"
-        )
-    a1 = _select_vision_mass(mass_1, vision_mask_1, "mass_1", "vision_mask_1")
-    a2 = _select_vision_mass(mass_2, vision_mask_2, "mass_2", "vision_mask_2")
-    if a1.shape[-1] != a2.shape[-1]:
-        raise ValueError(
-            "vision_mask_1 and vision_mask_2 must mark the same number of vision tokens "
-            f"(the pair shares an image): got {a1.shape[-1]} vs {a2.shape[-1]}"
-        )
-    return irs_reference(a1, a2)
+    """IRS per layer from full-length masses of the two sides of each pair: ``mass_1``
+    ``[num_layers, P, L1]`` and ``mass_2`` ``[num_layers, P, L2]`` (``[P, L]`` for one layer),
+    each restricted to its own side's vision positions (bool ``[P, L1]``, ``[P, L2]``)."""
+    return irs_reference(select_vision_mass(mass_1, vision_mask_1), select_vision_mass(mass_2, vision_mask_2))
 
 
 def irs_argmax(scores: torch.Tensor) -> int:
-    """The chosen layer ``l* = argmax_l IRS(l)``; ties go to the lowest layer index.
-
-    Args:
-        scores: ``[num_layers]`` IRS scores (``irs_reference``), finite, num_layers >= 1.
-    """
-    check_tensor("scores", scores, ndim=1, dtypes=_FLOAT_DTYPES)
-    if scores.numel() == 0:
-        raise ValueError("scores is empty: no layer to choose")
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError(f"scores must be finite; it holds NaN or inf ({describe(scores)})")
-    best = scores.max()
-    return int(torch.nonzero(scores == best)[0, 0])
+    """The chosen layer ``l* = argmax_l IRS(l)``; ties go to the lowest layer index."""
+    values = scores.tolist()
+    return values.index(max(values))

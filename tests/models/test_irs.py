@@ -7,13 +7,17 @@ import torch
 
 from align_ti.data.synthetic import calibration_pairs, encode_example, pad_batch, write_llava_dataset
 from align_ti.models.irs import (
+    irs_argmax,
     irs_scores,
     load_calibration_jsonl,
     load_calibration_pairs,
+    pair_cosines,
     pairs_from_llava,
+    select_vision_mass,
 )
 from align_ti.models.tiny import IMAGE_TOKEN_ID, build_processor, build_tiny_llava
-from align_ti.reference.attention_mass import irs_argmax, irs_from_mass_reference
+from align_ti.reference import attention_mass as R
+from align_ti.reference.attention_mass import irs_from_mass_reference
 from tests.utils import assert_close
 
 
@@ -128,3 +132,54 @@ def test_cli_irs_on_tiny_teacher(tmp_path, capsys):
     png = (tmp_path / "irs.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     assert main(["irs", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+
+
+# --------------------------------------------------------------------------------------
+# the IRS maths of align_ti.models.irs against the reference's own copy, and bad input
+# --------------------------------------------------------------------------------------
+
+
+def test_irs_maths_match_the_reference():
+    n_layers, P, L1, L2 = 3, 4, 12, 15
+    vm1, vm2 = torch.zeros(P, L1, dtype=torch.bool), torch.zeros(P, L2, dtype=torch.bool)
+    for p in range(P):
+        vm1[p, p:p + 5] = True
+        vm2[p, torch.randperm(L2)[:5]] = True
+    m1, m2 = torch.rand(n_layers, P, L1), torch.rand(n_layers, P, L2)
+    m2[1, 2] = 0  # an all-zero mass: cos 0 on both sides
+    a1, a2 = select_vision_mass(m1, vm1), select_vision_mass(m2, vm2)
+    assert torch.equal(a1, R.select_vision_mass(m1, vm1)) and torch.equal(a2, R.select_vision_mass(m2, vm2))
+    scores = (1 - pair_cosines(a1, a2).mean(-1)).float()
+    assert_close(scores, irs_from_mass_reference(m1, m2, vm1, vm2), atol=1e-7, rtol=0)
+    for s in (scores, torch.tensor([0.3, 0.7, 0.7, 0.1]), torch.tensor([0.0])):
+        assert irs_argmax(s) == R.irs_argmax(s)
+    assert irs_argmax(torch.tensor([0.3, 0.7, 0.7, 0.1])) == 1  # ties -> lowest layer
+
+
+def test_select_vision_mass_bad_input():
+    m = torch.rand(2, 3, 9)
+    vm = torch.zeros(3, 9, dtype=torch.bool)
+    vm[:, 2:6] = True
+    with pytest.raises(TypeError, match="vision_mask must have dtype"):
+        select_vision_mass(m, vm.long())
+    with pytest.raises(ValueError, match="vision_mask has size 8 in dim 1"):
+        select_vision_mass(m, vm[:, :8])
+    uneven = vm.clone()
+    uneven[1, 8] = True
+    with pytest.raises(ValueError, match="vision_mask must mark the same number.*counts"):
+        select_vision_mass(m, uneven)
+    with pytest.raises(ValueError, match="vision_mask marks no vision token"):
+        select_vision_mass(m, torch.zeros_like(vm))
+    with pytest.raises(ValueError, match="mass must be at least 2-D"):
+        select_vision_mass(torch.rand(9), vm[0])
+    with pytest.raises(TypeError, match="mass must be a floating-point tensor"):
+        select_vision_mass(m.long(), vm)
+
+
+def test_irs_argmax_bad_input():
+    with pytest.raises(ValueError, match="scores is empty"):
+        irs_argmax(torch.zeros(0))
+    with pytest.raises(ValueError, match="scores must be finite"):
+        irs_argmax(torch.tensor([0.1, float("nan")]))
+    with pytest.raises(ValueError, match="scores must be 1-D"):
+        irs_argmax(torch.zeros(2, 2))

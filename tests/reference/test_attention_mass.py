@@ -3,8 +3,9 @@
 - against a brute-force, element-by-element float64 form of DESIGN.md's definition;
 - against the attention probabilities of a tiny random transformers Qwen2 model (eager
   attention, GQA), with the post-RoPE q/k captured from its attention function;
-- IRS (METHOD.md Definition 3.1) against a brute-force loop and its basic properties;
-- bad input.
+- IRS (METHOD.md Definition 3.1) against a brute-force loop and its basic properties.
+The reference checks no argument: the bad-input tests are the op's (tests/ops) and IRS's
+(tests/models/test_irs.py).
 """
 import math
 
@@ -394,62 +395,3 @@ def test_irs_argmax():
     assert irs_argmax(torch.tensor([0.1, 0.5, 0.2])) == 1
     assert irs_argmax(torch.tensor([0.3, 0.7, 0.7, 0.1])) == 1  # ties -> lowest layer
     assert irs_argmax(torch.tensor([0.0])) == 0
-
-
-# --------------------------------------------------------------------------------------
-# bad input
-# --------------------------------------------------------------------------------------
-
-
-BAD_IRS = [
-    (lambda a, b: (a.tolist(), b), TypeError, "alpha_1 must be a torch.Tensor"),
-    (lambda a, b: (a, b[None]), ValueError, "alpha_2 must be 2-D or 3-D"),
-    (lambda a, b: (a, b[..., :3]), ValueError, "alpha_2 must have the same shape as alpha_1"),
-    (lambda a, b: (a.long(), b), TypeError, "alpha_1 must have dtype"),
-    (lambda a, b: (a[:, :0], b[:, :0]), ValueError, "no pair"),
-    (lambda a, b: (a[..., :0], b[..., :0]), ValueError, "no vision token"),
-    (lambda a, b: (a, b.index_fill(2, torch.tensor([1]), float("nan"))), ValueError, "alpha_2 must be finite"),
-]
-
-
-@pytest.mark.parametrize("make,exc,match", BAD_IRS, ids=[m for _, _, m in BAD_IRS])
-def test_irs_bad_input(make, exc, match):
-    a, b = make(torch.rand(2, 3, 5), torch.rand(2, 3, 5))
-    with pytest.raises(exc, match=match):
-        irs_reference(a, b)
-
-
-def test_irs_from_mass_bad_input():
-    m1, m2 = torch.rand(2, 3, 9), torch.rand(2, 3, 11)
-    vm1 = torch.zeros(3, 9, dtype=torch.bool)
-    vm1[:, 2:6] = True
-    vm2 = torch.zeros(3, 11, dtype=torch.bool)
-    vm2[:, 5:9] = True
-    irs_from_mass_reference(m1, m2, vm1, vm2)  # fine
-    with pytest.raises(ValueError, match="mass_1 and mass_2 must agree"):
-        irs_from_mass_reference(m1, m2[:, :2], vm1, vm2)
-    with pytest.raises(TypeError, match="vision_mask_2 must have dtype"):
-        irs_from_mass_reference(m1, m2, vm1, vm2.long())
-    with pytest.raises(ValueError, match="vision_mask_1 has size 8 in dim 1"):
-        irs_from_mass_reference(m1, m2, vm1[:, :8], vm2)
-    bad = vm2.clone()
-    bad[1, 10] = True
-    with pytest.raises(ValueError, match="vision_mask_2 must mark the same number.*counts"):
-        irs_from_mass_reference(m1, m2, vm1, bad)
-    wider = vm2.clone()
-    wider[:, 10] = True
-    with pytest.raises(ValueError, match="vision_mask_1 and vision_mask_2 must mark the same number"):
-        irs_from_mass_reference(m1, m2, vm1, wider)
-    with pytest.raises(ValueError, match="vision_mask_1 marks no vision token"):
-        irs_from_mass_reference(m1, m2, torch.zeros_like(vm1), vm2)
-    with pytest.raises(ValueError, match="mass must be at least 2-D"):
-        select_vision_mass(torch.rand(9), vm1[0])
-
-
-def test_irs_argmax_bad_input():
-    with pytest.raises(ValueError, match="scores is empty"):
-        irs_argmax(torch.zeros(0))
-    with pytest.raises(ValueError, match="scores must be finite"):
-        irs_argmax(torch.tensor([0.1, float("nan")]))
-    with pytest.raises(ValueError, match="scores must be 1-D"):
-        irs_argmax(torch.zeros(2, 2))
