@@ -7,6 +7,11 @@ Semantics (DESIGN.md, API contract):
   jsd `D = beta KL(p_T || M) + (1 - beta) KL(p_S || M)`, `M = beta p_T + (1 - beta) p_S`.
 - Per selected row i: `w_i D_i`. "none" -> `[M]`; "sum" -> `sum w_i D_i`;
   "mean" -> `sum w_i D_i / sum w_i`, and 0 (zero gradients) with no rows or `sum w_i == 0`.
+- -inf logits are vocabulary masks, with 0 log 0 = 0: a column of probability 0 adds nothing
+  to a term that it weighs (forward KL: p_T; reverse: p_S; JSD: both), so a column masked in
+  both models adds nothing, JSD stays finite, and p_T > 0 = p_S gives forward KL +inf (the
+  mirror for reverse). A row of weight 0 adds exactly 0, +inf included. A row whose logits
+  are all -inf, NaN or +inf has no distribution: NaN.
 - CE: cross-entropy of the unscaled student logits over all Vs entries, mean over rows whose
   label is not -100, 0 when there are none.
 
@@ -15,6 +20,7 @@ share, so that the definition and its validation live in one place. It never imp
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -153,25 +159,45 @@ def align_per_row(t: torch.Tensor | None, rows: torch.Tensor | None, n: int) -> 
     return t[rows]
 
 
+def _p_log_ratio(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """p (log p - log q) per column, with 0 log 0 = 0: 0 where p == 0 whatever log q is (a
+    column masked by -inf), +inf where p > 0 == q. The difference is masked, not the product,
+    so its gradient is 0 there too (not 0 * inf), and a NaN p stays NaN."""
+    p = lp.exp()
+    return p * torch.where(p > 0, lp - lq, torch.zeros_like(p))
+
+
 def divergence_from_logits(zs: torch.Tensor, zt: torch.Tensor, opts: KLOptions) -> torch.Tensor:
-    """Per-row divergence [M] from already scaled fp32 logits [M, V']."""
+    """Per-row divergence [M] from already scaled fp32 logits [M, V'] (-inf = masked column)."""
     ls = torch.log_softmax(zs, dim=-1)
     lt = torch.log_softmax(zt, dim=-1)
     if opts.divergence == "forward":
-        return (lt.exp() * (lt - ls)).sum(-1)
+        return _p_log_ratio(lt, ls).sum(-1)
     if opts.divergence == "reverse":
-        return (ls.exp() * (ls - lt)).sum(-1)
+        return _p_log_ratio(ls, lt).sum(-1)
     b = opts.beta
-    # log M = logsumexp(log b + lt, log(1-b) + ls), stable for any logits.
-    lm = torch.logsumexp(
-        torch.stack([lt + torch.log(torch.tensor(b)), ls + torch.log(torch.tensor(1.0 - b))]), dim=0
-    )
-    return b * (lt.exp() * (lt - lm)).sum(-1) + (1 - b) * (ls.exp() * (ls - lm)).sum(-1)
+    # log M = logaddexp(log b + lt, log(1-b) + ls), stable for any logits. The clamp gives a
+    # column masked in both models a finite log M (its terms are 0 anyway), so no NaN reaches
+    # the gradient through logaddexp's -inf - -inf.
+    lo = torch.finfo(torch.float32).min
+    lm = torch.logaddexp((lt + math.log(b)).clamp(min=lo), (ls + math.log1p(-b)).clamp(min=lo))
+    return b * _p_log_ratio(lt, lm).sum(-1) + (1 - b) * _p_log_ratio(ls, lm).sum(-1)
+
+
+def _live_rows_divergence(zs, zt, w, opts: KLOptions) -> torch.Tensor:
+    """divergence_from_logits, with the rows of weight 0 computed on zero logits instead: their
+    w D is 0 anyway, and an infinite D there would send 0 * inf = NaN into the gradients."""
+    if w is not None:
+        live = (w != 0)[:, None]
+        zs = torch.where(live, zs, torch.zeros_like(zs))
+        zt = torch.where(live, zt, torch.zeros_like(zt))
+    return divergence_from_logits(zs, zt, opts)
 
 
 def reduce_rows(d: torch.Tensor, w: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    """Apply the row weights and the reduction, with the 0 rules of the contract."""
-    wd = d if w is None else w * d
+    """Apply the row weights and the reduction, with the 0 rules of the contract (a row of
+    weight 0 adds 0, even when its divergence is +inf)."""
+    wd = d if w is None else torch.where(w != 0, w * d, torch.zeros_like(d))
     if reduction == "none":
         return wd
     total = wd.sum()
@@ -204,8 +230,8 @@ def fused_kl_reference(
     zs = select_rows(student_logits, rows)[:, :v].float() / temperature
     zt = select_rows(teacher_logits, rows)[:, :v].detach().float() / temperature
     w = align_per_row(weights, rows, n)
-    d = divergence_from_logits(zs, zt, opts)
-    return reduce_rows(d, None if w is None else w.detach().float(), opts.reduction)
+    w = None if w is None else w.detach().float()
+    return reduce_rows(_live_rows_divergence(zs, zt, w, opts), w, opts.reduction)
 
 
 def _logits(hidden, weight, bias):
@@ -280,9 +306,10 @@ def fused_linear_distill_reference(
     zs_full = _logits(hs, student_weight, student_bias)
     with torch.no_grad():
         zt = _logits(ht, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach())
-    d = divergence_from_logits(zs_full[:, :v] / temperature, zt[:, :v] / temperature, opts)
     w = align_per_row(weights, rows, n)
-    kl = reduce_rows(d, None if w is None else w.detach().float(), opts.reduction)
+    w = None if w is None else w.detach().float()
+    d = _live_rows_divergence(zs_full[:, :v] / temperature, zt[:, :v] / temperature, w, opts)
+    kl = reduce_rows(d, w, opts.reduction)
     if labels is None:
         return kl, None
     y = align_per_row(labels, rows, n).long()

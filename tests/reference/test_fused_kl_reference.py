@@ -21,7 +21,9 @@ def _softmax(z):
 
 
 def _kl(p, q):
-    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q) if pi > 0)
+    """0 log 0 = 0 (a -inf logit, a mask, gives p = 0); p > 0 = q gives +inf."""
+    return sum(pi * (math.log(pi) - math.log(qi)) if qi > 0 else math.inf
+               for pi, qi in zip(p, q) if pi > 0)
 
 
 def brute_force(zs, zt, divergence, beta, temperature, v, rows, weights, reduction):
@@ -41,7 +43,7 @@ def brute_force(zs, zt, divergence, beta, temperature, v, rows, weights, reducti
             m = [beta * a + (1 - beta) * b for a, b in zip(pt, ps)]
             d = beta * _kl(pt, m) + (1 - beta) * _kl(ps, m)
         per_row.append(d)
-    wd = [wi * d for wi, d in zip(w, per_row)]
+    wd = [0.0 if wi == 0 else wi * d for wi, d in zip(w, per_row)]  # weight 0 adds 0, +inf too
     if reduction == "none":
         return wd
     if reduction == "sum":
@@ -134,6 +136,115 @@ def test_large_logits_are_finite():
     zt = torch.tensor([[-1000.0, 1000.0, 0.0]])
     for div in ["forward", "reverse", "jsd"]:
         assert torch.isfinite(fused_kl_reference(zs, zt, divergence=div))
+
+
+# --- -inf logits as vocabulary masks (issue #17): 0 log 0 = 0 --------------------------------
+
+NEG = float("-inf")
+
+
+def _masked(z, cols):
+    z = z.clone()
+    z[:, cols] = NEG
+    return z
+
+
+# columns masked by: the teacher only, the student only, both; and which divergences are +inf
+_MASKS = {
+    "teacher": ([1, 4, 5, 12], [], ("reverse",)),
+    "student": ([], [0, 6, 7], ("forward",)),
+    "both": ([2, 3, 9], [2, 3, 9], ()),
+    "mixed": ([2, 3, 9, 11], [2, 3, 9], ("reverse",)),  # both on 2, 3, 9; the teacher on 11
+}
+
+
+@pytest.mark.parametrize("case", list(_MASKS))
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_minus_inf_masks_match_brute_force(divergence, case):
+    t_cols, s_cols, infinite = _MASKS[case]
+    n, vs, vt = 5, 13, 15
+    zs = _masked(torch.randn(n, vs) * 3, s_cols).requires_grad_()
+    zt = _masked(torch.randn(n, vt) * 3, t_cols + [13, 14])  # past V' = 13: no effect
+    weights = [0.5, 2.0, 0.0, 1.0, 1.5]
+    got = fused_kl_reference(zs, zt, weights=torch.tensor(weights), divergence=divergence,
+                             beta=0.3, temperature=2.0, reduction="none")
+    want = brute_force(zs.tolist(), zt.tolist(), divergence, 0.3, 2.0, vs, None, weights, "none")
+    assert_close(got, torch.tensor(want), atol=1e-5, rtol=1e-5)
+    assert got[2] == 0  # weight 0: exactly 0, also where D = +inf
+    assert torch.isinf(got[[0, 1, 3, 4]]).all() == (divergence in infinite)
+    if divergence in infinite:
+        return
+    got.sum().backward()
+    assert torch.isfinite(zs.grad).all()
+    assert (zs.grad[:, s_cols] == 0).all()  # a masked student column gets no gradient
+    assert (zs.grad[2] == 0).all()
+
+
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_both_masked_equals_the_unmasked_columns(divergence):
+    """Columns masked in both models add nothing: value and gradient are those of the same
+    divergence over the other columns alone (and the masked columns get no gradient)."""
+    cols = [0, 3, 4, 10]
+    keep = [j for j in range(12) if j not in cols]
+    zs, zt = torch.randn(6, 12) * 2, torch.randn(6, 12) * 2
+    a = _masked(zs, cols).requires_grad_()
+    b = zs[:, keep].clone().requires_grad_()
+    got = fused_kl_reference(a, _masked(zt, cols), divergence=divergence, temperature=1.5)
+    want = fused_kl_reference(b, zt[:, keep], divergence=divergence, temperature=1.5)
+    assert_close(got, want, atol=1e-6, rtol=1e-5)
+    got.backward()
+    want.backward()
+    assert_close(a.grad[:, keep], b.grad, atol=1e-7, rtol=1e-5)
+    assert (a.grad[:, cols] == 0).all()
+
+
+def test_teacher_masked_forward_gradient_is_p_s_minus_p_t():
+    """d KL(p_T || p_S) / d z_S = (p_S - p_T) / T with p_T = 0 on the teacher's masked columns."""
+    zs = (torch.randn(4, 9) * 2).requires_grad_()
+    zt = _masked(torch.randn(4, 9) * 2, [0, 5, 6])
+    loss = fused_kl_reference(zs, zt, temperature=2.0, reduction="sum")
+    want = brute_force(zs.tolist(), zt.tolist(), "forward", 0.5, 2.0, 9, None, None, "sum")
+    assert_close(loss, torch.tensor(want), atol=1e-5, rtol=1e-5)
+    loss.backward()
+    want = (torch.softmax(zs.detach() / 2, -1) - torch.softmax(zt / 2, -1)) / 2
+    assert_close(zs.grad, want, atol=1e-7, rtol=1e-5)
+
+
+def test_minus_inf_bias_linear_form_and_vocab_slice():
+    """-inf entries of the biases are masks too, also with Vs != Vt; entries past V' do not
+    change the divergence, a student entry there only the CE; a masked label gives CE +inf."""
+    n, h, vs, vt, v = 6, 5, 14, 12, 10
+    h_s, w_s = torch.randn(n, h, requires_grad=True), torch.randn(vs, h, requires_grad=True)
+    h_t, w_t = torch.randn(n, h), torch.randn(vt, h)
+    b_s, b_t = torch.zeros(vs), torch.zeros(vt)
+    b_s[[1, 7, 12]] = NEG  # 12 >= V': CE only
+    b_t[[1, 7, 3, 11]] = NEG  # 3: the teacher only; 11 >= V': nothing
+    labels = torch.tensor([0, 2, -100, 13, 4, 5])
+    kl, ce = fused_linear_distill_reference(h_s, w_s, h_t, w_t, labels=labels, vocab_size=v,
+                                            student_bias=b_s, teacher_bias=b_t)
+    zs, zt = h_s @ w_s.t() + b_s, h_t @ w_t.t() + b_t
+    want = brute_force(zs.tolist(), zt.tolist(), "forward", 0.5, 1.0, v, None, None, "mean")
+    assert_close(kl, torch.tensor(want), atol=1e-5, rtol=1e-5)
+    keep = labels != -100
+    assert_close(ce, torch.nn.functional.cross_entropy(zs[keep], labels[keep]), atol=1e-6, rtol=1e-5)
+    (kl + ce).backward()
+    assert torch.isfinite(h_s.grad).all() and torch.isfinite(w_s.grad).all()
+    assert (w_s.grad[[1, 7, 12]] == 0).all()
+    _, ce_masked = fused_linear_distill_reference(h_s, w_s, h_t, w_t, labels=torch.tensor([7] * n),
+                                                  vocab_size=v, student_bias=b_s, teacher_bias=b_t)
+    assert ce_masked.item() == math.inf
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "all_masked"])
+def test_rows_without_a_distribution_are_nan(bad):
+    zs, zt = torch.randn(3, 8), torch.randn(3, 8)
+    if bad == "all_masked":
+        zs[1] = NEG
+    else:
+        zs[1, 4] = bad
+    for div in ["forward", "reverse", "jsd"]:
+        d = fused_kl_reference(zs, zt, divergence=div, reduction="none")
+        assert torch.isnan(d[1]) and torch.isfinite(d[[0, 2]]).all(), (div, d)
 
 
 @pytest.mark.parametrize(
