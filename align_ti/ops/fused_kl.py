@@ -149,9 +149,14 @@ def _ce_coefficients(labels, mask, grad_ce):
     return c if grad_ce is None else c * grad_ce.to(_F32)
 
 
+def weigh_rows(d: torch.Tensor, w: Optional[torch.Tensor]) -> torch.Tensor:
+    """w_i D_i per row, and exactly 0 where w_i == 0, even when D_i is +inf (0 * inf = NaN)."""
+    return d if w is None else torch.where(w != 0, w * d, torch.zeros((), dtype=d.dtype, device=d.device))
+
+
 def _reduce(d, w_eff, mask, reduction, n_proc, device):
     """Apply the row weights and the reduction to the per-row divergence d [n_proc]."""
-    wd = d if w_eff is None else w_eff * d
+    wd = weigh_rows(d, w_eff)
     if mask is not None:
         wd = torch.where(mask, wd, torch.zeros((), dtype=_F32, device=device))
     if reduction == "none":
@@ -230,6 +235,33 @@ def _chunk_torch(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, spli
     return d, nll, (zs if need_grad else None), gce
 
 
+# -inf logits are vocabulary masks, with 0 log 0 = 0 (the rule of align_ti.reference.fused_kl).
+# The torch path applies it without an elementwise pass of its own: a product p (log p - log q)
+# at a column where p == 0 is 0 * -inf or 0 * NaN, and nansum drops it.
+
+def _no_distribution(ls: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
+    """bool [r]: rows where either model has no distribution. A NaN or +inf logit, or a row
+    masked in every column, makes the row's log-sum-exp NaN and so every log-probability of
+    the row: column 0 shows it. Those rows must stay NaN, which nansum would hide."""
+    return torch.isnan(ls[:, 0]) | torch.isnan(lt[:, 0])
+
+
+def _sum_terms(terms: torch.Tensor, no_dist: torch.Tensor) -> torch.Tensor:
+    """[r]: the row sums of p (log p - log q) products with 0 log 0 = 0 (see above); +inf where
+    p > 0 and q == 0 stays; NaN for the rows without a distribution."""
+    return terms.nansum(-1).masked_fill_(no_dist, math.nan)
+
+
+def _gradient_core(terms: torch.Tensor, p: torch.Tensor, d: torch.Tensor, out: torch.Tensor):
+    """out <- p (log p - log q - D) = terms - p D (the reverse KL and JSD gradients), with the
+    masked columns' non-finite terms (0 * -inf, and +inf where only q is masked) as 0 and a
+    +inf D as 0: a finite gradient for every row with a distribution, so a row of weight 0
+    gets exactly 0 (one whose D is +inf gets a finite gradient without meaning). In two passes,
+    as the plain `(log p - log q - D) * p` it replaces."""
+    d = torch.where(d == math.inf, 0.0, d)
+    return torch.addcmul(terms.nan_to_num_(0.0, 0.0, 0.0), p, d[:, None], value=-1.0, out=out)
+
+
 def _chunk_torch_block(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad, split,
                        scratch):
     """`_chunk_torch` on one block of rows, in a fixed set of [r, V'] buffers ("s", "x":
@@ -257,20 +289,22 @@ def _chunk_torch_block(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad
         zt.mul_(inv_t)
     ls = _log_softmax_into(buf("s", v), us)  # log p_S
     lt = _log_softmax_into(us, zt)           # log p_T, over the student's raw columns
+    no_dist = _no_distribution(ls, lt)
     pt_or_free = zt                          # the teacher's raw logits are no longer needed
     if div_code == 0:
         torch.exp(lt, out=pt_or_free)        # p_T
         lt.sub_(ls)                          # log p_T - log p_S
         if need_grad:
             ls.exp_().sub_(pt_or_free)       # p_S - p_T
-        d = pt_or_free.mul_(lt).sum(-1)
+        d = _sum_terms(pt_or_free.mul_(lt), no_dist)
         gk_scale = 1.0
     elif div_code == 1:
         ps = torch.exp(ls, out=pt_or_free)   # p_S
         ls.sub_(lt)                          # log p_S - log p_T
-        d = torch.mul(ps, ls, out=lt).sum(-1)
+        terms = torch.mul(ps, ls, out=lt)
+        d = _sum_terms(terms, no_dist)
         if need_grad:
-            ls.sub_(d[:, None]).mul_(ps)     # p_S (log p_S - log p_T - D)
+            _gradient_core(terms, ps, d, out=ls)  # p_S (log p_S - log p_T - D)
         gk_scale = 1.0
     else:
         x = buf("x", v)
@@ -280,13 +314,14 @@ def _chunk_torch_block(zs, zt, v, div_code, beta, inv_t, labels, a, c, need_grad
         torch.logaddexp(lm, x, out=lm)       # log M
         torch.exp(lt, out=x)                 # p_T
         lt.sub_(lm)
-        dt = x.mul_(lt).sum(-1)
+        dt = _sum_terms(x.mul_(lt), no_dist)
         torch.exp(ls, out=x)                 # p_S
         ls.sub_(lm)                          # log p_S - log M
-        kls = torch.mul(x, ls, out=lt).sum(-1)
+        terms = torch.mul(x, ls, out=lt)
+        kls = _sum_terms(terms, no_dist)
         d = beta * dt + (1.0 - beta) * kls
         if need_grad:
-            ls.sub_(kls[:, None]).mul_(x)
+            _gradient_core(terms, x, kls, out=ls)  # p_S (log p_S - log M - KL(p_S || M))
         gk_scale = 1.0 - beta
     if not need_grad:
         return d, nll, None, None
@@ -848,8 +883,10 @@ def _linear_backward(ctx, grad_kl, grad_ce, *_unused):
     if ctx.mode == "saved":
         dh, dw, db, dh_c, dw_c, db_c = ctx.saved_tensors
         out = []
-        for g, g_ce in ((dh, dh_c), (dw, dw_c), (db, db_c)):
-            if g.numel() == 0:
+        # by the flags, not by numel: with N = 0 rows dh is [0, Hs], a real (empty) gradient
+        needed = (o["need_dh"], o["need_dw"], o["need_db"] and ctx.has_bias)
+        for g, g_ce, need in zip((dh, dw, db), (dh_c, dw_c, db_c), needed):
+            if not need:
                 out.append(None)
                 continue
             res = _scale_(g, grad_kl) if grad_kl is not None else g.zero_()

@@ -6,6 +6,7 @@ under TRITON_INTERPRET=1; fp32/fp16 only), GPU (`-m gpu`, CUDA; bf16 three-way, 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import subprocess
 import sys
@@ -455,6 +456,199 @@ def test_nonfinite_in_unselected_row_is_ignored():
         t["teacher_hidden"][1] = float("inf")
     rows = torch.arange(2, N)
     compare(align_ti.fused_linear_kl, fused_linear_kl_reference, t, rows=rows, impl="torch")
+
+
+# --- -inf logits as vocabulary masks (issue #17): 0 log 0 = 0, on every path -----------------
+
+NEG = float("-inf")
+# who masks which columns, and the divergences that are then +inf (rows of positive weight)
+MASK_CASES = {
+    "teacher": ("reverse",),   # the teacher masks: forward KL adds nothing there
+    "student": ("forward",),   # the student masks: reverse KL adds nothing there
+    "both": (),                # the same columns: nothing anywhere
+    "mixed": ("reverse",),     # both on some columns, the teacher alone on more
+}
+
+
+def mask_columns(v, lead):
+    """A leading run of `lead` masked columns (whole vocabulary blocks of the kernels: each
+    online log-sum-exp then starts on -inf) and every 7th column after it."""
+    return torch.tensor(list(range(lead)) + list(range(lead + 3, v, 7)))
+
+
+def masked_logits(case, n, vs, vt, lead, dtype=torch.float32):
+    """(student_logits [n, vs], teacher_logits [n, vt]) with the case's -inf columns; the
+    teacher also masks columns past V' = min(vs, vt), which must not matter."""
+    g = torch.Generator().manual_seed(11)
+    zs = torch.randn(n, vs, generator=g) * 3
+    zt = torch.randn(n, vt, generator=g) * 3
+    v = min(vs, vt)
+    cols = mask_columns(v, lead)
+    if case in ("student", "both", "mixed"):
+        zs[:, cols] = NEG
+    if case in ("teacher", "both", "mixed"):
+        zt[:, cols] = NEG
+    if case == "mixed":
+        zt[:, cols[::2] + 1] = NEG
+    zt[:, v + 1::2] = NEG
+    return zs.to(dtype), zt.to(dtype)
+
+
+def check_masked_logits(impl, case, divergence, reduction, dtype=torch.float32, n=N, vs=VS, vt=VT,
+                        lead=300, rows=None, atol=2e-5, rtol=1e-4, grad_atol=1e-6):
+    """fused_kl on masked logits against the reference, with a zero-weight row: equal values
+    (+inf included, 0 for the zero-weight row), finite gradients, 0 in the zero-weight row;
+    where the divergence is finite, the reference's gradients (0 in the student's masked
+    columns)."""
+    zs, zt = masked_logits(case, n, vs, vt, lead, dtype)
+    m = n if rows is None else rows.shape[0]
+    w = rand_weights(m)
+    w[1] = 0.0
+    up = [torch.randn(m) if reduction == "none" else torch.tensor(2.0)]
+    t = {"student_logits": zs.requires_grad_(), "teacher_logits": zt}
+    kw = dict(rows=rows, weights=w, divergence=divergence, beta=0.3, temperature=2.0,
+              reduction=reduction)
+    (got,), _ = run(align_ti.fused_kl, t, up, impl=impl, **kw)
+    g_fast = zs.grad.clone()
+    zs.grad = None
+    (want,), _ = run(fused_kl_reference, t, up, **kw)
+    assert_close(got, want, atol=atol, rtol=rtol)
+    infinite = divergence in MASK_CASES[case]
+    assert bool(torch.isinf(got).any()) == infinite
+    assert torch.isfinite(g_fast).all()  # also where D = +inf (a gradient without meaning there)
+    sel = torch.arange(n) if rows is None else rows
+    assert (g_fast[sel[1]] == 0).all()  # the zero-weight row (its D may be +inf)
+    if infinite:
+        return
+    if case in ("student", "both", "mixed"):
+        assert (g_fast[:, mask_columns(min(vs, vt), lead)] == 0).all()
+    assert_close(g_fast, zs.grad, atol=grad_atol, rtol=1e-4, name="grad student_logits")
+
+
+@pytest.fixture
+def torch_chunk_path(monkeypatch):
+    """The PyTorch chunk code even where the native kernel is built (tests/ops/test_native.py
+    runs the same checks on the kernel)."""
+    from align_ti import native
+
+    monkeypatch.setattr(native, "_enabled_override", False)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("case", list(MASK_CASES))
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_minus_inf_masks_logits(torch_chunk_path, divergence, case, reduction):
+    rows = torch.tensor([4, 0, 9, 9, 30, 62, 17]) if reduction == "mean" else None
+    check_masked_logits("torch", case, divergence, reduction, rows=rows)
+
+
+def test_minus_inf_masks_logits_sub_blocks_and_mask_rows(torch_chunk_path, monkeypatch):
+    """The same through 2-row elementwise sub-blocks and a bool rows mask applied inside the op."""
+    from align_ti.ops import heuristics
+
+    monkeypatch.setitem(heuristics.ELEMENTWISE_BYTES, "cpu", 2 * 4 * 2 * VT)
+    monkeypatch.setattr(F, "MASK_AS_INDICES_DEVICES", ())
+    mask = torch.zeros(N, dtype=torch.bool)
+    mask[[0, 1, 5, 8, 40]] = True
+    for case, divergence in [("mixed", "forward"), ("student", "reverse"), ("both", "jsd")]:
+        check_masked_logits("torch", case, divergence, "mean", rows=mask.nonzero().squeeze(1))
+        zs, zt = masked_logits(case, N, VS, VT, 300)
+        got = align_ti.fused_kl(zs, zt, rows=mask, divergence=divergence, impl="torch")
+        assert_close(got, fused_kl_reference(zs, zt, rows=mask, divergence=divergence))
+
+
+def masked_heads(n=N, hs=HS, ht=HT, vs=VS, vt=VT, dtype=torch.float32):
+    """`make` with -inf entries in both biases: both mask `both`, the teacher alone `teacher`
+    (so forward KL and JSD are finite, reverse KL +inf), the student's one past the divergence's
+    V' = 1000 `ce_only` (it only changes the CE) and the teacher's past its own V' nothing."""
+    t = make(dtype, dtype, n=n, hs=hs, ht=ht, vs=vs, vt=vt)
+    cols = {"both": [0, 3, 4, 999], "teacher": [7, 500], "ce_only": [1000, 1200]}
+    with torch.no_grad():
+        t["student_bias"][cols["both"] + cols["ce_only"]] = NEG
+        t["teacher_bias"][cols["both"] + cols["teacher"] + [vt - 1]] = NEG
+    return t, cols
+
+
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_minus_inf_bias_linear(torch_chunk_path, divergence):
+    t, cols = masked_heads()
+    rows, m = rows_of("index")
+    labels = torch.randint(0, VS, (m,))
+    labels = torch.where(torch.isin(labels, torch.tensor(cols["both"] + cols["ce_only"])), 5, labels)
+    labels[2] = -100
+    w = rand_weights(m)
+    w[3] = 0.0
+    kw = dict(labels=labels, rows=rows, weights=w, divergence=divergence, temperature=2.0,
+              vocab_size=1000)
+    if divergence == "reverse":  # +inf, and a finite gradient; the CE as the reference's
+        (kl, ce), grads = run(align_ti.fused_linear_distill, t, impl="torch", **kw)
+        (rkl, rce), _ = run(fused_linear_distill_reference, t, **kw)
+        assert kl.item() == rkl.item() == math.inf
+        assert_close(ce, rce)
+        assert all(torch.isfinite(g).all() for g in grads.values())
+        return
+    _, grads = compare(align_ti.fused_linear_distill, fused_linear_distill_reference, t,
+                       impl="torch", chunk_bytes=SMALL_CHUNK, **kw)
+    assert (grads["student_weight"][cols["both"] + cols["ce_only"]] == 0).all()
+    assert (grads["student_bias"][cols["both"] + cols["ce_only"]] == 0).all()
+
+
+def test_masked_label_gives_infinite_ce():
+    t, cols = masked_heads()
+    labels = torch.full((N,), -100)
+    labels[5] = cols["ce_only"][0]
+    kl, ce = align_ti.fused_linear_distill(**t, labels=labels, vocab_size=1000, impl="torch")
+    assert ce.item() == math.inf and torch.isfinite(kl)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("divergence", ["forward", "reverse"])
+def test_zero_weight_rows_with_infinite_divergence_add_zero(torch_chunk_path, divergence, reduction):
+    """Every row's D is +inf (the student masks what the teacher allows, or the mirror); the rows
+    of weight 0 add exactly 0 and get zero gradients, so with all weights 0 everything is 0."""
+    t = make()
+    with torch.no_grad():
+        (t["student_bias"] if divergence == "forward" else t["teacher_bias"])[[3, 8]] = NEG
+    w = rand_weights(N)
+    w[::2] = 0.0
+    up = [torch.randn(N) if reduction == "none" else torch.tensor(1.0)]
+    (kl,), grads = run(align_ti.fused_linear_kl, t, up, weights=w, divergence=divergence,
+                       reduction=reduction, impl="torch")
+    if reduction == "none":
+        assert (kl[::2] == 0).all() and torch.isinf(kl[1::2]).all()
+    else:
+        assert kl.item() == math.inf
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    (kl,), grads = run(align_ti.fused_linear_kl, t, up, weights=torch.zeros(N),
+                       divergence=divergence, reduction=reduction, impl="torch")
+    assert (kl == 0).all()
+    for k, g in grads.items():
+        assert (g == 0).all(), k
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("fn", ["kl", "distill", "logits"])
+def test_no_rows_at_all_give_zero_gradients_of_the_input_shape(fn, reduction):
+    """N = 0: zero gradients of the inputs' shapes, never None (for "mean"/"sum" the empty
+    [0, Hs] hidden-state gradient was taken for 'not computed')."""
+    t = make(n=0)
+    if fn == "logits":
+        zs = torch.randn(0, VS, requires_grad=True)
+        loss = align_ti.fused_kl(zs, torch.randn(0, VT), reduction=reduction, impl="torch")
+        loss.sum().backward()
+        assert zs.grad is not None and zs.grad.shape == zs.shape
+        return
+    if fn == "kl":
+        loss = align_ti.fused_linear_kl(**t, reduction=reduction, impl="torch").sum()
+    else:
+        kl, ce = align_ti.fused_linear_distill(**t, labels=torch.zeros(0, dtype=torch.long),
+                                               reduction=reduction, impl="torch")
+        loss = kl.sum() + ce
+    loss.backward()
+    assert loss.item() == 0
+    for k in STUDENT:
+        assert t[k].grad is not None and t[k].grad.shape == t[k].shape, k
+        assert (t[k].grad == 0).all(), k
 
 
 # --- bad input: ValueError / TypeError naming the argument ---------------------------------
