@@ -22,7 +22,9 @@
 // fp32 teacher row (in place), or else a per-thread fp32 buffer.
 // fp32 arithmetic with fp64 block sums; exp is an inlined AVX-512 polynomial (~1 ulp) or
 // ATen's exp_u20 elsewhere, log1p is ATen's (Sleef). The formulas are those of
-// `_chunk_torch`, so NaN/inf inputs give NaN results as there.
+// `_chunk_torch`, so NaN/inf inputs give NaN results as there. -inf logits are vocabulary
+// masks with 0 log 0 = 0 (the rule of align_ti/reference/fused_kl.py): each product
+// p (log p - log q) takes its difference only where p > 0 (`where_pos`), a mask per vector.
 // at::vec picks its ISA from CPU_CAPABILITY_*; derive it from what the compiler targets
 // (CMakeLists.txt compiles with -march=native by default).
 #if !defined(CPU_CAPABILITY)
@@ -320,6 +322,12 @@ inline Vec keep(const Vec& x, int64_t cnt) {  // zero lanes >= cnt
   return cnt == kW ? x : Vec::set(Vec(0.f), x, cnt);
 }
 
+// x where p > 0, else 0: p * where_pos(p, log p - log q) is 0 at a column of p == 0 whatever
+// log q is (0 log 0 = 0: no 0 * -inf), +inf where p > 0 == q, and NaN where p is NaN.
+inline Vec where_pos(const Vec& p, const Vec& x) {
+  return x & (p > Vec(0.f));
+}
+
 // Block accumulator: fp32 lanes flushed into fp64 every kBlock elements.
 struct Acc {
   Vec lanes{0.f};
@@ -394,7 +402,7 @@ void kl_row(const TS* s, const TT* t, G* gd, float* gce, float* lm, const Opts& 
       const Vec ls = log_ps(zs);
       const Vec lt = log_pt(zt);
       const Vec pt = fexp(lt);
-      acc.add(keep(pt * (lt - ls), cnt));
+      acc.add(keep(pt * where_pos(pt, lt - ls), cnt));
       if (grad) {
         const Vec ps = fexp(ls);
         Vec g = (ps - pt) * vk;
@@ -412,18 +420,22 @@ void kl_row(const TS* s, const TT* t, G* gd, float* gce, float* lm, const Opts& 
     sweep(v, [&](int64_t j, int64_t cnt) {
       const Vec ls = log_ps(ld(s + j, cnt));
       const Vec lt = log_pt(ld(t + j, cnt));
-      acc.add(keep(fexp(ls) * (ls - lt), cnt));
+      const Vec ps = fexp(ls);
+      acc.add(keep(ps * where_pos(ps, ls - lt), cnt));
     });
     const float d = static_cast<float>(acc.get());
     *d_out = d;
     if (grad) {
-      const Vec vd(d);
+      // p_S (log p_S - log p_T - D) with the +inf parts (columns that only the teacher masks,
+      // and D then) as 0: finite, so a row of weight 0 gets exactly 0, as in `_gradient_core`
+      const Vec vd(d == std::numeric_limits<float>::infinity() ? 0.f : d);
+      const Vec ninf(-std::numeric_limits<float>::infinity());
       sweep(v, [&](int64_t j, int64_t cnt) {
         const Vec zs = ld(s + j, cnt);
         const Vec ls = log_ps(zs);
         const Vec lt = log_pt(ld(t + j, cnt));
         const Vec ps = fexp(ls);
-        Vec g = ps * (ls - lt - vd) * vk;
+        Vec g = ps * ((where_pos(ps, ls - lt) & (lt != ninf)) - vd) * vk;
         if (ce_grad) {
           const Vec ce = ce_shared ? ps * vcc : ce_term(zs);
           if (o.split) st(ce, gce + j, cnt);
@@ -443,8 +455,9 @@ void kl_row(const TS* s, const TT* t, G* gd, float* gce, float* lm, const Opts& 
       const Vec x = lt + vlb, y = ls + vlb1;
       const Vec mx = at::vec::maximum(x, y);
       const Vec lmv = mx + fexp(Vec(0.f) - (x - y).abs()).log1p();
-      acc_t.add(keep(fexp(lt) * (lt - lmv), cnt));
-      acc_s.add(keep(fexp(ls) * (ls - lmv), cnt));
+      const Vec pt = fexp(lt), ps = fexp(ls);
+      acc_t.add(keep(pt * where_pos(pt, lt - lmv), cnt));
+      acc_s.add(keep(ps * where_pos(ps, ls - lmv), cnt));
       if (grad) st(lmv, lm + j, cnt);
     });
     const double dt = acc_t.get(), kls = acc_s.get();
@@ -455,7 +468,7 @@ void kl_row(const TS* s, const TT* t, G* gd, float* gce, float* lm, const Opts& 
         const Vec zs = ld(s + j, cnt);
         const Vec ls = log_ps(zs);
         const Vec ps = fexp(ls);
-        Vec g = ps * (ls - ld(lm + j, cnt) - vkls) * vk;
+        Vec g = ps * (where_pos(ps, ls - ld(lm + j, cnt)) - vkls) * vk;
         if (ce_grad) {
           const Vec ce = ce_shared ? ps * vcc : ce_term(zs);
           if (o.split) st(ce, gce + j, cnt);

@@ -33,7 +33,14 @@ from align_ti.reference.fused_kl import (
     fused_linear_distill_reference,
     fused_linear_kl_reference,
 )
-from tests.ops.test_fused_kl import make  # the same seeded heads and hidden states
+from tests.ops.test_fused_kl import (  # the same seeded heads, hidden states and masks
+    MASK_CASES,
+    check_masked_logits,
+    make,
+    mask_columns,
+    masked_heads,
+    masked_logits,
+)
 from tests.utils import assert_close, assert_three_way
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -128,6 +135,43 @@ def test_kernel_propagates_nan_and_inf(native_lib):
         assert torch.isnan(d[:3]).all(), (div, d)
         assert torch.isfinite(d[3]), (div, d)
         assert torch.isnan(zs[:2]).any(dim=1).all(), div
+
+
+@pytest.mark.parametrize("case", list(MASK_CASES))
+@pytest.mark.parametrize("div,with_labels,split", [(0, True, False), (1, True, True), (2, False, False),
+                                                   (0, False, False), (1, False, False), (2, True, True)])
+def test_kernel_matches_torch_chunk_with_minus_inf_masks(native_lib, case, div, with_labels, split):
+    """-inf masks (issue #17) in the kernel as in the PyTorch chunk code: values (+inf where
+    the case makes D infinite), CE and gradients; a V wider than one L1 block (2048), whose
+    first block is all masked, and a zero-coefficient row whose gradient must be exactly 0."""
+    r, v, extra = 5, 4500, 29
+    zs0, zt0 = masked_logits(case, r, v + extra, v, lead=2100)
+    g = torch.Generator().manual_seed(div)
+    labels = torch.randint(v, v + extra, (r,), generator=g)  # past V': never masked
+    labels[2] = -100
+    labels[3] = 2200  # an unmasked column below V'
+    a, c = torch.rand(r, generator=g) + 0.1, torch.rand(r, generator=g)
+    a[1] = 0.0
+    args = (v, div, 0.3, 0.5, labels if with_labels else None, a, c if with_labels else None, True,
+            split)
+    zs1, zt1 = zs0.clone(), zt0.clone()
+    d1, nll1, g1, gce1 = F._chunk_torch(zs1, zt1, *args)
+    zs2 = zs0.clone()
+    d2, nll2, gce2 = torch.ops.align_ti.kl_chunk(zs2, zt0.clone(), *args)
+    infinite = ("forward", "reverse", "jsd")[div] in MASK_CASES[case]
+    assert bool(torch.isinf(d2).all()) == infinite and not torch.isnan(d2).any()
+    assert_close(d2, d1, atol=2e-5, rtol=1e-5, name="d")
+    if with_labels:
+        assert_close(nll2, nll1, atol=2e-5, rtol=1e-5, name="nll")
+    assert torch.isfinite(zs2).all()
+    if split or not with_labels:  # the divergence's gradient alone
+        assert (zs2[1, :v] == 0).all()
+    if not infinite:
+        assert_close(zs2, g1, atol=5e-7, rtol=1e-4, name="grad")
+        if case != "teacher":
+            assert (zs2[:, mask_columns(v, 2100)] == 0).all()
+    if with_labels and split:
+        assert_close(gce2, gce1, atol=1e-7, rtol=1e-4, name="grad ce")
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,6 +481,36 @@ def test_fused_kl_direct_rows_native(use_native, divergence, reduction):
              upstream=up, divergence=divergence, temperature=2.0, reduction=reduction,
              weights=torch.rand(N))
     assert torch.equal(zs.detach(), zs0) and torch.equal(zt, zt0)  # inputs untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("case", list(MASK_CASES))
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_minus_inf_masks_logits_native(use_native, divergence, case, reduction, dtype):
+    """fused_kl on -inf-masked logits with the kernel: all rows read in place (fp32: the direct
+    path) or gathered rows, fp32 and bf16 logits, against the reference (see
+    tests/ops/test_fused_kl.py::check_masked_logits)."""
+    rows = torch.tensor([4, 0, 6, 6, 2]) if reduction == "mean" else None
+    low = dtype != torch.float32
+    check_masked_logits("torch", case, divergence, reduction, dtype=dtype, n=7, vs=4529, vt=4500,
+                        lead=2100, rows=rows, grad_atol=1e-4 if low else 1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_minus_inf_bias_linear_native(use_native, divergence):
+    """-inf entries in both biases, V' = 1000 < Vs < Vt, CE labels (see test_fused_kl.py's
+    test_minus_inf_bias_linear, which runs the PyTorch chunk code)."""
+    t, cols = masked_heads()
+    labels = torch.randint(0, VS, (N,))
+    labels = torch.where(torch.isin(labels, torch.tensor(cols["both"] + cols["ce_only"])), 5, labels)
+    kw = dict(labels=labels, divergence=divergence, temperature=2.0, vocab_size=1000)
+    if divergence == "reverse":
+        kl, ce = align_ti.fused_linear_distill(**t, impl="torch", **kw)
+        assert kl.item() == float("inf")
+        assert_close(ce, fused_linear_distill_reference(**t, **kw)[1])
+        return
+    _compare(align_ti.fused_linear_distill, fused_linear_distill_reference, t, **kw)
 
 
 # --------------------------------------------------------------------------------------------
