@@ -15,6 +15,10 @@ log-sum-exp, and writes
 Passes over the row: 1 (statistics, plus D for forward/reverse via online accumulators),
 +1 for jsd (its D needs both normalisers first), +1 for the gradient.
 All address arithmetic is int64 (row * stride can exceed 2^31 for [rows, 151936] chunks).
+-inf logits are vocabulary masks with 0 log 0 = 0 (the rule of align_ti/reference/fused_kl.py):
+each product p (log p - log q) takes its difference only where p > 0, the online log-sum-exps
+shift by 0 while every column so far is masked (`_shift`), never by -inf, and a block of
+masked columns adds 0 to every sum.
 """
 import triton
 import triton.language as tl
@@ -25,6 +29,27 @@ def _logaddexp(x, y):
     mx = tl.maximum(x, y)
     mn = tl.minimum(x, y)
     return mx + tl.log(1.0 + tl.exp(mn - mx))
+
+
+@triton.jit
+def _shift(m):
+    """The shift of an online log-sum-exp whose running max is m: m, or 0 while m is -inf
+    (every column so far masked), so that no -inf - -inf = NaN appears."""
+    return tl.where(m > float("-inf"), m, 0.0)
+
+
+@triton.jit
+def _rescale(m_old, m_new):
+    """The factor exp(m_old - m_new) of an online sum when its max grows, and 0 while m_old
+    is -inf (the sum is 0 then, and exp(-inf - -inf) would be NaN)."""
+    return tl.where(m_old > float("-inf"), tl.exp(m_old - m_new), 0.0)
+
+
+@triton.jit
+def _p_log_ratio(p, lp, lq):
+    """p (lp - lq) with 0 log 0 = 0: 0 where p == 0 whatever lq is; +inf where p > 0 and
+    lq = -inf; NaN where p is NaN."""
+    return p * tl.where(p > 0.0, lp - lq, 0.0)
 
 
 @triton.jit
@@ -62,11 +87,12 @@ def fused_kl_rows_kernel(
     s_t = tl.zeros([], tl.float32)
     m_r = tl.full([], NEG_INF, tl.float32)
     s_r = tl.zeros([], tl.float32)
-    # forward: acc = sum e^(ut-m_t) ((ut-m_t) - (us-m_s)); reverse: the same with s and t
-    # swapped. Shifted by the running maxima, its terms are of the size of the log-probs,
-    # not of the logits: sum p_t (ut - us) - lse_t + lse_s cancels terms of the logits' size
-    # (a KL of 1e-4 lost 20% at logits of std 100). A max update shifts every earlier
-    # difference by delta, hence the `acc - delta * sum` before the rescale.
+    # forward: acc = sum e^(ut-k_t) ((ut-k_t) - (us-k_s)), k = `_shift` of the running maxima;
+    # reverse: the same with s and t swapped. Shifted, its terms are of the size of the
+    # log-probs, not of the logits: sum p_t (ut - us) - lse_t + lse_s cancels terms of the
+    # logits' size (a KL of 1e-4 lost 20% at logits of std 100). A shift update moves every
+    # earlier difference by delta, hence the `acc - delta * sum` before the rescale; an acc
+    # that is already +inf (p > 0 == q) stays so (the rescale may underflow to 0).
     acc = tl.zeros([], tl.float32)
     for start in range(0, n_cols_s, BLOCK_V):
         offs = start + cols
@@ -78,23 +104,22 @@ def fused_kl_rows_kernel(
         ut = zt * inv_t
         mn_s = tl.maximum(m_s, tl.max(us, 0))
         mn_t = tl.maximum(m_t, tl.max(ut, 0))
-        al_s = tl.exp(m_s - mn_s)
-        al_t = tl.exp(m_t - mn_t)
-        e_s = tl.exp(us - mn_s)
-        e_t = tl.exp(ut - mn_t)
-        if DIVERGENCE < 2:
-            # before the first term the maxima are -inf: no shift (and no inf - inf)
-            started = (s_t > 0) if DIVERGENCE == 0 else (s_s > 0)
-            pm_s = tl.where(started, m_s, mn_s)
-            pm_t = tl.where(started, m_t, mn_t)
+        k_s = _shift(mn_s)
+        k_t = _shift(mn_t)
+        al_s = _rescale(m_s, mn_s)
+        al_t = _rescale(m_t, mn_t)
+        e_s = tl.exp(us - k_s)
+        e_t = tl.exp(ut - k_t)
         if DIVERGENCE == 0:
-            delta = (mn_t - pm_t) - (mn_s - pm_s)
-            acc = (acc - delta * s_t) * al_t + tl.sum(
-                tl.where(in_v, e_t * ((ut - mn_t) - (us - mn_s)), 0.0), 0)
+            delta = (k_t - _shift(m_t)) - (k_s - _shift(m_s))
+            acc_new = (acc - delta * s_t) * al_t + tl.sum(
+                tl.where(in_v, _p_log_ratio(e_t, ut - k_t, us - k_s), 0.0), 0)
+            acc = tl.where(acc == float("inf"), acc, acc_new)
         if DIVERGENCE == 1:
-            delta = (mn_s - pm_s) - (mn_t - pm_t)
-            acc = (acc - delta * s_s) * al_s + tl.sum(
-                tl.where(in_v, e_s * ((us - mn_s) - (ut - mn_t)), 0.0), 0)
+            delta = (k_s - _shift(m_s)) - (k_t - _shift(m_t))
+            acc_new = (acc - delta * s_s) * al_s + tl.sum(
+                tl.where(in_v, _p_log_ratio(e_s, us - k_s, ut - k_t), 0.0), 0)
+            acc = tl.where(acc == float("inf"), acc, acc_new)
         s_s = s_s * al_s + tl.sum(e_s, 0)
         s_t = s_t * al_t + tl.sum(e_t, 0)
         m_s = mn_s
@@ -102,10 +127,10 @@ def fused_kl_rows_kernel(
         if HAS_CE:
             if not CE_SHARES_LSE:
                 mn_r = tl.maximum(m_r, tl.max(zs, 0))
-                s_r = s_r * tl.exp(m_r - mn_r) + tl.sum(tl.exp(zs - mn_r), 0)
+                s_r = s_r * _rescale(m_r, mn_r) + tl.sum(tl.exp(zs - _shift(mn_r)), 0)
                 m_r = mn_r
-    lse_s = m_s + tl.log(s_s)
-    lse_t = m_t + tl.log(s_t)
+    lse_s = _shift(m_s) + tl.log(s_s)
+    lse_t = _shift(m_t) + tl.log(s_t)
 
     kls = tl.zeros([], tl.float32)
     if DIVERGENCE == 0:
@@ -124,9 +149,9 @@ def fused_kl_rows_kernel(
             zt = tl.load(zt_row + offs, mask=in_v, other=0.0).to(tl.float32)
             ls = zs * inv_t - lse_s
             lt = zt * inv_t - lse_t
-            lm = _logaddexp(log_b + lt, log_1mb + ls)
-            dt += tl.sum(tl.where(in_v, tl.exp(lt) * (lt - lm), 0.0), 0)
-            kls += tl.sum(tl.where(in_v, tl.exp(ls) * (ls - lm), 0.0), 0)
+            lm = _logaddexp(log_b + lt, log_1mb + ls)  # NaN where both are masked: unused
+            dt += tl.sum(tl.where(in_v, _p_log_ratio(tl.exp(lt), lt, lm), 0.0), 0)
+            kls += tl.sum(tl.where(in_v, _p_log_ratio(tl.exp(ls), ls, lm), 0.0), 0)
         d = beta * dt + (1.0 - beta) * kls
     tl.store(d_ptr + row, d)
 
@@ -138,7 +163,7 @@ def fused_kl_rows_kernel(
         if CE_SHARES_LSE:
             lse_r = lse_s
         else:
-            lse_r = m_r + tl.log(s_r)
+            lse_r = _shift(m_r) + tl.log(s_r)
         tl.store(nll_ptr + row, tl.where(valid, lse_r - z_label, 0.0))
 
     # ---- pass 3: gradient with respect to the raw student logits -------------------------
@@ -150,6 +175,10 @@ def fused_kl_rows_kernel(
             c = tl.where(valid, c, 0.0)
         g_row = g_ptr + row * g_stride
         gce_row = gce_ptr + row * gce_stride
+        if DIVERGENCE == 1:
+            # the +inf parts (columns only the teacher masks, and D then) count as 0: a finite
+            # gradient for every row, so a row of weight 0 gets exactly 0 (as the torch path)
+            d_g = tl.where(d == float("inf"), 0.0, d)
         if DIVERGENCE == 2:
             log_b2 = tl.log(beta)
             log_1mb2 = tl.log(1.0 - beta)
@@ -165,10 +194,11 @@ def fused_kl_rows_kernel(
             if DIVERGENCE == 0:
                 gk = ps - tl.exp(lt)
             elif DIVERGENCE == 1:
-                gk = ps * (ls - lt - d)
+                diff = tl.where(lt > float("-inf"), ls - lt, 0.0)
+                gk = ps * (tl.where(ps > 0.0, diff, 0.0) - d_g)
             else:
                 lm = _logaddexp(log_b2 + lt, log_1mb2 + ls)
-                gk = (1.0 - beta) * ps * (ls - lm - kls)
+                gk = (1.0 - beta) * ps * (tl.where(ps > 0.0, ls - lm, 0.0) - kls)
             # a == 0 (unselected or zero-weight row) gives exactly 0, never 0 * NaN
             gk = tl.where(in_v, gk * ka, 0.0)
             gk = tl.where(ka != 0.0, gk, 0.0)

@@ -43,7 +43,13 @@ import torch
 
 from align_ti.ops import heuristics as _heur
 from align_ti.ops.dispatch import cdiv, interpret_mode, resolve_impl
-from align_ti.ops.fused_kl import _enter_backward, _grads_in_forward, _scale_, fused_linear_kl
+from align_ti.ops.fused_kl import (
+    _enter_backward,
+    _grads_in_forward,
+    _scale_,
+    fused_linear_kl,
+    weigh_rows,
+)
 from align_ti.reference.fused_kl import KLOptions, check_head, resolve_vocab_size
 from align_ti.reference.topk_align import check_selection_args, kept_count
 from align_ti.validation import (
@@ -312,7 +318,7 @@ def _triton_driver(hs, ws, bs, ht, wt, bt, rows, coef, opts: TopkAlignOptions,
             _launch_dw(g, hs, idx, dw, db, v, accumulate=s > 0)
         elif need_db:
             db[:v] += g.sum(0)
-    loss = (coef * d_all).sum()
+    loss = weigh_rows(d_all, coef).sum()  # a row of weight 0 adds 0, even with D = +inf
     return loss, dh, dw, db
 
 

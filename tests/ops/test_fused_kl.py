@@ -875,6 +875,56 @@ def test_triton_matches_torch_path_mixed_fp16_teacher(quiet_interpreter):
         assert_close(grads[k], grads2[k], atol=1e-6, rtol=1e-4, name=k)
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(MASK_CASES))
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_triton_minus_inf_masks_logits(divergence, case, dtype, reduction, quiet_interpreter):
+    """-inf masks in the row kernel (issue #17), with a first vocabulary block (1024 wide here)
+    all masked: the online log-sum-exps start on -inf."""
+    rows = torch.tensor([4, 1, 9, 9, 0]) if reduction == "mean" else None
+    low = dtype != torch.float32
+    check_masked_logits("triton", case, divergence, reduction, dtype=dtype, n=IN, vs=IVS, vt=IVT,
+                        lead=1100, rows=rows, grad_atol=1e-4 if low else 1e-6)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_triton_minus_inf_bias_linear(divergence, monkeypatch, quiet_interpreter):
+    """-inf entries in both biases (V' = 1000 < Vs < Vt), CE labels, a bool rows mask applied
+    inside the op and a zero weight."""
+    monkeypatch.setattr(F, "MASK_AS_INDICES_DEVICES", ())
+    t, cols = masked_heads(n=IN, hs=IHS, ht=IHT, vs=IVS, vt=IVT)
+    mask = torch.tensor([True, False, True, True, False, False, True, False, True, True, False])
+    labels = torch.tensor([5, 9, 1000 + 1, -100, 2, 17, 600, 8, IVS - 1, 12, 3])
+    w = rand_weights(IN)
+    w[2] = 0.0
+    kw = dict(labels=labels, rows=mask, weights=w, divergence=divergence, temperature=2.0,
+              vocab_size=1000)
+    if divergence == "reverse":
+        (kl, ce), grads = run(align_ti.fused_linear_distill, t, impl="triton", **kw)
+        assert kl.item() == math.inf
+        assert_close(ce, fused_linear_distill_reference(**t, **kw)[1])
+        assert all(torch.isfinite(g).all() for g in grads.values())
+        return
+    _, grads = compare(align_ti.fused_linear_distill, fused_linear_distill_reference, t,
+                       impl="triton", chunk_bytes=ICHUNK, **kw)
+    assert (grads["student_weight"][cols["both"] + cols["ce_only"]] == 0).all()
+
+
+@pytest.mark.interpret
+def test_triton_zero_weight_rows_with_infinite_divergence(quiet_interpreter):
+    t = imake()
+    with torch.no_grad():
+        t["teacher_bias"][[3, 8]] = NEG  # reverse KL: +inf in every row
+    (kl,), grads = run(align_ti.fused_linear_kl, t, weights=torch.zeros(IN), divergence="reverse",
+                       impl="triton")
+    assert kl.item() == 0.0
+    for k, g in grads.items():
+        assert (g == 0).all(), k
+
+
 # ============================================================================================
 # GPU tier: impl="triton" on CUDA (bf16 three-way, larger shapes)
 # ============================================================================================

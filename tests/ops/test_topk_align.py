@@ -269,6 +269,67 @@ def test_weight_grad_in_weight_dtype(impl, dtype):
 
 
 # --------------------------------------------------------------------------------------------
+# -inf vocabulary masks and empty batches (issue #17), on both drivers
+# --------------------------------------------------------------------------------------------
+
+NEG = float("-inf")
+BOTH_MASKED, TEACHER_MASKED = [0, 5, 6], [9, 50]
+IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.interpret)]
+
+
+def masked_bias_inputs(**kw):
+    """make_inputs with -inf bias entries: both heads mask BOTH_MASKED, the teacher alone
+    TEACHER_MASKED (forward KL and JSD stay finite, reverse KL is +inf)."""
+    t = make_inputs(bias=True, **kw)
+    t["student_bias"][BOTH_MASKED] = NEG
+    t["teacher_bias"][BOTH_MASKED + TEACHER_MASKED] = NEG
+    return t
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_minus_inf_bias_masks(impl, divergence):
+    t = masked_bias_inputs(b=3, length=21, hs=24, ht=40, vs=301, vt=333)
+    a, r = leaves(t), leaves(t)
+    opts = dict(k=4, divergence=divergence, temperature=1.5)
+    loss = topk_align(**a, impl=impl, chunk_bytes=4 * 2 * 301 * 5, **opts)
+    want = topk_align_reference(**r, **opts)
+    if divergence == "reverse":
+        assert loss.item() == want.item() == float("inf")
+        return
+    assert_close(loss, want, atol=1e-5, rtol=1e-4, name="loss")
+    ga, gr = grads_of(loss, a), grads_of(want, r)
+    for k in ga:
+        assert_close(ga[k], gr[k], atol=1e-5, rtol=1e-3, name=f"grad {k}")
+    assert (ga["student_weight"][BOTH_MASKED] == 0).all() and (ga["student_bias"][BOTH_MASKED] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_mass_rows_with_infinite_divergence_add_nothing(impl):
+    """Reverse KL is +inf at every row (the teacher masks columns the student allows); with all
+    kept mass 0 no row carries weight: loss 0 and zero gradients, no 0 * inf = NaN."""
+    t = masked_bias_inputs(b=2, length=9, hs=16, ht=16, vs=97, vt=97, imageless=())
+    t["mass"][:] = 0.0
+    a = leaves(t)
+    loss = topk_align(**a, k=3, divergence="reverse", impl=impl)
+    assert loss.item() == 0.0
+    for k, g in grads_of(loss, a).items():
+        assert (g == 0).all(), k
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_batch_gives_zero_gradients_of_the_input_shape(impl):
+    """B = 0 (no rows at all): zero gradients of the inputs' shapes, never None."""
+    a = leaves(make_inputs(b=0, length=9, hs=16, ht=16, vs=97, vt=97, bias=True))
+    loss = topk_align(**a, impl=impl)
+    assert loss.item() == 0.0
+    loss.backward()
+    for k in ("student_hidden", "student_weight", "student_bias"):
+        assert a[k].grad is not None and a[k].grad.shape == a[k].shape, k
+        assert (a[k].grad == 0).all(), k
+
+
+# --------------------------------------------------------------------------------------------
 # bad input
 # --------------------------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from align_ti.reference.topk_align import select_topk_reference
+from align_ti.reference.topk_align import select_topk_reference, topk_align_reference
 from tests.utils import assert_close
 
 
@@ -79,3 +79,23 @@ def test_bad_tensors():
         select_topk_reference(torch.rand(2, 5), torch.ones(2, 5))
     with pytest.raises(ValueError, match="mass"):
         select_topk_reference(torch.tensor([[float("nan"), 1.0]]), torch.ones(1, 2, dtype=torch.bool))
+
+
+def test_zero_mass_rows_with_infinite_divergence_add_nothing():
+    """-inf in the teacher's bias where the student's allows (issue #17): reverse KL is +inf at
+    every row, but kept rows of mass 0 weigh 0: the loss is 0 and the gradients are 0, not NaN."""
+    g = torch.Generator().manual_seed(0)
+    hs = torch.randn(2, 5, 4, generator=g, requires_grad=True)
+    ws = torch.randn(11, 4, generator=g, requires_grad=True)
+    ht, wt = torch.randn(2, 5, 6, generator=g), torch.randn(11, 6, generator=g)
+    bt = torch.zeros(11)
+    bt[[2, 7]] = float("-inf")
+    vision = torch.tensor([[False, True, True, True, False], [True, True, False, False, False]])
+    loss = topk_align_reference(hs, ws, ht, wt, torch.zeros(2, 5), vision, k=2, divergence="reverse",
+                                teacher_bias=bt)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert (hs.grad == 0).all() and (ws.grad == 0).all()
+    mass = torch.rand(2, 5, generator=g)  # positive weights: the +inf shows
+    assert topk_align_reference(hs, ws, ht, wt, mass, vision, divergence="reverse",
+                                teacher_bias=bt).item() == float("inf")
