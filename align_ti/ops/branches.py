@@ -308,9 +308,10 @@ def sample_candidates(
     ``chunk_bytes``: bytes, or a string such as "512M"); [rows, V] logits are never held at
     once. Empty slots (step -1) get 0.
 
-    NaN or inf in the student's logits at a branched row (from student_hidden, student_weight
-    or student_bias) raise ValueError (a content check, see ``align_ti.set_value_checks``):
-    candidates drawn from them would be arbitrary.
+    A -inf logit (e.g. in ``student_bias``) masks its token: it is never drawn. NaN or +inf in
+    the student's logits at a branched row (from student_hidden, student_weight or
+    student_bias), or fewer than d unmasked allowed tokens there, raise ValueError (content
+    checks, see ``align_ti.set_value_checks``): candidates drawn from them would be arbitrary.
     """
     check_tensor("student_hidden", student_hidden, ndim=3, floating=True)
     b_size, length, width = student_hidden.shape
@@ -385,9 +386,9 @@ def sample_candidates(
         h = flat.index_select(0, rows[s:e])
         z = torch.empty(e - s, vlim, dtype=_F32, device=device)
         _head_logits(h, student_weight, student_bias, vlim, z)
-        if value_checks_enabled() and not bool(torch.isfinite(z).all()):
+        if value_checks_enabled() and bool((torch.isnan(z) | (z == float("inf"))).any()):
             raise ValueError("student_hidden, student_weight or student_bias hold NaN or inf: the "
-                             "student's logits at a branched row are not finite")
+                             "student's logits at a branched row are NaN or +inf (-inf masks a token)")
         if strategy == "sample":
             if temperature != 1.0:
                 z.div_(temperature)
@@ -398,7 +399,11 @@ def sample_candidates(
         if exclude_ground_truth:
             cur = z.gather(1, gt_col[s:e])
             z.scatter_(1, gt_col[s:e], torch.where(gt_in[s:e, None], neg_inf, cur))
-        out[s:e] = z.topk(d, dim=1).indices
+        top = z.topk(d, dim=1)
+        if value_checks_enabled() and bool((valid.reshape(-1)[s:e] & (top.values[:, -1] == float("-inf"))).any()):
+            raise ValueError(f"num_candidates = {d} exceeds the allowed tokens at a branched step whose "
+                             "student logits are -inf (masked) at all but fewer than d of them")
+        out[s:e] = top.indices
     out = out.view(b_size, n_steps, d)
     return torch.where(valid[:, :, None], out, torch.zeros((), dtype=torch.int64, device=device))
 

@@ -714,3 +714,22 @@ def test_sampling_bad_input():
         select_branch_steps(labels, am, max_per_sample=0)
     with pytest.raises(ValueError, match="attention_mask"):
         select_branch_steps(labels, am[:, :3])
+
+
+@pytest.mark.parametrize("strategy", ["sample", "topk"])
+def test_minus_inf_bias_masks_tokens(strategy):
+    """A -inf in the student's bias masks its token (issue #17): it is never drawn and makes no
+    NaN; fewer unmasked tokens than d is an error naming num_candidates."""
+    hidden, weight, ids, am, labels = _head_setup()
+    steps = select_branch_steps(labels, am)
+    valid = steps >= 0
+    bias = torch.full((weight.shape[0],), float("-inf"))
+    allowed = torch.tensor([2, 5, 7, 11, 13, 250])
+    bias[allowed] = 0.0
+    cands = sample_candidates(hidden, weight, ids, steps, num_candidates=5, strategy=strategy,
+                              student_bias=bias, exclude_ground_truth=False, seed=3)
+    assert torch.isin(cands[valid], allowed).all()
+    assert all(len(set(row)) == 5 for row in cands[valid].tolist())
+    with pytest.raises(ValueError, match="num_candidates"):
+        sample_candidates(hidden, weight, ids, steps, num_candidates=7, strategy=strategy,
+                          student_bias=bias, exclude_ground_truth=False)
