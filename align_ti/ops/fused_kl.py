@@ -1188,11 +1188,19 @@ def fused_linear_kl(
     bf16/fp16 before the softmax; log-sum-exp is computed stably (the Triton kernel streams
     the vocabulary with an online log-sum-exp).
 
-    NaN/inf: not detected; a NaN or inf in a selected row's hidden states, in the weights or
-    biases that reach the first V' logits (including -inf logits used as masks) propagates to
-    a NaN loss and NaN gradients, never a silently wrong finite loss. Unselected rows and
-    rows outside ``rows`` do not influence the result. ``weights`` are checked to be finite
-    and >= 0 (a content check, see ``align_ti.set_value_checks``).
+    Masks: a -inf logit (e.g. a -inf bias entry) masks its vocabulary column, with
+    0 log 0 = 0: a column the teacher gives probability 0 adds nothing to ``"forward"`` (one
+    the student gives 0, nothing to ``"reverse"``), a column masked in both adds nothing to
+    any divergence, and ``"jsd"`` is always finite. A column the teacher allows and the
+    student masks makes ``"forward"`` +inf (the mirror for ``"reverse"``); a row of weight 0
+    still adds exactly 0. Where the loss is finite, so are the gradients, and masked student
+    columns get 0 (where it is +inf they are finite and without meaning).
+
+    NaN/inf: not detected; a NaN or inf in a selected row's hidden states or in the weights,
+    a NaN or +inf in the biases that reach the first V' logits, or a row whose first V'
+    logits are all -inf gives a NaN loss and NaN gradients, never a silently wrong finite
+    loss. Unselected rows and rows outside ``rows`` do not influence the result. ``weights``
+    are checked to be finite and >= 0 (a content check, see ``align_ti.set_value_checks``).
 
     Raises:
         ValueError / TypeError naming the argument for: temperature <= 0, beta outside (0, 1),
@@ -1235,8 +1243,9 @@ def fused_linear_distill(
     the divergences, weights, reductions, ``impl`` and the NaN/inf behaviour).
     ``ce`` is the cross-entropy of the *unscaled* student logits over all Vs entries
     (temperature and V' do not apply) at the selected rows, averaged over the rows whose label
-    is not -100 (``weights`` do not apply), and 0 (with zero gradients) when there are none.
-    It is always an fp32 scalar, whatever ``reduction`` is.
+    is not -100 (``weights`` do not apply), and 0 (with zero gradients) when there are none;
+    +inf when a label's column is masked (a -inf logit). It is always an fp32 scalar,
+    whatever ``reduction`` is.
 
     Args:
         labels: int64/int32 ``[M]`` (or ``[N]`` with a bool mask; ``[N]`` without rows): the
@@ -1303,7 +1312,7 @@ def fused_kl(
     chunk by chunk with the upstream gradient. As `fused_linear_kl`: one backward per graph
     for "mean"/"sum", no double backward.
 
-    NaN/inf: propagate to a NaN loss (see `fused_linear_kl`).
+    Masks (-inf logits, 0 log 0 = 0) and NaN/inf: as `fused_linear_kl`.
 
     Raises:
         ValueError / TypeError naming the argument, as `fused_linear_kl`.

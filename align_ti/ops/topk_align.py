@@ -436,8 +436,11 @@ def topk_align(
     the M kept rows plus the two gradient matmuls; memory: one row chunk of fp32 logits for
     both heads plus the gradients, independent of L beyond the inputs.
 
-    NaN/inf: a NaN or inf in a *selected* row's hidden states, or in weights/biases reaching
-    the first V' logits, gives a NaN loss (never a silently wrong finite one).
+    Masks: -inf logits (e.g. bias entries) mask vocabulary columns as in `fused_linear_kl`
+    (0 log 0 = 0; a kept token of weight 0 adds 0 even where its divergence is +inf).
+    NaN/inf: a NaN or inf in a *selected* row's hidden states or in the weights, or a NaN or
+    +inf in biases reaching the first V' logits, gives a NaN loss (never a silently wrong
+    finite one).
 
     Raises:
         ValueError / TypeError naming the argument: k <= 0 or not an int, ratio outside (0, 1],
