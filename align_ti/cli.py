@@ -134,7 +134,9 @@ def _cmd_distill(args) -> int:
     (--config) and/or key=value overrides, e.g. `align-ti distill --config run.yaml
     w_tpa=0.5 max_steps=100`. Defaults: the built-in tiny teacher/student on the synthetic
     visual QA data. Checkpoints go to output_dir/checkpoint-<step>; --resume continues from
-    the last one."""
+    the last one after verifying its files and that teacher, data and world size are the same
+    (--resume-anyway goes on when they are not). SIGTERM saves a checkpoint at the end of the
+    current step and exits with status 0."""
     try:
         from align_ti.paths import ensure_writable_dir
         from align_ti.train.config import field_names, load_config
@@ -148,10 +150,10 @@ def _cmd_distill(args) -> int:
         print(f"align-ti distill: error: {e}", file=sys.stderr)
         return 2
     from align_ti.train.data import TokenizerMismatchError
-    from align_ti.train.trainer import NonFiniteLossError, run_distill
+    from align_ti.train.trainer import CheckpointError, NonFiniteLossError, run_distill
 
-    resume = None
-    if args.resume:
+    resume = args.resume_from
+    if args.resume and resume is None:
         import os
 
         from transformers.trainer_utils import get_last_checkpoint
@@ -160,13 +162,17 @@ def _cmd_distill(args) -> int:
         if resume is None:
             print(f"align-ti distill: --resume: no checkpoint-<step> in {config.output_dir}; "
                   "starting from step 0", file=sys.stderr)
-        else:
-            print(f"align-ti distill: resuming from {resume}", file=sys.stderr)
+    if resume is not None:
+        print(f"align-ti distill: resuming from {resume}", file=sys.stderr)
     try:
-        metrics = run_distill(config, resume_from_checkpoint=resume)
-    except (ValueError, FileNotFoundError, TokenizerMismatchError, NonFiniteLossError) as e:
+        metrics = run_distill(config, resume_from_checkpoint=resume, resume_anyway=args.resume_anyway)
+    except (ValueError, FileNotFoundError, TokenizerMismatchError, NonFiniteLossError, CheckpointError) as e:
         print(f"align-ti distill: error: {e}", file=sys.stderr)
         return 2
+    if metrics.get("stopped_by"):  # a preempted job: saved, exits 0 (README "Distillation runs")
+        print(f"align-ti distill: stopped by {metrics['stopped_by']} after step {metrics['global_step']}: "
+              f"saved {metrics['checkpoint']}; continue with --resume")
+        return 0
     steps = f"steps {metrics['first_step']}-{metrics['global_step']}"
     print(f"train_loss {metrics.get('train_loss', float('nan')):.6g} (mean over {steps})  "
           f"wall {metrics['wall_s']:.1f}s  student saved to {config.output_dir}")
@@ -225,7 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config overrides, e.g. w_tpa=0.5 iva_layer=auto max_steps=100 "
                         "'training_args={\"logging_steps\": 5}'")
     p.add_argument("--resume", action="store_true",
-                   help="resume from the last checkpoint-<step> in output_dir")
+                   help="resume from the last checkpoint-<step> in output_dir (its files are verified first)")
+    p.add_argument("--resume-from", metavar="CHECKPOINT", default=None,
+                   help="resume from this checkpoint folder instead of the last one")
+    p.add_argument("--resume-anyway", action="store_true",
+                   help="resume even though the checkpoint was written with another teacher, data or world size")
     p.add_argument("--list-keys", action="store_true", help="print the valid config keys and exit")
     p.set_defaults(parser=p, func=_cmd_distill)
 

@@ -31,34 +31,47 @@ is `transformers.Trainer`'s; this module adds only:
   global mean.
 - Logging: each term (``loss_sft``, ``loss_kd``, ``loss_iva``, ``loss_tpa``, unweighted,
   global means over the logging interval) next to the Trainer's ``loss`` (the weighted sum).
-- A NaN/inf term stops the run with `NonFiniteLossError` naming the term and the step.
-- Checkpoints are written atomically: the Trainer writes into ``<output_dir>/.staging`` and
-  the finished folder is renamed to ``checkpoint-<step>`` (a run killed while saving leaves
-  no half-written ``checkpoint-*`` for ``resume_from_checkpoint`` to pick up). A checkpoint
-  folder is a plain student checkpoint (``from_pretrained`` loads it) plus the Trainer's
-  optimizer/scheduler/RNG/state files.
+- Divergence stops the run where it starts, with `NonFiniteLossError` naming what, the step
+  and the remedies: the student's (and teacher's) final hidden states, checked before anything
+  reads them (TPA's sampler, the fused ops), every loss term, the gradient norm the Trainer
+  computes (before the optimizer applies it), and every parameter a save would write. One host
+  sync per micro-batch covers outputs and terms; see `DistillTrainer._check_step` for why
+  parameters need no per-step pass of their own.
+- Checkpoints (`align_ti.train.checkpoint`): staged in ``<output_dir>/.staging``, given a
+  manifest (sizes and block checksums of every file, the run's teacher, data and world size),
+  fsynced and renamed to ``checkpoint-<step>``; a resume verifies them first. A failed save
+  says why ("no space left on ..."), removes its staged folder and leaves earlier checkpoints
+  alone. A checkpoint folder is a plain student checkpoint (``from_pretrained`` loads it) plus
+  the Trainer's optimizer/scheduler/RNG/state files.
+- `run_distill` turns SIGTERM (a preempted job) into a checkpoint at the end of the current
+  step and a clean stop.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
-import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from align_ti.data.synthetic import IGNORE_INDEX
 from align_ti.ops.heuristics import resolve_chunk_bytes
+from align_ti.train import checkpoint as ckpt
 
 __all__ = [
     "LossSpec",
     "DistillModule",
     "DistillTrainer",
     "NonFiniteLossError",
+    "CheckpointError",
     "count_normalizers",
     "build_trainer",
     "run_distill",
@@ -71,7 +84,50 @@ _NORMALIZERS = ("tokens", "images", "candidates")
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or inf: training stops instead of going on with it."""
+    """Training diverged: a loss term, the gradient norm, a parameter or a model output became
+    NaN or inf; training stops instead of going on with it."""
+
+
+CheckpointError = ckpt.CheckpointError
+
+_REMEDIES = ("Lower learning_rate, keep gradient clipping on (training_args max_grad_norm > 0), train in "
+             "bf16 or fp32 rather than fp16, check the data of this step; then resume from the last "
+             "checkpoint (--resume) or start again.")
+
+
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    """Whether every element of t is finite, as a bool scalar (no host sync): min and max carry
+    any NaN or inf, and one aminmax pass is ~15x faster than isfinite().all() on CPU."""
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    return torch.isfinite(torch.stack(torch.aminmax(t.detach()))).all()
+
+
+def _parameter_report(model) -> str:
+    """Where a model's parameters stand (run only once a check has failed: a full pass)."""
+    bad, largest, where = [], 0.0, None
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.numel() == 0:
+                continue
+            if not bool(_finite(p)):
+                bad.append(name)
+                continue
+            m = float(p.abs().max())
+            if m > largest:
+                largest, where = m, name
+    if bad:
+        return f"{len(bad)} parameter tensor(s) hold NaN or inf, the first {bad[0]}"
+    return f"its parameters are finite, the largest |value| {largest:.3g} (in {where})"
+
+
+def _diverged(what: str, step: Optional[int], model=None) -> NonFiniteLossError:
+    """The error of a divergence check: what went non-finite, at which step (the Trainer's
+    global_step: optimizer updates done so far), where the student's parameters stand, and what
+    to do about it."""
+    where = f"step {step}" if step is not None else "this step"
+    state = f"; {_parameter_report(model)} after {step} optimizer update(s)" if model is not None else ""
+    return NonFiniteLossError(f"training diverged at {where}: {what}{state}. {_REMEDIES}")
 
 
 @dataclass
@@ -171,9 +227,11 @@ class DistillModule(nn.Module):
     """Student + (unregistered) teacher; ``forward(**batch)`` returns the loss and its terms.
 
     forward returns ``{"loss": weighted sum (scalar, with grad), "terms": {name: detached
-    scalar}}``. ``loss_divisors`` (float [3]: response rows, image samples, candidates) are the
+    scalar}, "finite": {"student": bool scalar, "teacher": bool scalar}}``, the last whether
+    each model's final hidden states are finite (the trainer checks them with the terms, in one
+    host sync). ``loss_divisors`` (float [3]: response rows, image samples, candidates) are the
     global counts of the optimizer step divided by the number of processes; None = this
-    micro-batch's own counts (plain means).
+    micro-batch's own counts (plain means). ``step`` only labels a divergence error.
     """
 
     def __init__(self, student, teacher, spec: LossSpec, image_token_id: int, pad_token_id: int,
@@ -215,7 +273,7 @@ class DistillModule(nn.Module):
 
     # ---------------------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, instruction_mask=None,
-                sample_ids=None, loss_divisors=None, epoch: int = 0):
+                sample_ids=None, loss_divisors=None, epoch: int = 0, step: Optional[int] = None):
         from align_ti.ops.fused_kl import fused_linear_distill
 
         spec = self.spec
@@ -249,6 +307,12 @@ class DistillModule(nn.Module):
             with torch.no_grad():
                 h0 = _base(student)(input_ids=input_ids, pixel_values=pixel_values,
                                     attention_mask=attention_mask, use_cache=False).last_hidden_state
+                # checked here, not with the terms: the sampler reads h0 next and its own input
+                # check would stop a diverged run with a message about its arguments (TPA's
+                # branch selection syncs with the host anyway)
+                if not bool(_finite(h0)):
+                    raise _diverged("the student's final hidden states hold NaN or inf (the pass that "
+                                   "draws TPA's candidates)", step, student)
                 cands = sample_candidates(h0, ws, input_ids, steps, num_candidates=spec.tpa_d,
                                           strategy=spec.tpa_strategy, temperature=spec.tpa_temperature,
                                           exclude_ground_truth=spec.tpa_exclude_ground_truth,
@@ -293,6 +357,8 @@ class DistillModule(nn.Module):
             hs = hs.to(ws.dtype)
         if ht is not None and ht.dtype != _head(teacher)[0].dtype:
             ht = ht.to(_head(teacher)[0].dtype)
+        finite = {"student": _finite(hs),
+                  "teacher": _finite(ht) if ht is not None else hs.new_ones((), dtype=torch.bool)}
         hs2 = hs.reshape(-1, hs.shape[-1])
         terms: dict[str, torch.Tensor] = {}
         sums: dict[str, torch.Tensor] = {}
@@ -355,7 +421,7 @@ class DistillModule(nn.Module):
             value = s / denom
             terms[name] = value
             loss = loss + spec.weight(name) * value
-        return {"loss": loss, "terms": {k: v.detach() for k, v in terms.items()}}
+        return {"loss": loss, "terms": {k: v.detach() for k, v in terms.items()}, "finite": finite}
 
     def _teacher_pass(self, run, instruction_mask, attention_mask_2d, extra: int):
         """Run the teacher (no grad) while capturing the IRS layer's q/k; return its final hidden
@@ -381,8 +447,33 @@ class DistillModule(nn.Module):
 # the Trainer subclass
 # --------------------------------------------------------------------------------------------
 
+class _SaveAndStop(TrainerCallback):
+    """Ends the step in which a stop was requested (SIGTERM, see `run_distill`) with a
+    checkpoint and the end of training."""
+
+    def __init__(self, trainer: "DistillTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.stop_requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def _scalar(x) -> float:
+    if hasattr(x, "full_tensor"):  # a DTensor (FSDP2)
+        x = x.full_tensor()
+    return float(x)
+
+
 class DistillTrainer(Trainer):
-    """`transformers.Trainer` over a `DistillModule` (pass it as ``model``)."""
+    """`transformers.Trainer` over a `DistillModule` (pass it as ``model``).
+
+    ``run_identity`` (`align_ti.train.checkpoint.run_identity`, set by `build_trainer`) goes into
+    each checkpoint's manifest; a resume from a checkpoint of another teacher, data or world size
+    is refused unless ``resume_anyway``. ``request_stop()`` (a signal handler may call it) makes
+    the current step end with a checkpoint and the end of training.
+    """
 
     loss_is_scaled_for_ga = True  # compute_loss divides by the step's global counts itself
 
@@ -397,11 +488,34 @@ class DistillTrainer(Trainer):
         self._distill = model
         self._term_sums: dict[str, torch.Tensor] = {}
         self._terms_since_step = 0  # the global step before the first step in _term_sums
+        self.run_identity: Optional[dict] = None
+        self.resume_anyway = False
+        self.last_checkpoint: Optional[str] = None  # the folder of the latest save
+        self._stop_asked = False       # this process was asked to stop (request_stop)
+        self.stop_requested = False    # some process was: every process saves and stops this step
+        self.add_callback(_SaveAndStop(self))
         if self.is_deepspeed_enabled:
             model.register_zero3_heads()
         teacher = model.teacher
         if teacher is not None:
             teacher.to(self.args.device)
+
+    def request_stop(self) -> None:
+        """Save a checkpoint at the end of the current step and stop (safe in a signal handler:
+        it only sets a flag, which the next per-micro-batch check shares with every process)."""
+        self._stop_asked = True
+
+    def train(self, resume_from_checkpoint=None, *args, verify: bool = True, **kwargs):
+        """transformers' train, after `verify_checkpoint` of the checkpoint it resumes from
+        (``verify=False`` when the caller has just verified it, as `run_distill` does)."""
+        if resume_from_checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            # None: transformers says there is none
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
+        if verify and isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            ckpt.verify_checkpoint(resume_from_checkpoint, run=self.run_identity, allow_changes=self.resume_anyway)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ---- normalisers: counted over all micro-batches of the step and all processes --------
     def _get_num_items_in_batch(self, batch_samples, device):
@@ -422,9 +536,9 @@ class DistillTrainer(Trainer):
             # makes that average the gradient of the global mean.
             divisors = num_items_in_batch.to(torch.float64).clamp(min=1) / world
         epoch = int(self.state.epoch or 0)
-        out = model(**inputs, loss_divisors=divisors, epoch=epoch)
+        out = model(**inputs, loss_divisors=divisors, epoch=epoch, step=self.state.global_step)
         terms = out["terms"]
-        self._check_finite(out["loss"], terms)
+        self._check_step(out["loss"], terms, out["finite"])
         if model.training:
             if not self._term_sums:  # a resumed run starts at its checkpoint's step, not 0
                 self._terms_since_step = self.state.global_step
@@ -433,19 +547,58 @@ class DistillTrainer(Trainer):
                 self._term_sums[name] = value.detach().clone() if acc is None else acc + value.detach()
         return (out["loss"], out) if return_outputs else out["loss"]
 
-    def _check_finite(self, loss, terms):
+    # ---- divergence checks -------------------------------------------------------------------
+    def _check_step(self, loss, terms, finite):
+        """The checks of a micro-batch in one host sync (one reduce with several processes, so
+        that all stop at the same step): the student's and the teacher's final hidden states,
+        the loss and its terms, and whether a stop was requested.
+
+        Parameters get no pass of their own each step: a non-finite parameter either enters the
+        next forward, where NaN/inf reach the hidden states or a loss term checked here (matmuls,
+        norms, softmax and residual adds all carry them), or it does not touch the loss or the
+        gradients until it does, and a save never writes it (`_save` checks every tensor it
+        writes, in the pass the save makes anyway). Parameters that are finite but so large that
+        the forward overflows (learning_rate=1e30) are caught the same way. When a check fails,
+        `_diverged` scans the parameters once to say where they stand. One corner is left to
+        the ops: finite hidden states and head whose logits exceed fp32's range give a
+        non-finite term here, but with TPA the candidate sampler computes them first and says so
+        in its own words.
+        """
         names = list(terms)
-        flags = torch.stack([torch.isfinite(loss)] + [torch.isfinite(terms[n]) for n in names]).to(torch.float32)
+        flags = torch.stack([finite["student"], finite["teacher"], torch.isfinite(loss)]
+                            + [torch.isfinite(terms[n]) for n in names]
+                            + [(loss.new_zeros if self._stop_asked else loss.new_ones)((), dtype=torch.bool)]
+                            ).to(torch.float32)  # new_zeros/ones: a fill, no host-to-device copy
         if self.args.world_size > 1:  # every process stops, not just the one that saw it
             flags = self.accelerator.reduce(flags, reduction="mean") if hasattr(self.accelerator, "reduce") else flags
-        if bool((flags < 1).any()):
-            bad = [n for n, f in zip(["total"] + names, flags.tolist()) if f < 1 and n != "total"]
-            values = {n: float(terms[n]) for n in names}
+        student_ok, teacher_ok, total_ok, *term_ok, no_stop = flags.tolist()  # the host sync
+        if no_stop < 1:
+            self.stop_requested = True
+        step, student = self.state.global_step, self._distill.student
+        if student_ok < 1:
+            raise _diverged("the student's final hidden states hold NaN or inf", step, student)
+        if teacher_ok < 1:
+            teacher = (self.run_identity or {}).get("teacher", {}).get("name", "the teacher")
             raise NonFiniteLossError(
-                f"non-finite loss at step {self.state.global_step}: term(s) {bad or ['total']} "
-                f"(values on this process: {values}; weights "
-                f"{ {n: self._distill.spec.weight(n) for n in names} }). Training stopped; lower the "
-                "learning rate, check the data of this step, or resume from the last checkpoint.")
+                f"the teacher's final hidden states hold NaN or inf at step {step}: the teacher ({teacher}) "
+                "or its precision is at fault, not the student's training (its weights, or an fp16/bf16 "
+                "overflow: try bf16=false); training stopped")
+        if total_ok < 1 or min(term_ok, default=1) < 1:
+            bad = [n for n, f in zip(names, term_ok) if f < 1]
+            values = {n: float(terms[n]) for n in names}
+            weights = {n: self._distill.spec.weight(n) for n in names}
+            raise _diverged(f"term(s) {bad or ['total']} of the loss are NaN or inf (values on this process: "
+                           f"{values}; weights {weights})", step, student)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's gradient norm, checked before the optimizer applies the gradients. Under
+        fp16 the loss scaler expects an inf now and then (it skips that step and lowers the
+        scale), so only bf16 and fp32 runs stop on it."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and not self.args.fp16 and not math.isfinite(_scalar(grad_norm)):
+            raise _diverged(f"the gradient norm is {_scalar(grad_norm)} although the loss was finite; the "
+                           "update was not applied", self.state.global_step, self._distill.student)
+        return grad_norm
 
     # ---- logging: each term next to the total ---------------------------------------------
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
@@ -460,16 +613,20 @@ class DistillTrainer(Trainer):
             self._term_sums = {}
         super().log(logs, start_time)
 
-    # ---- checkpoints: a student checkpoint, written atomically ---------------------------
+    # ---- checkpoints: a student checkpoint, staged, manifested, verified -------------------
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
         student = self._distill.student
         if state_dict is None:
             state_dict = self.accelerator.unwrap_model(self.model).state_dict()
         state_dict = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
+        bad = next((k for k, v in state_dict.items() if v.is_floating_point() and not bool(_finite(v))), None)
+        if bad is not None:
+            raise _diverged(f"the student's parameter {bad} holds NaN or inf; it is not saved to {output_dir}",
+                           self.state.global_step, student)
+        os.makedirs(output_dir, exist_ok=True)
         student.save_pretrained(output_dir, state_dict=state_dict, is_main_process=True)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
@@ -477,82 +634,95 @@ class DistillTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         """Load the student weights of a checkpoint folder (a `save_pretrained` student: its
-        keys are in the checkpoint format, which `from_pretrained` converts)."""
+        keys are in the checkpoint format, which `from_pretrained` converts) with the folder's
+        own config.json, never a default config (without one, transformers would build its
+        default LLaVA, a ~7B Llama)."""
+        folder = resume_from_checkpoint
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            with ckpt.loading(folder, "the model state"):
+                return super()._load_from_checkpoint(folder, model)
         student = self._distill.student
-        loaded = type(student).from_pretrained(resume_from_checkpoint, dtype=next(student.parameters()).dtype,
-                                               local_files_only=True)
-        student.load_state_dict(loaded.state_dict(), strict=True)
+        with ckpt.loading(folder, "the student weights (config.json, model.safetensors)"):
+            config = type(student.config).from_pretrained(folder, local_files_only=True)
+            loaded = type(student).from_pretrained(folder, config=config, dtype=next(student.parameters()).dtype,
+                                                   local_files_only=True)
+            student.load_state_dict(loaded.state_dict(), strict=True)
         del loaded
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        with ckpt.loading(checkpoint, "the optimizer and scheduler states (optimizer.pt, scheduler.pt)"):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _load_rng_state(self, checkpoint) -> None:
+        with ckpt.loading(checkpoint, "the RNG states (rng_state*.pth)"):
+            return super()._load_rng_state(checkpoint)
 
     def _get_output_dir(self, trial=None) -> str:
         run_dir = super()._get_output_dir(trial)
-        return os.path.join(run_dir, ".staging") if getattr(self, "_staging", False) else run_dir
+        return os.path.join(run_dir, ckpt.STAGING) if getattr(self, "_staging", False) else run_dir
 
     def _save_checkpoint(self, model, trial) -> None:
+        """transformers' checkpoint, written into ``<run_dir>/.staging/checkpoint-<step>``; once
+        every process has written its files, the manifest, an fsync and the rename. A failure on
+        any process removes the staged folder and raises CheckpointError saying why (earlier
+        checkpoints are never touched before the new one is complete)."""
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
         run_dir = super()._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = os.path.join(run_dir, ".staging")
+        staged = os.path.join(run_dir, ckpt.STAGING, name)
         if self.args.should_save:
-            shutil.rmtree(os.path.join(staging, name), ignore_errors=True)  # a save killed earlier
+            ckpt.remove_staged(staged)  # a save killed earlier
         self._wait()
+        error: Optional[BaseException] = None
         self._staging = True
         try:
-            super()._save_checkpoint(model, trial)  # writes <run_dir>/.staging/<name>; no rotation there
+            super()._save_checkpoint(model, trial)  # writes the staged folder; no rotation there
+        except Exception as e:  # noqa: BLE001 -- every process must hear of it (_agree), then it is raised
+            error = e
         finally:
             self._staging = False
-        self._wait()  # every process has written its files (RNG states, shards)
-        if self.args.should_save:
-            src, dst = os.path.join(staging, name), os.path.join(run_dir, name)
-            _fsync_tree(src)
-            if os.path.exists(dst):  # re-saving a step: move the old one out of the way first
-                old = os.path.join(staging, name + ".old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(dst, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(src, dst)
-            _fsync_dir(run_dir)
+        if self._agree(error is None) and self.args.should_save:  # all files written (RNG states, shards)
             try:
-                os.rmdir(staging)  # only when empty
-            except OSError:
-                pass
+                ckpt.seal(staged, self.state.global_step, self.run_identity)  # manifest + fsync
+            except Exception as e:  # noqa: BLE001 -- as above
+                error = e
+        if not self._agree(error is None):
+            self._save_failed(error, staged, run_dir)
+        dst = os.path.join(run_dir, name)
+        if self.args.should_save:
+            ckpt.publish(staged, dst)
             best = self.state.best_model_checkpoint
-            if best is not None and os.path.dirname(os.path.abspath(best)) == os.path.abspath(staging):
+            if best is not None and os.path.dirname(os.path.abspath(best)) == os.path.dirname(os.path.abspath(staged)):
                 self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        self.last_checkpoint = dst
         self._wait()
+
+    def _save_failed(self, error: Optional[BaseException], staged: str, run_dir: str) -> None:
+        reason = (ckpt.save_failure_reason(error, run_dir) if error is not None
+                  else "another process failed to write its files")  # before the partial files go
+        if self.args.should_save:
+            ckpt.remove_staged(staged)
+        if isinstance(error, NonFiniteLossError):
+            raise error
+        earlier = ckpt.checkpoints(run_dir)
+        kept = f"{earlier[0]} is untouched" if earlier else "there is no earlier checkpoint"
+        fix = "free some space (or lower save_total_limit)" if ckpt.is_full_disk(reason) else "fix that"
+        raise CheckpointError(f"could not save {os.path.basename(staged)}: {reason}; its staged folder is removed "
+                              f"and {kept}: {fix}, then resume with --resume") from error
+
+    def _agree(self, ok: bool) -> bool:
+        """Whether every process got here with ok: a barrier that carries one flag."""
+        if self.args.world_size <= 1:
+            return ok
+        flag = torch.tensor([1.0 if ok else 0.0], device=self.args.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum")[0] == self.args.world_size)
 
     def _wait(self) -> None:
         if self.args.world_size > 1:
             self.accelerator.wait_for_everyone()
-
-
-def _fsync_tree(path: str) -> None:
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            fd = os.open(os.path.join(root, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(root)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -686,44 +856,70 @@ def build_trainer(config, student=None, teacher=None, processor=None, teacher_pr
         vocab_limit = min(vocab_limit, _head(student)[0].shape[0], _head(teacher)[0].shape[0])
     module = DistillModule(student, teacher, spec, image_token_id=student.config.image_token_index,
                            pad_token_id=tok.pad_token_id, forbidden_ids=forbidden, vocab_limit=vocab_limit)
-    return DistillTrainer(module, args=args, train_dataset=train_dataset,
-                          data_collator=DistillCollator(tok.pad_token_id), processing_class=processor,
-                          callbacks=callbacks)
+    trainer = DistillTrainer(module, args=args, train_dataset=train_dataset,
+                             data_collator=DistillCollator(tok.pad_token_id), processing_class=processor,
+                             callbacks=callbacks)
+    trainer.run_identity = ckpt.run_identity(config, args.world_size)
+    return trainer
 
 
-def _checkpoint_step(path) -> int:
-    """The step of a checkpoint folder (its trainer_state.json, else its checkpoint-<step> name)."""
-    state = os.path.join(path, "trainer_state.json")
-    if os.path.isfile(state):
-        with open(state, encoding="utf-8") as f:
-            return int(json.load(f).get("global_step", 0))
-    tail = os.path.basename(os.path.normpath(path)).rsplit("-", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
+@contextlib.contextmanager
+def _save_and_stop_on_sigterm(trainer: DistillTrainer):
+    """While training, SIGTERM (what a scheduler sends a preempted job) makes the trainer save a
+    checkpoint at the end of the current step and stop; afterwards the old handler is back."""
+    if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: trainer.request_stop())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
-def run_distill(config, resume_from_checkpoint=None) -> dict:
+def run_distill(config, resume_from_checkpoint=None, resume_anyway: bool = False) -> dict:
     """Train as configured; save the final student to ``output_dir``; return the train metrics.
 
-    ``resume_from_checkpoint``: a checkpoint folder, True (the last one in output_dir), or None.
-    The metrics hold transformers' ``train_loss`` (the mean over the steps this call ran),
-    ``first_step`` and ``global_step`` (the steps it ran), ``wall_s`` and ``log_history``.
+    ``resume_from_checkpoint``: a checkpoint folder, True (the last one in output_dir; none
+    there: start from step 0), or None. It is verified (`verify_checkpoint`) before any model is
+    loaded; one written by a run with another teacher, data or world size is refused unless
+    ``resume_anyway``. The metrics hold transformers' ``train_loss`` (the mean over the steps this
+    call ran), ``first_step`` and ``global_step`` (the steps it ran), ``wall_s`` and
+    ``log_history``. SIGTERM during training ends the current step with a checkpoint and returns
+    early: the metrics then also hold ``stopped_by`` ("SIGTERM") and ``checkpoint`` (the folder),
+    and the final student is not saved (the run is not finished).
     """
     from align_ti.train.config import save_config
 
-    os.makedirs(config.output_dir, exist_ok=True)
-    save_config(config, os.path.join(config.output_dir, "distill_config.json"))
-    trainer = build_trainer(config)
     if resume_from_checkpoint is True:
         from transformers.trainer_utils import get_last_checkpoint
 
-        resume_from_checkpoint = get_last_checkpoint(config.output_dir)
+        resume_from_checkpoint = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
+    if resume_from_checkpoint:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))  # what TrainingArguments will find
+        ckpt.verify_checkpoint(resume_from_checkpoint, run=ckpt.run_identity(config, world_size),
+                               allow_changes=resume_anyway)
+    os.makedirs(config.output_dir, exist_ok=True)
+    save_config(config, os.path.join(config.output_dir, "distill_config.json"))
+    trainer = build_trainer(config)
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    trainer.save_model(config.output_dir)
+    with _save_and_stop_on_sigterm(trainer):
+        result = trainer.train(resume_from_checkpoint=resume_from_checkpoint, verify=False)
     metrics = dict(result.metrics)
+    if trainer.stop_requested and result.global_step < trainer.state.max_steps:
+        metrics.update(stopped_by="SIGTERM", checkpoint=trainer.last_checkpoint)
+    else:
+        try:
+            trainer.save_model(config.output_dir)
+        except NonFiniteLossError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- said in one line, the cause chained
+            raise CheckpointError(f"could not save the final student to {config.output_dir}: "
+                                  f"{ckpt.save_failure_reason(e, config.output_dir)}; the checkpoints are intact: "
+                                  "fix that, then run again with --resume") from e
     metrics["wall_s"] = time.time() - t0
     # train_loss (transformers) is the mean over the steps this call ran, not over the run
-    metrics["first_step"] = 1 + (_checkpoint_step(resume_from_checkpoint) if resume_from_checkpoint else 0)
+    metrics["first_step"] = 1 + (ckpt.checkpoint_step(resume_from_checkpoint) if resume_from_checkpoint else 0)
     metrics["global_step"] = result.global_step
     metrics["log_history"] = trainer.state.log_history
     return metrics

@@ -350,3 +350,88 @@ def test_irs_layer_cache_is_keyed_on_the_teacher(setup, tmp_path, monkeypatch):
     (tmp_path / "irs.json").write_text(json.dumps(record))
     assert resolve_iva_layer(other, teacher, processor, items, str(tmp_path)) == 1
     assert len(calls) == 3
+
+
+# ---- divergence and save failures (issue #17; the e2e faults are in test_faults.py) ----------
+
+def _layer_weight(model):
+    return dict(model.named_parameters())["model.language_model.layers.0.mlp.down_proj.weight"]
+
+
+def test_nan_gradient_stops_before_the_update(setup, tmp_path):
+    """A finite loss with a NaN gradient: the gradient-norm check stops the step before the
+    optimizer applies it."""
+    trainer = _trainer(setup, tmp_path, w_iva=0, w_tpa=0)
+    student = trainer.model.student
+    weight = _layer_weight(student)
+    weight.register_hook(lambda g: g * float("nan"))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(NonFiniteLossError, match=r"diverged at step 0: the gradient norm is nan although the loss "
+                                                 r"was finite; the update was not applied; its parameters are finite"):
+        trainer.train()
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_non_finite_parameter_is_named_by_the_output_check(setup, tmp_path):
+    trainer = _trainer(setup, tmp_path, w_iva=0, w_tpa=0)
+    with torch.no_grad():
+        _layer_weight(trainer.model.student)[0, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match=r"diverged at step 0: the student's final hidden states hold NaN or "
+                                                 r"inf; 1 parameter tensor\(s\) hold NaN or inf, the first "
+                                                 r"model\.language_model\.layers\.0\.mlp\.down_proj\.weight"):
+        trainer.train()
+
+
+def test_non_finite_teacher_output_blames_the_teacher(setup, tmp_path):
+    teacher, student, processor, items, dataset = setup
+    bad_teacher = copy.deepcopy(teacher)
+    with torch.no_grad():
+        _layer_weight(bad_teacher)[0, 0] = float("nan")
+    cfg = _config(tmp_path, w_iva=0, w_tpa=0)
+    trainer = build_trainer(cfg, student=copy.deepcopy(student), teacher=bad_teacher, processor=processor,
+                            teacher_processor=processor, train_dataset=dataset)
+    with pytest.raises(NonFiniteLossError, match=r"the teacher's final hidden states hold NaN or inf at step 0: the "
+                                                 r"teacher \(tiny-teacher \(qwen2, seed 1\)\) or its precision"):
+        trainer.train()
+
+
+def test_a_save_never_writes_non_finite_parameters(setup, tmp_path):
+    """A parameter the forward never reads (the embedding row of an unused token) is caught
+    when a save would write it."""
+    trainer = _trainer(setup, tmp_path, w_iva=0, w_tpa=0)
+    embed = trainer.model.student.get_input_embeddings().weight
+    with torch.no_grad():
+        embed[-1, 0] = float("nan")
+    out = tmp_path / "final"
+    with pytest.raises(NonFiniteLossError, match=r"the student's parameter \S*embed_tokens.weight holds NaN or inf; "
+                                                 r"it is not saved to"):
+        trainer.save_model(str(out))
+    assert not (out / "model.safetensors").exists()
+
+
+def test_a_failed_save_says_why_and_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatch):
+    """ENOSPC injected into the second save: one error naming the full disk, no staged folder
+    left, checkpoint-1 intact (test_faults.py fills a real tmpfs)."""
+    import errno
+    import os
+
+    from align_ti.train import checkpoint as ckpt
+    from align_ti.train.trainer import CheckpointError, DistillTrainer
+
+    trainer = _trainer(setup, tmp_path, w_iva=0, w_tpa=0,
+                       training_args=json.dumps({**QUIET, "save_strategy": "steps", "save_steps": 1}))
+    original = DistillTrainer._save_optimizer_and_scheduler
+
+    def full_disk(self, output_dir):
+        if self.state.global_step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", os.path.join(output_dir, "optimizer.pt"))
+        return original(self, output_dir)
+
+    monkeypatch.setattr(DistillTrainer, "_save_optimizer_and_scheduler", full_disk)
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointError, match=rf"could not save checkpoint-2: no space left on {run}; its staged "
+                                              rf"folder is removed and {run}/checkpoint-1 is untouched: free some space"):
+        trainer.train()
+    assert sorted(os.listdir(run)) == ["checkpoint-1"]
+    assert ckpt.checkpoint_problem(str(run / "checkpoint-1")) is None
