@@ -593,12 +593,23 @@ def test_minus_inf_bias_linear(torch_chunk_path, divergence):
     assert (grads["student_bias"][cols["both"] + cols["ce_only"]] == 0).all()
 
 
-def test_masked_label_gives_infinite_ce():
-    t, cols = masked_heads()
-    labels = torch.full((N,), -100)
+def check_masked_label_ce(impl, **shape):
+    """A label whose column the student masks: CE +inf, the divergence unaffected, and the
+    gradients finite (the CE's is p - onehot)."""
+    t, cols = masked_heads(**shape)
+    n = t["student_hidden"].shape[0]
+    labels = torch.full((n,), -100)
     labels[5] = cols["ce_only"][0]
-    kl, ce = align_ti.fused_linear_distill(**t, labels=labels, vocab_size=1000, impl="torch")
-    assert ce.item() == math.inf and torch.isfinite(kl)
+    labels[6] = 2
+    for split in (True, False):  # "mean": the CE gradient apart; "none": one recomputed sum
+        (kl, ce), grads = run(align_ti.fused_linear_distill, t, labels=labels, vocab_size=1000,
+                              reduction="mean" if split else "none", impl=impl)
+        assert ce.item() == math.inf and torch.isfinite(kl).all()
+        assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_masked_label_gives_infinite_ce(torch_chunk_path):
+    check_masked_label_ce("torch")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -911,6 +922,11 @@ def test_triton_minus_inf_bias_linear(divergence, monkeypatch, quiet_interpreter
     _, grads = compare(align_ti.fused_linear_distill, fused_linear_distill_reference, t,
                        impl="triton", chunk_bytes=ICHUNK, **kw)
     assert (grads["student_weight"][cols["both"] + cols["ce_only"]] == 0).all()
+
+
+@pytest.mark.interpret
+def test_triton_masked_label_gives_infinite_ce(quiet_interpreter):
+    check_masked_label_ce("triton", n=IN, hs=IHS, ht=IHT, vs=IVS, vt=IVT)
 
 
 @pytest.mark.interpret

@@ -35,6 +35,7 @@ from align_ti.reference.fused_kl import (
 )
 from tests.ops.test_fused_kl import (  # the same seeded heads, hidden states and masks
     MASK_CASES,
+    check_masked_label_ce,
     check_masked_logits,
     make,
     mask_columns,
@@ -511,6 +512,10 @@ def test_minus_inf_bias_linear_native(use_native, divergence):
         assert_close(ce, fused_linear_distill_reference(**t, **kw)[1])
         return
     _compare(align_ti.fused_linear_distill, fused_linear_distill_reference, t, **kw)
+
+
+def test_masked_label_gives_infinite_ce_native(use_native):
+    check_masked_label_ce("torch")
 
 
 # --------------------------------------------------------------------------------------------
