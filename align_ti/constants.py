@@ -1,0 +1,23 @@
+"""Constants that several modules share: each is defined here once.
+
+Plain Python, no imports: the config loader and `align-ti --help` read it without torch.
+(The references in `align_ti.reference` keep their own copies: an oracle imports only torch.)
+"""
+
+IGNORE_INDEX = -100
+"""A label (or per-row target) that carries no loss: the prompt, padding, the last row."""
+
+DIVERGENCES = ("forward", "reverse", "jsd")
+"""The vocabulary divergences of the fused KL ops (and of KD, IVA and TPA in the trainer)."""
+
+IMPLS = ("auto", "triton", "torch")
+"""``impl=`` of the ops: Triton on CUDA tensors and chunked PyTorch elsewhere, or one forced."""
+
+TPA_STRATEGIES = ("sample", "topk")
+"""How TPA draws its d candidates per step: Gumbel-top-d sampling, or the d most likely."""
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+"""Language-model attention implementations that take TPA's 4-D branch mask."""
+
+BAD_SAMPLES = ("error", "skip")
+"""What loading LLaVA data does with a sample that would not train as written."""
