@@ -150,7 +150,9 @@ def _cmd_distill(args) -> int:
         print(f"align-ti distill: error: {e}", file=sys.stderr)
         return 2
     from align_ti.train.data import TokenizerMismatchError
-    from align_ti.train.trainer import CheckpointError, NonFiniteLossError, run_distill
+    from align_ti.train.build import run_distill
+    from align_ti.train.loss import NonFiniteLossError
+    from align_ti.train.trainer import CheckpointError
 
     resume = args.resume_from
     if args.resume and resume is None:

@@ -7,6 +7,8 @@
 - Markers: `gpu` tests are skipped without CUDA; `interpret` tests are Triton kernel tests
   that run in their own tier (TRITON_INTERPRET=1 set before triton is imported, see
   scripts/test.sh) or on CUDA; `e2e` tests form the end-to-end tier.
+- Fixtures of the tiny models and data: `processor` (session) and `tiny` (per module: teacher,
+  student, processor, synthetic data); the builders behind them are in tests/utils.py.
 """
 import functools
 import os
@@ -58,3 +60,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "interpret" in item.keywords and not (INTERPRET or HAS_CUDA):
             item.add_marker(skip_interp)
+
+
+@pytest.fixture(scope="session")
+def processor():
+    """The built-in tiny processor (tokenizer, image processor, chat template); read-only."""
+    from align_ti.models.tiny import build_processor
+
+    return build_processor()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A `tests.utils.TinyRun` per test module: the tiny teacher/student pair, their processor
+    and 3 synthetic images' training data. Train a copy of the student (copy.deepcopy)."""
+    from tests.utils import tiny_run
+
+    return tiny_run()

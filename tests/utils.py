@@ -1,9 +1,13 @@
-"""Numeric checks shared by the tests."""
+"""Helpers shared by the tests: numeric checks, a copy of the project, and the tiny models and
+data that the trainer, model, data and TPA tests build (tests/conftest.py wraps the common ones
+as fixtures). No test imports helpers from another test module: they live here."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+from dataclasses import dataclass
 
 import torch
 
@@ -91,3 +95,59 @@ def forbid_host_syncs():
     finally:
         torch.cuda.set_sync_debug_mode(0)
         set_value_checks(checks)
+
+
+# ---- tiny models and data ---------------------------------------------------------------------
+
+PATCH = 16  # the distillation tests' image patch: 48x48 images -> 9 image tokens, short sequences
+QUIET = {"logging_steps": 1, "save_strategy": "no", "disable_tqdm": True, "report_to": []}  # a test run's logs
+
+
+@dataclass
+class TinyRun:
+    """What a distillation test trains with: the tiny teacher (seed 1) and student (seed 0),
+    the student's processor, synthetic items and their encoded dataset."""
+
+    teacher: object
+    student: object
+    processor: object
+    items: list
+    dataset: object
+
+
+def tiny_pair(patch_size: int = PATCH, attn_implementation="sdpa"):
+    """(teacher, student, processor): the tiny LLaVA pair of the distillation tests."""
+    from align_ti.models.tiny import build_processor, build_tiny_llava
+
+    teacher = build_tiny_llava("teacher", seed=1, patch_size=patch_size, attn_implementation=attn_implementation)
+    student = build_tiny_llava("student", seed=0, patch_size=patch_size, attn_implementation=attn_implementation)
+    return teacher, student, build_processor(config=student.config)
+
+
+def tiny_run(n_images: int = 3, patch_size: int = PATCH) -> TinyRun:
+    """`tiny_pair` with ``n_images`` synthetic training images (4 questions each), encoded."""
+    from align_ti.data.synthetic import synthetic_vqa
+    from align_ti.train.data import EncodedDataset
+
+    teacher, student, processor = tiny_pair(patch_size)
+    items = synthetic_vqa("train", n_images, seed=0)
+    return TinyRun(teacher, student, processor, items, EncodedDataset(items, processor))
+
+
+def run_config(output_dir, **overrides):
+    """A test run's `DistillConfig` through the command line's ``key=value`` parsing: 2 steps of
+    4 samples, lr 1e-3, IVA at layer 1, quiet logs (`QUIET`), then ``overrides``."""
+    from align_ti.train.config import load_config
+
+    over = {"max_steps": 2, "per_device_train_batch_size": 4, "output_dir": str(output_dir), "iva_layer": 1,
+            "training_args": json.dumps(QUIET), "learning_rate": 1e-3, **overrides}
+    return load_config(overrides=[f"{k}={v}" for k, v in over.items()])
+
+
+def sharpen_attention(layers, factor: float = 6.0):
+    """Scale each layer's q and k projections in place: random init attends almost uniformly,
+    and a test whose attention differs between layers or queries needs sharper patterns."""
+    with torch.no_grad():
+        for layer in layers:
+            layer.self_attn.q_proj.weight.mul_(factor)
+            layer.self_attn.k_proj.weight.mul_(factor)

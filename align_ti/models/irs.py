@@ -17,13 +17,16 @@ Calibration pairs (lists of ``(item_1, item_2)`` with ``item = {"image": PIL ima
 - ``pairs_from_llava``: a LLaVA-format dataset, pairing samples that share an image;
 - ``align_ti.data.synthetic.calibration_pairs``: the built-in synthetic pairs.
 
-``run_irs`` (the ``align-ti irs`` command) writes ``irs.json`` and ``irs.png``.
+``run_irs`` (the ``align-ti irs`` command) writes ``irs.json`` and ``irs.png``;
+``cached_irs_layer`` is the trainer's ``iva_layer=auto``: the argmax over pairs from the
+training items, cached in ``irs.json`` under a key that names the teacher and the data.
 """
 from __future__ import annotations
 
 import itertools
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,6 +45,8 @@ __all__ = [
     "load_calibration_pairs",
     "run_irs",
     "plot_irs",
+    "cached_irs_layer",
+    "folder_fingerprint",
 ]
 
 
@@ -74,7 +79,7 @@ def load_calibration_jsonl(path, max_pairs: int | None = None) -> list[tuple[dic
     distinct instructions of a record form one pair, in order: (a, b), (a, c), (b, c), ...
     A missing image file raises FileNotFoundError naming the file and the record's line.
     """
-    from align_ti.data.synthetic import open_image
+    from align_ti.data.llava import open_image
 
     path = Path(path)
     pairs = []
@@ -147,7 +152,7 @@ def load_calibration_pairs(data=None, samples: int = 32, seed: int = 0) -> list[
     if path.suffix == ".jsonl":
         pairs = load_calibration_jsonl(path, max_pairs=samples)
     elif path.suffix == ".json":
-        from align_ti.data.synthetic import load_llava_json
+        from align_ti.data.llava import load_llava_json
 
         items = load_llava_json(path, image_folder=path.parent, bad_samples="skip")
         pairs = pairs_from_llava(items, max_pairs=samples)
@@ -165,7 +170,7 @@ def load_calibration_pairs(data=None, samples: int = 32, seed: int = 0) -> list[
 
 def _encode(processor, item: dict) -> dict:
     """The prompt (image + instruction, no answer) with its instruction mask."""
-    from align_ti.data.synthetic import encode_example
+    from align_ti.data.llava import encode_example
 
     enc = encode_example(processor, {"image": item["image"], "question": item["question"], "answer": ""},
                          return_instruction_mask=True)
@@ -200,7 +205,7 @@ def irs_scores(model, processor, pairs, batch_size: int = 4, impl: str = "auto")
         with ``alpha_l`` the head- and instruction-averaged attention mass on the vision
         tokens (`pair_cosines`: a zero mass counts as cos 0); ``layer = argmax_l``.
     """
-    from align_ti.data.synthetic import pad_batch
+    from align_ti.data.llava import pad_batch
     from align_ti.models.capture import capture_qk
     from align_ti.ops.attention_mass import attention_mass
 
@@ -385,3 +390,49 @@ def run_irs(model=None, data=None, samples: int = 32, out=".", batch_size: int =
         record["note"] = "built-in tiny teacher with random weights: scores show the plumbing, not a real choice"
         (out / "irs.json").write_text(json.dumps(record, indent=2))
     return result
+
+
+# --------------------------------------------------------------------------------------
+# the trainer's iva_layer=auto: IRS once per teacher and data, cached
+# --------------------------------------------------------------------------------------
+
+
+def folder_fingerprint(path: str) -> list:
+    """(name, size, mtime) of a checkpoint folder's files: a cached result of another teacher
+    saved at the same path does not match. [] for a built-in model name."""
+    if not os.path.isdir(path):
+        return []
+    return sorted([name, st.st_size, int(st.st_mtime)] for name in os.listdir(path)
+                  if os.path.isfile(os.path.join(path, name))
+                  for st in [os.stat(os.path.join(path, name))])
+
+
+def cached_irs_layer(teacher, processor, items: list[dict], max_pairs: int, cache_dir: str, key: dict) -> int:
+    """The IRS argmax layer of ``teacher`` over up to ``max_pairs`` calibration pairs from
+    ``items`` (samples sharing an image, `pairs_from_llava`), cached in ``<cache_dir>/irs.json``.
+
+    ``key`` names what the result depends on besides the teacher's layer count (which is added
+    to it): the teacher, the data, the seed, ... A cached file is reused when its key matches
+    and its layer is one the teacher has; otherwise IRS runs and the file is (atomically)
+    rewritten."""
+    n_layers = teacher.config.get_text_config().num_hidden_layers
+    key = {**key, "teacher_layers": n_layers}
+    path = os.path.join(cache_dir, "irs.json")
+    if os.path.isfile(path):
+        try:
+            cached = json.loads(open(path).read())
+            if cached.get("key") == key and 0 <= int(cached["layer"]) < n_layers:
+                return int(cached["layer"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    pairs = pairs_from_llava(items, max_pairs=max_pairs)
+    if not pairs:
+        raise ValueError("iva_layer='auto' needs calibration pairs (two instructions on one image) in the "
+                         "training data; none found: set iva_layer to a layer index")
+    result = irs_scores(teacher, processor, pairs)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = path + f".tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"key": key, **result.to_dict()}, f, indent=2)
+    os.replace(tmp, path)
+    return int(result.layer)

@@ -15,43 +15,37 @@ at index t = steps[b, c] (1 <= t < L, a real token); steps[b, c] = -1 marks an e
   * no query but a candidate itself sees a candidate key.
 - targets (per row, for the losses, never `labels=` to the model): ground-truth row i ->
   labels[i + 1] (the next token, or -100); candidate and empty rows -> -100.
-This is a loop-based oracle for tests; the fast builder lives in align_ti/ops/branches.py.
+This is a loop-based oracle for tests and benchmarks; the fast builder lives in
+align_ti/ops/branches/. A leaf: it imports only torch and checks no argument (the ops do, and
+their tests give it bad input); an index it cannot use fails as plain indexing does.
 """
 from __future__ import annotations
 
 import torch
 
-from align_ti.validation import check_dim, check_tensor
-
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the oracle's own copy of align_ti.constants.IGNORE_INDEX
 
 
-def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """0.. over real tokens (padding rows get the last real position, harmlessly)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0.. over real tokens, counted in a loop. An intentional twin of
+    align_ti.ops.branches.default_position_ids (an oracle shares no code with what it checks)."""
+    pos = torch.zeros(attention_mask.shape, dtype=torch.long)
+    for b in range(attention_mask.shape[0]):
+        seen = 0
+        for i in range(attention_mask.shape[1]):
+            if attention_mask[b, i]:
+                seen += 1
+            pos[b, i] = max(seen - 1, 0)  # padding: the last real position (0 before any)
+    return pos
 
 
 def expanded_batch_reference(input_ids, attention_mask, steps, candidates, labels=None, pad_id=0, position_ids=None):
     """-> dict(input_ids [B, T], position_ids [B, T], attention_mask [B, T] (1 = real token or
     filled candidate slot), allowed bool [B, T, T], targets [B, T] or None), T = L + C."""
-    check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.int64,))
     b_size, length = input_ids.shape
-    check_tensor("attention_mask", attention_mask, ndim=2)
-    check_dim("attention_mask", attention_mask, 1, length, "the length of input_ids")
-    check_tensor("steps", steps, ndim=2, dtypes=(torch.int64,))
-    check_dim("steps", steps, 0, b_size, "the batch size of input_ids")
-    check_tensor("candidates", candidates, ndim=2, dtypes=(torch.int64,))
-    if candidates.shape != steps.shape:
-        raise ValueError(f"candidates must have the shape of steps: {list(candidates.shape)} vs {list(steps.shape)}")
     mask = attention_mask.bool()
-    for b, c in (steps >= 0).nonzero().tolist():
-        t = int(steps[b, c])
-        if not (1 <= t < length) or not mask[b, t]:
-            raise ValueError(f"steps[{b}, {c}] = {t} is not a real token index in [1, {length})")
-        if labels is not None and labels[b, t] == IGNORE_INDEX:
-            raise ValueError(f"steps[{b}, {c}] = {t} is not a response position (labels there is -100)")
     if position_ids is None:
-        position_ids = default_position_ids(attention_mask)
+        position_ids = _position_ids(attention_mask)
 
     n_cand = steps.shape[1]
     total = length + n_cand

@@ -1,9 +1,12 @@
 """The thin distillation trainer (imported lazily: `import align_ti.train` stays light).
 
 - `DistillConfig`, `load_config`: the one run configuration (`align_ti.train.config`).
-- `build_trainer`, `run_distill`, `DistillTrainer`, `DistillModule`, `LossSpec`,
-  `NonFiniteLossError`: the `transformers.Trainer` subclass and the loss wrapper
-  (`align_ti.train.trainer`).
+- `LossSpec`, `DistillModule`, `NonFiniteLossError`: the loss and the wrapper whose forward
+  computes it (`align_ti.train.loss`).
+- `DistillTrainer`: the `transformers.Trainer` subclass (`align_ti.train.trainer`); its
+  checkpoints: `align_ti.train.checkpoint`.
+- `build_trainer`, `run_distill`, `resolve_iva_layer`: a run from a config
+  (`align_ti.train.build`).
 - `EncodedDataset`, `DistillCollator`, `check_tokenizers`, `load_model_and_processor`: data
   and model glue (`align_ti.train.data`).
 - `run_demo`, `DemoSettings`: the `align-ti demo` (`align_ti.train.demo`).
@@ -17,13 +20,13 @@ _LAZY = {
     "DistillConfig": "align_ti.train.config",
     "load_config": "align_ti.train.config",
     "save_config": "align_ti.train.config",
-    "build_trainer": "align_ti.train.trainer",
-    "run_distill": "align_ti.train.trainer",
+    "build_trainer": "align_ti.train.build",
+    "run_distill": "align_ti.train.build",
+    "resolve_iva_layer": "align_ti.train.build",
     "DistillTrainer": "align_ti.train.trainer",
-    "DistillModule": "align_ti.train.trainer",
-    "LossSpec": "align_ti.train.trainer",
-    "NonFiniteLossError": "align_ti.train.trainer",
-    "resolve_iva_layer": "align_ti.train.trainer",
+    "DistillModule": "align_ti.train.loss",
+    "LossSpec": "align_ti.train.loss",
+    "NonFiniteLossError": "align_ti.train.loss",
     "EncodedDataset": "align_ti.train.data",
     "DistillCollator": "align_ti.train.data",
     "TokenizerMismatchError": "align_ti.train.data",

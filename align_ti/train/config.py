@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from align_ti.constants import ATTN_IMPLEMENTATIONS, BAD_SAMPLES, DIVERGENCES, TPA_STRATEGIES
+
 BUILTIN_MODELS = ("tiny-teacher", "tiny-student")
 
 
@@ -81,11 +83,11 @@ class DistillConfig:
 
     def validate(self) -> None:
         choices = {
-            "divergence": ("forward", "reverse", "jsd"),
-            "tpa_strategy": ("sample", "topk"),
+            "divergence": DIVERGENCES,
+            "tpa_strategy": TPA_STRATEGIES,
             "tiny_text_model": ("qwen2", "qwen3"),
-            "attn_implementation": ("sdpa", "eager", "flex_attention"),
-            "bad_samples": ("error", "skip"),
+            "attn_implementation": ATTN_IMPLEMENTATIONS,
+            "bad_samples": BAD_SAMPLES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -3,7 +3,7 @@
 and student can be distilled into each other (shared vocabulary, same image expansion).
 
 Every example is encoded once, up front, with the *student's* processor and chat template
-(`align_ti.data.synthetic.encode_example`): token ids, labels (-100 outside the response),
+(`align_ti.data.llava.encode_example`): token ids, labels (-100 outside the response),
 pixel values and the instruction mask (the queries IVA averages attention over). Teacher and
 student read the same token ids, which is why their tokenizers must agree on the shared
 vocabulary and their processors must expand an image into the same number of tokens; both
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from align_ti.data.synthetic import IGNORE_INDEX, encode_example, pad_batch
+from align_ti.data.llava import encode_example, load_llava_json, pad_batch
 
 __all__ = [
     "TokenizerMismatchError",
@@ -142,7 +142,7 @@ def load_items(data: str, image_folder: str | None = None, synthetic_images: int
     """Raw items ``{"id", "image", "question", "answer", ...}``: the synthetic training split
     (``data="synthetic"``, ``synthetic_images`` images, 4 questions each) or a LLaVA-format JSON
     (images relative to ``image_folder``, default the JSON's folder; text-only samples train
-    too). Bad LLaVA samples (`align_ti.data.synthetic.llava_sample_problem`) are an error naming
+    too). Bad LLaVA samples (`align_ti.data.llava.llava_sample_problem`) are an error naming
     them, or with ``bad_samples="skip"`` left out and reported in one line on stderr."""
     if data == "synthetic":
         from align_ti.data.synthetic import synthetic_vqa
@@ -150,8 +150,6 @@ def load_items(data: str, image_folder: str | None = None, synthetic_images: int
         return synthetic_vqa("train", synthetic_images, seed=seed)
     if not os.path.isfile(data):
         raise FileNotFoundError(f"data {data!r}: no such LLaVA-format JSON file")
-    from align_ti.data.synthetic import load_llava_json
-
     folder = image_folder if image_folder is not None else os.path.dirname(os.path.abspath(data))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image_folder {folder!r}: no such folder")
@@ -204,8 +202,3 @@ class DistillCollator:
         batch = pad_batch([{k: v for k, v in f.items() if k != "sample_ids"} for f in features], self.pad_token_id)
         batch["sample_ids"] = ids
         return batch
-
-
-def response_token_count(labels: torch.Tensor) -> torch.Tensor:
-    """Rows that carry SFT/KD: positions whose *next* label is not -100 (the causal shift)."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum()

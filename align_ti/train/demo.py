@@ -6,7 +6,7 @@ What it does (everything built in code, nothing downloaded):
    questions whose answers need the image), a training split and a held-out split whose
    images never appear in training.
 2. Trains a tiny LLaVA *teacher* (SigLIP tower + Qwen2 text model) by SFT with the same
-   trainer (`align_ti.train.trainer`, `transformers.Trainer`), then picks the IVA layer by
+   trainer (`align_ti.train.build`, `transformers.Trainer`), then picks the IVA layer by
    IRS (argmax over the teacher's layers on calibration pairs from the training data).
 3. Trains *students* (one smaller size) from the same initial weights (per seed), with the
    same number of optimizer steps, batch size, learning-rate schedule and data order (per
@@ -99,7 +99,9 @@ def evaluate(model, examples, teacher=None, batch_size: int = 64) -> dict:
     a teacher is given). Logits are made for the answer rows only, never [B, L, V]."""
     import torch
 
-    from align_ti.data.synthetic import IGNORE_INDEX, pad_batch
+    from align_ti.constants import IGNORE_INDEX
+    from align_ti.data.llava import pad_batch
+    from align_ti.ops.branches import next_token_targets
     from align_ti.ops.fused_kl import fused_linear_kl
 
     was = model.training
@@ -115,8 +117,7 @@ def evaluate(model, examples, teacher=None, batch_size: int = 64) -> dict:
             kw = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                       pixel_values=b["pixel_values"], use_cache=False)
             h = model.model(**kw).last_hidden_state
-            targets = torch.full_like(b["labels"], IGNORE_INDEX)
-            targets[:, :-1] = b["labels"][:, 1:]
+            targets = next_token_targets(b["labels"])
             rows = targets != IGNORE_INDEX
             head = model.get_output_embeddings()
             logits = head(h[rows])                                  # [answer rows, V]
@@ -217,7 +218,7 @@ def _run_demo(settings: DemoSettings, out: str, log=print) -> dict:
     from align_ti.data.synthetic import SceneConfig, train_heldout_split
     from align_ti.models.tiny import build_processor, build_tiny_llava
     from align_ti.train.data import EncodedDataset
-    from align_ti.train.trainer import build_trainer, resolve_iva_layer
+    from align_ti.train.build import build_trainer, resolve_iva_layer
 
     if settings.threads:
         torch.set_num_threads(settings.threads)

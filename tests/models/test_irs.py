@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from align_ti.data.synthetic import calibration_pairs, encode_example, pad_batch, write_llava_dataset
+from align_ti.data.llava import encode_example, pad_batch
+from align_ti.data.synthetic import calibration_pairs, write_llava_dataset
 from align_ti.models.irs import (
     irs_argmax,
     irs_scores,
@@ -18,15 +19,12 @@ from align_ti.models.irs import (
 from align_ti.models.tiny import IMAGE_TOKEN_ID, build_processor, build_tiny_llava
 from align_ti.reference import attention_mass as R
 from align_ti.reference.attention_mass import irs_from_mass_reference
-from tests.utils import assert_close
+from tests.utils import assert_close, sharpen_attention
 
 
 def _teacher(impl):
     model = build_tiny_llava("teacher", attn_implementation=impl).eval()
-    with torch.no_grad():  # sharpen attention so that layers differ visibly
-        for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.mul_(6.0)
-            layer.self_attn.k_proj.weight.mul_(6.0)
+    sharpen_attention(model.model.language_model.layers)  # so that layers differ visibly
     return model
 
 

@@ -12,7 +12,7 @@ import torch
 
 from align_ti.ops.attention_mass import attention_mass
 from align_ti.reference.attention_mass import attention_mass_reference
-from tests.utils import assert_close, assert_three_way
+from tests.utils import assert_close, assert_three_way, sharpen_attention
 
 
 def _padding(B, L, kind):
@@ -197,13 +197,6 @@ def _mass_from_weights(weights, query_mask, attention_mask):
     return per_head.mean(1), per_head
 
 
-def _sharpen(layers):
-    with torch.no_grad():
-        for layer in layers:
-            layer.self_attn.q_proj.weight.mul_(6.0)
-            layer.self_attn.k_proj.weight.mul_(6.0)
-
-
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llava"])
 @pytest.mark.parametrize("padding", ["right", "left"])
 def test_matches_transformers_eager_output_attentions(kind, padding):
@@ -224,7 +217,7 @@ def test_matches_transformers_eager_output_attentions(kind, padding):
         model = build_tiny_causal_lm("teacher", text=kind, attn_implementation="eager").eval()
         layers = model.model.layers
         ids = torch.randint(10, 300, (B, L))
-    _sharpen(layers)
+    sharpen_attention(layers)
     am = torch.ones(B, L, dtype=torch.int64)
     if padding == "right":
         am[1, L - 7:] = 0

@@ -433,7 +433,8 @@ def test_feature_variant(loss_kind):
 # --------------------------------------------------------------------------------------------
 
 def test_end_to_end_tiny_llava():
-    from align_ti.data.synthetic import encode_example, pad_batch, synthetic_vqa
+    from align_ti.data.llava import encode_example, pad_batch
+    from align_ti.data.synthetic import synthetic_vqa
     from align_ti.models.capture import capture_qk
     from align_ti.models.tiny import IMAGE_TOKEN_ID, build_processor, build_tiny_llava
     from align_ti.ops.attention_mass import attention_mass

@@ -19,7 +19,7 @@ from align_ti.reference.attention_mass import (
     irs_reference,
     select_vision_mass,
 )
-from tests.utils import assert_close
+from tests.utils import assert_close, sharpen_attention
 
 # --------------------------------------------------------------------------------------
 # brute force
@@ -185,25 +185,13 @@ def test_gradients_finite_with_fully_masked_rows():
 # --------------------------------------------------------------------------------------
 
 
-def _tiny_qwen2(attn_implementation="eager"):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def _tiny_qwen2():
+    """The tiny Qwen2 student (hidden 64, 4 query / 2 key-value heads of 16) under eager
+    attention, sharpened so that the test is not trivially uniform."""
+    from align_ti.models.tiny import build_tiny_causal_lm
 
-    config = Qwen2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        max_position_embeddings=64,
-        attn_implementation=attn_implementation,
-    )
-    model = Qwen2ForCausalLM(config).eval()
-    # Random init has small weights; sharpen the attention so the test is not trivially uniform.
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
+    model = build_tiny_causal_lm("student", "qwen2", attn_implementation="eager").eval()
+    sharpen_attention(model.model.layers, 8.0)
     return model
 
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from align_ti.cli import main
-from align_ti.data.synthetic import load_llava_json, write_llava_dataset
-from align_ti.models.tiny import build_processor, build_tiny_llava
+from align_ti.data.llava import load_llava_json
+from align_ti.data.synthetic import write_llava_dataset
+from align_ti.train.build import build_trainer
 from align_ti.train.config import load_config
-from align_ti.train.data import DistillCollator, EncodedDataset, load_items
-from align_ti.train.trainer import build_trainer, count_normalizers
-
-QUIET = {"logging_steps": 1, "save_strategy": "no", "disable_tqdm": True, "report_to": []}
+from align_ti.train.data import DistillCollator, load_items
+from align_ti.train.loss import count_normalizers
+from tests.utils import QUIET, run_config, tiny_pair
 
 
 def _sample(sid, question, answer="red", image=True):
@@ -107,14 +107,9 @@ def test_distill_refuses_or_skips_bad_samples(folder, tmp_path, capsys):
     assert "train_loss" in out and "nan" not in out
 
 
-PATCH = 16  # 9 image tokens: short sequences, fast tests
-
-
 @pytest.fixture(scope="module")
 def models():
-    teacher = build_tiny_llava("teacher", seed=1, patch_size=PATCH)
-    student = build_tiny_llava("student", seed=0, patch_size=PATCH)
-    return teacher, student, build_processor(config=student.config)
+    return tiny_pair()
 
 
 def test_text_only_samples_train_and_iva_counts_image_samples(folder, tmp_path, models):
@@ -125,9 +120,7 @@ def test_text_only_samples_train_and_iva_counts_image_samples(folder, tmp_path, 
     path = _write(folder, "with-text.json", texts)
     items = load_items(str(path))
     assert sum(it["image"] is None for it in items) == 2 and len(items) == 10
-    cfg = load_config(overrides=[f"data={path}", "max_steps=2", "per_device_train_batch_size=5", "iva_layer=1",
-                                 f"output_dir={tmp_path / 'run'}", "learning_rate=1e-3",
-                                 f"training_args={json.dumps(QUIET)}"])
+    cfg = run_config(tmp_path / "run", data=path, per_device_train_batch_size=5)
     trainer = build_trainer(cfg, student=copy.deepcopy(student), teacher=teacher, processor=processor,
                             teacher_processor=processor, items=items)
     module = trainer.model

@@ -27,23 +27,15 @@ def worker(out_json: str, per_device: int) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from align_ti.data.synthetic import synthetic_vqa
-    from align_ti.models.tiny import build_processor, build_tiny_llava
-    from align_ti.train.config import load_config
-    from align_ti.train.data import EncodedDataset
-    from align_ti.train.trainer import build_trainer
+    from align_ti.train.build import build_trainer
+    from tests.utils import run_config, tiny_run
 
-    teacher = build_tiny_llava("teacher", seed=1, patch_size=16)
-    student = build_tiny_llava("student", seed=0, patch_size=16)
-    processor = build_processor(config=student.config)
-    dataset = EncodedDataset(synthetic_vqa("train", 4, seed=0), processor)
-    cfg = load_config(overrides=[
-        f"output_dir={os.path.dirname(out_json)}/run", f"max_steps={STEPS}",
-        f"per_device_train_batch_size={per_device}", "learning_rate=1e-3", "iva_layer=1", "tpa_fraction=0.5",
-        "training_args=" + json.dumps({"logging_steps": 1, "save_strategy": "no", "disable_tqdm": True}),
-    ])
-    trainer = build_trainer(cfg, student=student, teacher=teacher, processor=processor,
-                            teacher_processor=processor, train_dataset=dataset)
+    run = tiny_run(n_images=4)
+    cfg = run_config(f"{os.path.dirname(out_json)}/run", max_steps=STEPS, per_device_train_batch_size=per_device,
+                     tpa_fraction=0.5, training_args=json.dumps({"logging_steps": 1, "save_strategy": "no",
+                                                                 "disable_tqdm": True}))
+    trainer = build_trainer(cfg, student=run.student, teacher=run.teacher, processor=run.processor,
+                            teacher_processor=run.processor, train_dataset=run.dataset)
     trainer.train()
     if trainer.is_world_process_zero():
         logs = [h for h in trainer.state.log_history if "loss" in h]

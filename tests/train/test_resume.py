@@ -13,11 +13,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from align_ti.data.synthetic import synthetic_vqa
-from align_ti.models.tiny import build_processor, build_tiny_llava
-from align_ti.train.config import load_config
-from align_ti.train.data import EncodedDataset
-from align_ti.train.trainer import build_trainer
+from align_ti.train.build import build_trainer
+from tests.utils import run_config, tiny_run
 
 pytestmark = pytest.mark.e2e
 
@@ -40,23 +37,14 @@ class KillAfter(TrainerCallback):
 
 @pytest.fixture(scope="module")
 def setup():
-    teacher = build_tiny_llava("teacher", seed=1, patch_size=16)
-    student = build_tiny_llava("student", seed=0, patch_size=16)
-    processor = build_processor(config=student.config)
-    items = synthetic_vqa("train", 4, seed=0)
-    return teacher, student, processor, EncodedDataset(items, processor)
+    return tiny_run(n_images=4)
 
 
 def _trainer(setup, out, callbacks=None):
-    teacher, student, processor, dataset = setup
-    cfg = load_config(overrides=[
-        f"output_dir={out}", f"max_steps={STEPS}", "per_device_train_batch_size=4", "learning_rate=1e-3",
-        "iva_layer=1", "tpa_fraction=0.5",
-        "training_args=" + json.dumps({"logging_steps": 1, "save_strategy": "steps", "save_steps": 2,
-                                       "disable_tqdm": True}),
-    ])
-    return build_trainer(cfg, student=copy.deepcopy(student), teacher=teacher, processor=processor,
-                         teacher_processor=processor, train_dataset=dataset, callbacks=callbacks)
+    cfg = run_config(out, max_steps=STEPS, tpa_fraction=0.5, training_args=json.dumps(
+        {"logging_steps": 1, "save_strategy": "steps", "save_steps": 2, "disable_tqdm": True}))
+    return build_trainer(cfg, student=copy.deepcopy(setup.student), teacher=setup.teacher, processor=setup.processor,
+                         teacher_processor=setup.processor, train_dataset=setup.dataset, callbacks=callbacks)
 
 
 def _losses(trainer):
@@ -82,7 +70,7 @@ def test_killed_run_resumes_to_the_same_result(setup, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     reloaded = LlavaForConditionalGeneration.from_pretrained(last)
-    assert reloaded.config.text_config.hidden_size == setup[1].config.text_config.hidden_size
+    assert reloaded.config.text_config.hidden_size == setup.student.config.text_config.hidden_size
 
     resumed = _trainer(setup, out)
     resumed.train(resume_from_checkpoint=last)

@@ -8,51 +8,39 @@ import json
 import pytest
 import torch
 
-from align_ti.data.synthetic import IGNORE_INDEX, synthetic_vqa, write_llava_dataset
+from align_ti.constants import IGNORE_INDEX
+from align_ti.data.synthetic import synthetic_vqa, write_llava_dataset
 from align_ti.models.tiny import build_processor, build_tiny_llava
+from align_ti.ops.branches import select_branch_steps
+from align_ti.train.build import build_trainer, resolve_iva_layer
 from align_ti.train.config import load_config
 from align_ti.train.data import (
     DistillCollator,
-    EncodedDataset,
     TokenizerMismatchError,
     check_image_expansion,
     check_tokenizers,
     language_model_attention,
 )
-from align_ti.train.trainer import (
-    DistillModule,
-    LossSpec,
-    NonFiniteLossError,
-    build_trainer,
-    count_normalizers,
-)
-
-PATCH = 16  # 9 image tokens: short sequences, fast tests
-QUIET = {"logging_steps": 1, "save_strategy": "no", "disable_tqdm": True, "report_to": []}
-
-
-@pytest.fixture(scope="module")
-def setup():
-    teacher = build_tiny_llava("teacher", seed=1, patch_size=PATCH)
-    student = build_tiny_llava("student", seed=0, patch_size=PATCH)
-    processor = build_processor(config=student.config)
-    items = synthetic_vqa("train", 3, seed=0)
-    dataset = EncodedDataset(items, processor)
-    return teacher, student, processor, items, dataset
+from align_ti.train.loss import DistillModule, LossSpec, NonFiniteLossError, count_normalizers
+from align_ti.train.trainer import CheckpointError, DistillTrainer
+from tests.utils import PATCH, QUIET, run_config, tiny_pair
 
 
 def _config(tmp_path, **kw):
-    over = {"max_steps": 2, "per_device_train_batch_size": 4, "output_dir": str(tmp_path / "run"),
-            "iva_layer": 1, "training_args": json.dumps(QUIET), "learning_rate": 1e-3}
-    over.update(kw)
-    return load_config(overrides=[f"{k}={v}" for k, v in over.items()])
+    return run_config(tmp_path / "run", **kw)
 
 
-def _trainer(setup, tmp_path, **kw):
-    teacher, student, processor, items, dataset = setup
-    cfg = _config(tmp_path, **kw)
-    return build_trainer(cfg, student=copy.deepcopy(student), teacher=teacher, processor=processor,
-                         teacher_processor=processor, train_dataset=dataset, items=items)
+def _trainer(tiny, tmp_path, **kw):
+    """A trainer of a copy of the tiny student (the module's own stays untrained)."""
+    return build_trainer(_config(tmp_path, **kw), student=copy.deepcopy(tiny.student), teacher=tiny.teacher,
+                         processor=tiny.processor, teacher_processor=tiny.processor, train_dataset=tiny.dataset,
+                         items=tiny.items)
+
+
+def _module(tiny, spec, **kw):
+    """The loss wrapper over the tiny pair (the teacher's image and pad ids given by default)."""
+    kw = {"image_token_id": tiny.student.config.image_token_index, "pad_token_id": 0, **kw}
+    return DistillModule(tiny.student, tiny.teacher, spec, **kw)
 
 
 COMBOS = {
@@ -66,10 +54,10 @@ COMBOS = {
 
 
 @pytest.mark.parametrize("combo", list(COMBOS))
-def test_every_loss_combination_trains(setup, tmp_path, combo):
-    trainer = _trainer(setup, tmp_path, **COMBOS[combo])
+def test_every_loss_combination_trains(tiny, tmp_path, combo):
+    trainer = _trainer(tiny, tmp_path, **COMBOS[combo])
     before = {k: v.clone() for k, v in trainer.model.student.state_dict().items()}
-    teacher_before = {k: v.clone() for k, v in setup[0].state_dict().items()}
+    teacher_before = {k: v.clone() for k, v in tiny.teacher.state_dict().items()}
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2
@@ -88,15 +76,14 @@ def test_every_loss_combination_trains(setup, tmp_path, combo):
     if not spec.needs_teacher:
         assert teacher is None
         return
-    assert teacher is setup[0]
+    assert teacher is tiny.teacher
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
     assert "teacher" not in dict(trainer.model.named_children())
 
 
-def _batch(setup, n=6):
-    dataset = setup[4]
-    return DistillCollator(0)([dataset[i] for i in range(n)])
+def _batch(tiny, n=6):
+    return DistillCollator(0)([tiny.dataset[i] for i in range(n)])
 
 
 def _reference_terms(student, teacher, teacher_eager, batch, layer):
@@ -124,13 +111,12 @@ def _reference_terms(student, teacher, teacher_eager, batch, layer):
     return ce, kd, iva
 
 
-def test_terms_match_plain_pytorch(setup):
-    teacher, student, processor, _, _ = setup
-    student = copy.deepcopy(student)
+def test_terms_match_plain_pytorch(tiny):
+    teacher, student = tiny.teacher, copy.deepcopy(tiny.student)
     layer = 2
     teacher_eager = build_tiny_llava("teacher", seed=1, patch_size=PATCH, attn_implementation="eager")
     teacher_eager.load_state_dict(teacher.state_dict())
-    batch = _batch(setup)
+    batch = _batch(tiny)
     spec = LossSpec(w_sft=1.0, w_kd=1.0, w_iva=1.0, w_tpa=0.0, iva_layer=layer)
     module = DistillModule(student, teacher, spec, image_token_id=student.config.image_token_index,
                            pad_token_id=0)
@@ -148,43 +134,37 @@ def test_terms_match_plain_pytorch(setup):
     torch.testing.assert_close(g.double(), student.lm_head.weight.grad.double(), rtol=1e-3, atol=1e-6)
 
 
-def test_tpa_expanded_forward_serves_the_other_terms(setup):
+def test_tpa_expanded_forward_serves_the_other_terms(tiny):
     """With TPA on, SFT/KD/IVA come from the ground-truth rows of the expanded forwards and
     equal the values of the plain forwards."""
-    teacher, student, _, _, _ = setup
-    batch = _batch(setup)
+    batch = _batch(tiny)
     common = dict(w_sft=1.0, w_kd=1.0, w_iva=1.0, iva_layer=1, tpa_fraction=1.0)
-    kw = dict(image_token_id=student.config.image_token_index, pad_token_id=0, forbidden_ids=(0, 3),
-              vocab_limit=1200)
-    plain = DistillModule(student, teacher, LossSpec(w_tpa=0.0, **common), **kw)(**batch)
-    with_tpa = DistillModule(student, teacher, LossSpec(w_tpa=1.0, **common), **kw)(**batch)
+    kw = dict(forbidden_ids=(0, 3), vocab_limit=1200)
+    plain = _module(tiny, LossSpec(w_tpa=0.0, **common), **kw)(**batch)
+    with_tpa = _module(tiny, LossSpec(w_tpa=1.0, **common), **kw)(**batch)
     for name in ("sft", "kd", "iva"):
         torch.testing.assert_close(with_tpa["terms"][name], plain["terms"][name], rtol=1e-4, atol=1e-5)
     assert with_tpa["terms"]["tpa"] > 0 and torch.isfinite(with_tpa["terms"]["tpa"])
 
 
-def test_kernel_options_reach_every_fused_op(setup, monkeypatch):
+def test_kernel_options_reach_every_fused_op(tiny, monkeypatch):
     """kl_chunk_bytes / fp32_weight_grad of the config reach the SFT+KD, IVA and TPA ops (and
-    TPA's candidate sampling gets the chunk budget, the ground-truth rule and the padding)."""
-    import align_ti.ops.branches as branches
-    import align_ti.ops.fused_kl as fused_kl
-    import align_ti.ops.topk_align as topk_align
+    TPA's candidate sampling gets the chunk budget, the ground-truth rule and the padding).
+    The spies replace the names align_ti.train.loss calls (monkeypatch refuses a name that
+    module no longer has, so the test cannot silently spy on nothing)."""
+    import align_ti.train.loss as loss
 
     seen = {}
-    for module, name in ((fused_kl, "fused_linear_distill"), (topk_align, "topk_align"),
-                         (branches, "tpa_loss"), (branches, "sample_candidates")):
-        def spy(*args, _op=getattr(module, name), _name=name, **kw):
+    for name in ("fused_linear_distill", "topk_align", "tpa_loss", "sample_candidates"):
+        def spy(*args, _op=getattr(loss, name), _name=name, **kw):
             seen[_name] = (kw.get("chunk_bytes"), kw.get("fp32_weight_grad"))
             if _name == "sample_candidates":
                 seen["sampling"] = (kw["exclude_ground_truth"], kw["attention_mask"] is not None)
             return _op(*args, **kw)
-        monkeypatch.setattr(module, name, spy)
+        monkeypatch.setattr(loss, name, spy)
     cfg = load_config(overrides=["kl_chunk_bytes=1M", "fp32_weight_grad=false", "iva_layer=1",
                                  "tpa_exclude_ground_truth=false"])
-    spec = LossSpec.from_config(cfg, iva_layer=1)
-    teacher, student, _, _, _ = setup
-    DistillModule(student, teacher, spec, image_token_id=student.config.image_token_index,
-                  pad_token_id=0)(**_batch(setup))
+    _module(tiny, LossSpec.from_config(cfg, iva_layer=1))(**_batch(tiny))
     assert seen == {**{n: (1 << 20, False) for n in ("fused_linear_distill", "topk_align", "tpa_loss")},
                     "sample_candidates": (1 << 20, None),  # sampling has no weight gradient
                     "sampling": (False, True)}
@@ -199,20 +179,18 @@ def test_attn_implementation_reaches_both_models(tmp_path):
 
 
 @pytest.mark.e2e  # ~20 s on 2 cores: transformers compiles its causal BlockMask on first use
-def test_flex_attention_language_models_give_the_sdpa_terms(setup):
+def test_flex_attention_language_models_give_the_sdpa_terms(tiny):
     """The trainer's step on FlexAttention language models (the BlockMask of TPA's expanded
     batch, IVA's q/k captured from flex) gives the SDPA terms; forward only: FlexAttention has
     no backward on CPU, the GPU run times it (train_step's 'align-ti flex')."""
-    teacher, student, _, _, _ = setup
-    flex = language_model_attention("flex_attention")
-    t_flex = build_tiny_llava("teacher", seed=1, patch_size=PATCH, attn_implementation=flex)
-    s_flex = build_tiny_llava("student", seed=0, patch_size=PATCH, attn_implementation=flex)
+    teacher, student = tiny.teacher, tiny.student
+    t_flex, s_flex, _ = tiny_pair(attn_implementation=language_model_attention("flex_attention"))
     t_flex.load_state_dict(teacher.state_dict())
     s_flex.load_state_dict(student.state_dict())
     spec = LossSpec(w_sft=1.0, w_kd=1.0, w_iva=1.0, w_tpa=1.0, iva_layer=1, tpa_fraction=0.5)
     kw = dict(image_token_id=student.config.image_token_index, pad_token_id=0,
               forbidden_ids=(0, student.config.image_token_index), vocab_limit=1200)
-    batch = _batch(setup, n=4)
+    batch = _batch(tiny, n=4)
     with torch.no_grad():
         want = DistillModule(student, teacher, spec, **kw)(**batch)["terms"]
         got = DistillModule(s_flex, t_flex, spec, **kw)(**batch)["terms"]
@@ -232,8 +210,6 @@ def test_flex_attention_is_refused_without_cuda(tmp_path):
 def test_normalizers_count_response_rows_images_and_candidates(fraction):
     """The TPA count is the number of steps select_branch_steps branches, also for fractions
     whose product with the row count lands just above an integer in floats (0.28 * 25)."""
-    from align_ti.ops.branches import select_branch_steps
-
     labels = torch.full((2, 110), IGNORE_INDEX)
     labels[0, 2:27] = 7    # 25 eligible rows: 0.28 * 25 = 7.000000000000001
     labels[1, 5:105] = 9   # 100: 0.07 * 100 = 7.000000000000001
@@ -246,12 +222,12 @@ def test_normalizers_count_response_rows_images_and_candidates(fraction):
     assert counts[2] == (steps >= 0).sum() * 4
 
 
-def test_gradient_accumulation_matches_one_big_batch(setup, tmp_path):
+def test_gradient_accumulation_matches_one_big_batch(tiny, tmp_path):
     """4 x 1 and 1 x 4 (accumulated) give the same update: losses are normalised by the
     response rows of the whole optimizer step, not averaged per micro-batch."""
     results = []
     for bs, ga in ((4, 1), (1, 4)):
-        trainer = _trainer(setup, tmp_path / f"{bs}x{ga}", w_iva=0, w_tpa=1, max_steps=1,
+        trainer = _trainer(tiny, tmp_path / f"{bs}x{ga}", w_iva=0, w_tpa=1, max_steps=1,
                            per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
                            training_args=json.dumps(dict(QUIET, optim="sgd")))  # Adam hides scale
         trainer.train()
@@ -264,14 +240,17 @@ def test_gradient_accumulation_matches_one_big_batch(setup, tmp_path):
             torch.testing.assert_close(w[k], w0[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
 
 
-def test_nan_loss_stops_naming_the_term(setup, tmp_path):
-    teacher, student, processor, items, dataset = setup
-    bad_teacher = copy.deepcopy(teacher)
+def _with_teacher(tiny, teacher, tmp_path, **kw):
+    """A trainer of a copy of the tiny student with another teacher."""
+    return build_trainer(_config(tmp_path, **kw), student=copy.deepcopy(tiny.student), teacher=teacher,
+                         processor=tiny.processor, teacher_processor=tiny.processor, train_dataset=tiny.dataset)
+
+
+def test_nan_loss_stops_naming_the_term(tiny, tmp_path):
+    bad_teacher = copy.deepcopy(tiny.teacher)
     with torch.no_grad():
         bad_teacher.lm_head.weight[5, 0] = float("nan")
-    cfg = _config(tmp_path, w_iva=0, w_tpa=0)
-    trainer = build_trainer(cfg, student=copy.deepcopy(student), teacher=bad_teacher, processor=processor,
-                            teacher_processor=processor, train_dataset=dataset)
+    trainer = _with_teacher(tiny, bad_teacher, tmp_path, w_iva=0, w_tpa=0)
     with pytest.raises(NonFiniteLossError, match=r"step 0: term\(s\) \['kd'\]"):
         trainer.train()
 
@@ -315,21 +294,35 @@ def test_image_expansion_check():
         check_image_expansion(build_tiny_llava("teacher", patch_size=16), build_tiny_llava("student"))
 
 
-def test_module_rejects_missing_pieces(setup):
-    teacher, student, _, _, _ = setup
+def test_module_rejects_missing_pieces(tiny):
     with pytest.raises(ValueError, match="teacher is needed"):
-        DistillModule(student, None, LossSpec(w_kd=1.0), image_token_id=3, pad_token_id=0)
+        DistillModule(tiny.student, None, LossSpec(w_kd=1.0), image_token_id=3, pad_token_id=0)
     with pytest.raises(ValueError, match="iva_layer"):
-        DistillModule(student, teacher, LossSpec(w_iva=1.0), image_token_id=3, pad_token_id=0)
+        DistillModule(tiny.student, tiny.teacher, LossSpec(w_iva=1.0), image_token_id=3, pad_token_id=0)
 
 
-def test_irs_layer_cache_is_keyed_on_the_teacher(setup, tmp_path, monkeypatch):
+def test_module_load_state_dict_honours_strict(tiny):
+    """A plain student state dict or the wrapper's own keys; strict=True refuses a partial one
+    (naming a missing key), strict=False loads what it holds and reports the rest."""
+    module = DistillModule(copy.deepcopy(tiny.student), None, LossSpec(w_kd=0.0), image_token_id=3, pad_token_id=0)
+    state = {k: torch.zeros_like(v) for k, v in tiny.student.state_dict().items()}
+    name = "lm_head.weight"
+    partial = {name: state[name]}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        module.load_state_dict(partial)
+    result = module.load_state_dict(partial, strict=False)
+    assert f"student.{name}" not in result.missing_keys and len(result.missing_keys) == len(state) - 1
+    assert torch.equal(module.student.lm_head.weight, state[name])
+    module.load_state_dict({f"student.{k}": v for k, v in state.items()})  # the wrapper's own keys
+    assert all(torch.equal(v, state[k]) for k, v in module.student.state_dict().items())
+
+
+def test_irs_layer_cache_is_keyed_on_the_teacher(tiny, tmp_path, monkeypatch):
     """iva_layer=auto reuses irs.json only for the same teacher, tiny text model, data and
     seed, and only a layer the teacher has."""
     import align_ti.models.irs as irs
-    from align_ti.train.trainer import resolve_iva_layer
 
-    teacher, _, processor, _, _ = setup
+    teacher, processor = tiny.teacher, tiny.processor
     items = synthetic_vqa("train", 4, seed=0, questions_per_image=4)
     calls = []
 
@@ -358,10 +351,10 @@ def _layer_weight(model):
     return dict(model.named_parameters())["model.language_model.layers.0.mlp.down_proj.weight"]
 
 
-def test_nan_gradient_stops_before_the_update(setup, tmp_path):
+def test_nan_gradient_stops_before_the_update(tiny, tmp_path):
     """A finite loss with a NaN gradient: the gradient-norm check stops the step before the
     optimizer applies it."""
-    trainer = _trainer(setup, tmp_path, w_iva=0, w_tpa=0)
+    trainer = _trainer(tiny, tmp_path, w_iva=0, w_tpa=0)
     student = trainer.model.student
     weight = _layer_weight(student)
     weight.register_hook(lambda g: g * float("nan"))
@@ -373,8 +366,8 @@ def test_nan_gradient_stops_before_the_update(setup, tmp_path):
         assert torch.equal(v, before[k]), k
 
 
-def test_non_finite_parameter_is_named_by_the_output_check(setup, tmp_path):
-    trainer = _trainer(setup, tmp_path, w_iva=0, w_tpa=0)
+def test_non_finite_parameter_is_named_by_the_output_check(tiny, tmp_path):
+    trainer = _trainer(tiny, tmp_path, w_iva=0, w_tpa=0)
     with torch.no_grad():
         _layer_weight(trainer.model.student)[0, 0] = float("inf")
     with pytest.raises(NonFiniteLossError, match=r"diverged at step 0: the student's final hidden states hold NaN or "
@@ -383,23 +376,20 @@ def test_non_finite_parameter_is_named_by_the_output_check(setup, tmp_path):
         trainer.train()
 
 
-def test_non_finite_teacher_output_blames_the_teacher(setup, tmp_path):
-    teacher, student, processor, items, dataset = setup
-    bad_teacher = copy.deepcopy(teacher)
+def test_non_finite_teacher_output_blames_the_teacher(tiny, tmp_path):
+    bad_teacher = copy.deepcopy(tiny.teacher)
     with torch.no_grad():
         _layer_weight(bad_teacher)[0, 0] = float("nan")
-    cfg = _config(tmp_path, w_iva=0, w_tpa=0)
-    trainer = build_trainer(cfg, student=copy.deepcopy(student), teacher=bad_teacher, processor=processor,
-                            teacher_processor=processor, train_dataset=dataset)
+    trainer = _with_teacher(tiny, bad_teacher, tmp_path, w_iva=0, w_tpa=0)
     with pytest.raises(NonFiniteLossError, match=r"the teacher's final hidden states hold NaN or inf at step 0: the "
                                                  r"teacher \(tiny-teacher \(qwen2, seed 1\)\) or its precision"):
         trainer.train()
 
 
-def test_a_save_never_writes_non_finite_parameters(setup, tmp_path):
+def test_a_save_never_writes_non_finite_parameters(tiny, tmp_path):
     """A parameter the forward never reads (the embedding row of an unused token) is caught
     when a save would write it."""
-    trainer = _trainer(setup, tmp_path, w_iva=0, w_tpa=0)
+    trainer = _trainer(tiny, tmp_path, w_iva=0, w_tpa=0)
     embed = trainer.model.student.get_input_embeddings().weight
     with torch.no_grad():
         embed[-1, 0] = float("nan")
@@ -410,16 +400,15 @@ def test_a_save_never_writes_non_finite_parameters(setup, tmp_path):
     assert not (out / "model.safetensors").exists()
 
 
-def test_a_failed_save_says_why_and_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatch):
+def test_a_failed_save_says_why_and_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
     """ENOSPC injected into the second save: one error naming the full disk, no staged folder
     left, checkpoint-1 intact (test_faults.py fills a real tmpfs)."""
     import errno
     import os
 
     from align_ti.train import checkpoint as ckpt
-    from align_ti.train.trainer import CheckpointError, DistillTrainer
 
-    trainer = _trainer(setup, tmp_path, w_iva=0, w_tpa=0,
+    trainer = _trainer(tiny, tmp_path, w_iva=0, w_tpa=0,
                        training_args=json.dumps({**QUIET, "save_strategy": "steps", "save_steps": 1}))
     original = DistillTrainer._save_optimizer_and_scheduler
 

@@ -1,0 +1,184 @@
+"""Building a distillation run from a `DistillConfig`: the TrainingArguments, the models,
+data and IVA layer (`build_trainer`), and the run itself with its final save and SIGTERM
+handling (`run_distill`, what `align-ti distill` calls).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from align_ti.models.irs import cached_irs_layer, folder_fingerprint
+from align_ti.ops.branches import forbidden_token_ids
+from align_ti.train import checkpoint as ckpt
+from align_ti.train.config import save_config
+from align_ti.train.data import (
+    DistillCollator,
+    EncodedDataset,
+    check_image_expansion,
+    check_tokenizers,
+    load_items,
+    load_model_and_processor,
+)
+from align_ti.train.loss import DistillModule, LossSpec, NonFiniteLossError, lm_head
+from align_ti.train.trainer import CheckpointError, DistillTrainer
+
+__all__ = ["resolve_iva_layer", "training_arguments", "build_trainer", "run_distill"]
+
+
+def resolve_iva_layer(config, teacher, processor, items, cache_dir: str) -> int:
+    """``config.iva_layer`` as an int: itself, or for "auto" the IRS argmax of the teacher over
+    ``config.irs_samples`` calibration pairs from the training items (samples sharing an image),
+    cached in ``<cache_dir>/irs.json`` (`align_ti.models.irs.cached_irs_layer`; reused when the
+    teacher -- its path, files and layer count --, the tiny text model, the data, the seed and
+    the sample count match)."""
+    if config.iva_layer != "auto":
+        n = teacher.config.get_text_config().num_hidden_layers
+        layer = int(config.iva_layer)
+        if not -n <= layer < n:
+            raise ValueError(f"config iva_layer={layer} is out of range for a teacher with {n} decoder layers")
+        return layer % n
+    key = {"teacher": os.path.abspath(config.teacher) if os.path.isdir(config.teacher) else config.teacher,
+           "teacher_files": folder_fingerprint(config.teacher), "tiny_text_model": config.tiny_text_model,
+           "irs_samples": config.irs_samples, "data": config.data, "seed": config.seed}
+    return cached_irs_layer(teacher, processor, items, config.irs_samples, cache_dir, key)
+
+
+def training_arguments(config, **extra) -> TrainingArguments:
+    """TrainingArguments from a DistillConfig (``config.training_args`` overrides the defaults)."""
+    kw: dict[str, Any] = dict(
+        output_dir=config.output_dir, learning_rate=config.learning_rate,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, max_steps=config.max_steps,
+        num_train_epochs=config.num_train_epochs, bf16=config.bf16 and torch.cuda.is_available(),
+        seed=config.seed, data_seed=config.seed, remove_unused_columns=False, report_to=[],
+        logging_steps=10, save_strategy="steps", save_steps=500, dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    kw.update(extra)
+    kw.update(config.training_args)
+    try:
+        return TrainingArguments(**kw)
+    except TypeError as e:
+        raise ValueError(f"config training_args: {e}") from e
+
+
+def build_trainer(config, student=None, teacher=None, processor=None, teacher_processor=None,
+                  train_dataset=None, items=None, callbacks=None, iva_layer=None, **args_overrides):
+    """A ready `DistillTrainer` for a `DistillConfig`. Models, processor and data are loaded
+    from the config unless given (the demo passes its own trained teacher and encoded data)."""
+    spec_probe = LossSpec.from_config(config)
+    t_dtype = torch.bfloat16 if (config.bf16 and torch.cuda.is_available()) else torch.float32
+    attn = getattr(config, "attn_implementation", "sdpa")
+    if attn == "flex_attention" and not torch.cuda.is_available():
+        raise ValueError("config attn_implementation='flex_attention' needs a CUDA device (FlexAttention "
+                         "has no backward on CPU); use 'sdpa' here")
+    if student is None:
+        student, processor = load_model_and_processor(config.student, config.tiny_text_model, seed=config.seed,
+                                                      attn_implementation=attn)
+    if processor is None:
+        raise ValueError("build_trainer: a student passed in needs its processor")
+    if spec_probe.needs_teacher:
+        if teacher is None:
+            teacher, teacher_processor = load_model_and_processor(config.teacher, config.tiny_text_model,
+                                                                  seed=config.seed + 1, dtype=t_dtype,
+                                                                  attn_implementation=attn)
+        check_tokenizers(teacher_processor if teacher_processor is not None else processor, processor,
+                         vocab_size=min(lm_head(student)[0].shape[0], lm_head(teacher)[0].shape[0]))
+        check_image_expansion(teacher, student)
+    else:
+        teacher = None
+    if train_dataset is None:
+        if items is None:
+            items = load_items(config.data, config.image_folder, getattr(config, "synthetic_images", 200),
+                               seed=config.seed, bad_samples=getattr(config, "bad_samples", "error"))
+        train_dataset = EncodedDataset(items, processor, max_length=config.max_length)
+    args = training_arguments(config, **args_overrides)
+    layer = iva_layer
+    if config.w_iva > 0 and layer is None:
+        src_items = items if items is not None else getattr(train_dataset, "items", None)
+        if src_items is None and config.iva_layer == "auto":
+            raise ValueError("iva_layer='auto' needs the raw training items for calibration pairs")
+        if config.iva_layer == "auto":
+            teacher.to(args.device)  # IRS's calibration forwards run where training will
+        layer = resolve_iva_layer(config, teacher, teacher_processor or processor, src_items or [],
+                                  config.output_dir)
+    spec = LossSpec.from_config(config, iva_layer=layer)
+    tok = processor.tokenizer
+    forbidden, vocab_limit = (), None
+    if spec.w_tpa > 0:
+        forbidden, vocab_limit = forbidden_token_ids(student, tok)
+        vocab_limit = min(vocab_limit, lm_head(student)[0].shape[0], lm_head(teacher)[0].shape[0])
+    module = DistillModule(student, teacher, spec, image_token_id=student.config.image_token_index,
+                           pad_token_id=tok.pad_token_id, forbidden_ids=forbidden, vocab_limit=vocab_limit)
+    trainer = DistillTrainer(module, args=args, train_dataset=train_dataset,
+                             data_collator=DistillCollator(tok.pad_token_id), processing_class=processor,
+                             callbacks=callbacks)
+    trainer.run_identity = ckpt.run_identity(config, args.world_size)
+    return trainer
+
+
+@contextlib.contextmanager
+def _save_and_stop_on_sigterm(trainer: DistillTrainer):
+    """While training, SIGTERM (what a scheduler sends a preempted job) makes the trainer save a
+    checkpoint at the end of the current step and stop; afterwards the old handler is back."""
+    if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: trainer.request_stop())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_distill(config, resume_from_checkpoint=None, resume_anyway: bool = False) -> dict:
+    """Train as configured; save the final student to ``output_dir``; return the train metrics.
+
+    ``resume_from_checkpoint``: a checkpoint folder, True (the last one in output_dir; none
+    there: start from step 0), or None. It is verified (`verify_checkpoint`) before any model is
+    loaded; one written by a run with another teacher, data or world size is refused unless
+    ``resume_anyway``. The metrics hold transformers' ``train_loss`` (the mean over the steps this
+    call ran), ``first_step`` and ``global_step`` (the steps it ran), ``wall_s`` and
+    ``log_history``. SIGTERM during training ends the current step with a checkpoint and returns
+    early: the metrics then also hold ``stopped_by`` ("SIGTERM") and ``checkpoint`` (the folder),
+    and the final student is not saved (the run is not finished).
+    """
+    if resume_from_checkpoint is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume_from_checkpoint = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
+    if resume_from_checkpoint:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))  # what TrainingArguments will find
+        ckpt.verify_checkpoint(resume_from_checkpoint, run=ckpt.run_identity(config, world_size),
+                               allow_changes=resume_anyway)
+    os.makedirs(config.output_dir, exist_ok=True)
+    save_config(config, os.path.join(config.output_dir, "distill_config.json"))
+    trainer = build_trainer(config)
+    t0 = time.time()
+    with _save_and_stop_on_sigterm(trainer):
+        result = trainer.train(resume_from_checkpoint=resume_from_checkpoint, verify=False)
+    metrics = dict(result.metrics)
+    if trainer.stop_requested and result.global_step < trainer.state.max_steps:
+        metrics.update(stopped_by="SIGTERM", checkpoint=trainer.last_checkpoint)
+    else:
+        try:
+            trainer.save_model(config.output_dir)
+        except NonFiniteLossError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- said in one line, the cause chained
+            raise CheckpointError(f"could not save the final student to {config.output_dir}: "
+                                  f"{ckpt.save_failure_reason(e, config.output_dir)}; the checkpoints are intact: "
+                                  "fix that, then run again with --resume") from e
+    metrics["wall_s"] = time.time() - t0
+    # train_loss (transformers) is the mean over the steps this call ran, not over the run
+    metrics["first_step"] = 1 + (ckpt.checkpoint_step(resume_from_checkpoint) if resume_from_checkpoint else 0)
+    metrics["global_step"] = result.global_step
+    metrics["log_history"] = trainer.state.log_history
+    return metrics
