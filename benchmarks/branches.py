@@ -102,11 +102,6 @@ def build_model(spec, attn: str, device, dtype):
     return model.to(device).train()
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _loss(outs):
     return sum(o.float().square().mean() for o in outs)
 
@@ -114,14 +109,14 @@ def _loss(outs):
 def memory(fn, device) -> float:
     """Peak extra bytes of one fwd+bwd (after a warm-up run)."""
     _loss(fn(True)).backward()
-    _sync(device)
+    harness.sync(device)
     harness.release_memory()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         _loss(fn(True)).backward()
-        _sync(device)
+        harness.sync(device)
         return torch.cuda.max_memory_allocated() - before
     before = harness.rss_bytes()
     with harness.RssSampler() as s:
@@ -131,18 +126,18 @@ def memory(fn, device) -> float:
 
 def time_once(fn, device) -> tuple[float, float, float]:
     """(fwd, bwd, no-grad fwd) seconds of one run."""
-    _sync(device)
+    harness.sync(device)
     t0 = time.perf_counter()
     outs = fn(True)
-    _sync(device)
+    harness.sync(device)
     t1 = time.perf_counter()
     _loss(outs).backward()
-    _sync(device)
+    harness.sync(device)
     t2 = time.perf_counter()
     del outs
     with torch.no_grad():
         fn(False)
-        _sync(device)
+        harness.sync(device)
     t3 = time.perf_counter()
     return t1 - t0, t2 - t1, t3 - t2
 

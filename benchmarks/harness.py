@@ -169,8 +169,9 @@ def release_memory() -> None:
         pass
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a clock read next measures it."""
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
@@ -231,14 +232,14 @@ def measure(bench: OpBench, provider: str, params: dict, device: torch.device, r
         return out
 
     run_both()  # warm-up: compilation, autotuning, allocator
-    _sync(device)
+    sync(device)
     _clear_grads(x, bench.grad_inputs)
     release_memory()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         run_both()
-        _sync(device)
+        sync(device)
         peak = torch.cuda.max_memory_allocated() - before
     else:
         before = rss_bytes()
@@ -249,14 +250,14 @@ def measure(bench: OpBench, provider: str, params: dict, device: torch.device, r
 
     t_fwd, t_bwd, t_both = [], [], []
     for _ in range(reps):
-        _sync(device)
+        sync(device)
         t0 = clock()
         out = fwd()
-        _sync(device)
+        sync(device)
         t1 = clock()
         if grad:
             _scalar(out).backward()
-            _sync(device)
+            sync(device)
         t2 = clock()
         t_fwd.append(t1 - t0)
         t_bwd.append(t2 - t1)
@@ -287,12 +288,12 @@ def bare_times(bench: OpBench, provider: str, x: dict, device: torch.device, rep
     del out
     times = []
     for _ in range(reps):
-        _sync(device)
+        sync(device)
         t0 = clock()
         out = fwd()
         if grad:
             _scalar(out).backward()
-        _sync(device)
+        sync(device)
         times.append(clock() - t0)
         del out
         _clear_grads(x, bench.grad_inputs)
@@ -359,6 +360,41 @@ def profile_top(fn, top: int = 15, cuda: bool = True) -> list[dict]:
     return rows[:top]
 
 
+def section_times(fn, device: torch.device, sections) -> dict:
+    """One call of `fn` under torch.profiler, and the time spent in each of its
+    ``torch.profiler.record_function`` ranges named in `sections`.
+
+    Returns ``{"step_s": seconds of the whole call, "sections_s": {name: seconds}}``. On CPU a
+    range's time is its inclusive CPU time and the call's the wall time around it; on CUDA a
+    range's time is the device time of the kernels launched inside it, the call's the wall time
+    up to a synchronize. Both are measured with the profiler on, so compare them with each
+    other, not with unprofiled steps. A range that `fn` never entered, or in which nothing was
+    measured (a renamed range, code that no longer runs), raises RuntimeError naming it: a
+    benchmark never reports a section it did not measure.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        step = time.perf_counter() - t0
+    spent = dict.fromkeys(sections, 0.0)
+    for ev in prof.events():
+        # the host-side event of each range (on CUDA the profiler adds a device-side twin)
+        if ev.name in spent and ev.device_type == DeviceType.CPU:
+            spent[ev.name] += (ev.device_time_total if cuda else ev.cpu_time_total) / 1e6
+    empty = [name for name, seconds in spent.items() if seconds <= 0]
+    if empty:
+        raise RuntimeError(f"section_times: the profiled call recorded no time in the record_function "
+                           f"range(s) {empty}: renamed, or no longer run?")
+    return {"step_s": step, "sections_s": spent}
+
+
 def host_syncs(fn, top: int = 12) -> list[dict]:
     """One call of `fn` under CUDA's sync debug mode ("warn"): where it made the host wait for
     the GPU (.item(), a host number copied into a CUDA tensor, nonzero, ...), as the Python
@@ -404,11 +440,11 @@ def matmul_roofline_tflops(device: torch.device, dtype: torch.dtype, size: int =
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
-    _sync(device)
+    sync(device)
     return 2 * size**3 * reps / (time.perf_counter() - t0) / 1e12
 
 

@@ -11,8 +11,9 @@ way            what runs
 =============  ==============================================================================
 paper-code     both models ``attn_implementation="eager"`` and ``output_attentions=True``;
                full fp32 ``[B, L, V]`` logits of both models are materialised and every term
-               is computed on them in plain PyTorch (log_softmax / KL / cross-entropy).
-align-ti       both models ``sdpa``; the loss is `align_ti.train.trainer.DistillModule`'s
+               is computed on them in plain PyTorch (log_softmax / KL / cross-entropy);
+               `align_ti.benchmarks.train_step_paper` says what it does exactly.
+align-ti       both models ``sdpa``; the loss is `align_ti.train.loss.DistillModule`'s
                forward, built directly from the two models (fused_linear_distill,
                capture_qk + attention_mass + topk_align, TPA with align_ti.ops.branches).
 align-ti       the same with ``fp32_weight_grad=False`` (config ``fp32_weight_grad: false``):
@@ -31,26 +32,9 @@ each for two objectives:
   mass-weighted, the `LossSpec` default) + TPA (d = 4 candidates at 25% of the response
   positions, sampled from the student).
 
-What the paper-code way does exactly (approximations, so the numbers are read correctly):
-
-- IVA: the teacher's forward returns all layers' attention probabilities (HF eager with
-  ``output_attentions=True``, as the paper code does); the IVA layer's ``[B, H, L, L]`` is
-  averaged over heads and summed over the instruction query rows -> mass over keys; the mass
-  on vision tokens, normalised per sample, weighs KL(p_T || p_S) computed from the
-  materialised logits at the vision rows. The student also runs with ``output_attentions=True``.
-- TPA: ``d`` separate extra forwards of the student (with grad) and the teacher (no grad).
-  Candidate ``i`` is a token sampled from the student's (detached) distribution at row t-1
-  for each branched position t; extra forward ``i`` is the full sequence with *all* branched
-  positions of a sample replaced by their i-th candidates at once (one forward per candidate
-  index, not one per (position, candidate): a lower bound on the paper code's cost), and the
-  KL(p_T || p_S) is taken on the materialised logits at those positions (the distribution that
-  follows the candidate). To keep the paper-code way's memory as low as it can honestly be,
-  the main loss is backpropagated first and each candidate forward is backpropagated right
-  after it (gradient accumulation), so at most one extra student graph is alive at a time.
-  The two ways therefore compute the same *kind* of terms at the same cost class; the loss
-  values are not identical (different candidate sampling, branches sharing a sequence).
-- Vocabularies differ (student 151936 rows, teacher 152064): both ways compare the first
-  V' = min(Vs, Vt) entries.
+The two ways compute the same *kind* of terms at the same cost class; the loss values are not
+identical (different candidate sampling; the paper-code way's branches share a sequence). Both
+compare the first V' = min(Vs, Vt) vocabulary entries (student 151936 rows, teacher 152064).
 
 Models (random weights, built from configs, nothing downloaded):
 
@@ -73,9 +57,16 @@ Models (random weights, built from configs, nothing downloaded):
 ``--iva-share`` (issue 5): instead of the ways above, vanilla KD vs vanilla KD + IVA (no TPA) with
 the align-ti way (`DistillModule`, i.e. the trainer's step) on the same models, alternating
 steps, and the IVA share = (t[KD+IVA] - t[KD]) / t[KD+IVA] from wall-clock medians, minima,
-per-round pairs and process CPU time, plus a same-step cross-check (time inside attention_mass +
-topk_align / step time); writes train_step-iva_share.{json,md}. On a shared CPU, ``--threads 1``
-makes process CPU time meaningful (no OpenMP threads spinning for a preempted sibling).
+per-round pairs and process CPU time, plus a cross-check from torch.profiler (the time inside
+the trainer's ``align_ti.iva_mass`` and ``align_ti.iva`` ranges / step time, in as many more
+KD+IVA steps); writes train_step-iva_share.{json,md}. On a shared CPU, ``--threads 1`` makes
+process CPU time meaningful (no OpenMP threads spinning for a preempted sibling).
+
+Sections: `DistillModule.forward` names its steps with ``torch.profiler.record_function``
+ranges (`align_ti.train.loss.SECTIONS`). After timing, each align-ti way runs one more step
+under torch.profiler and reports the time of each range (`harness.section_times`: CPU time, or
+on CUDA the device time of the kernels launched inside it); a range that recorded nothing is
+an error, never a zero.
 
 Timing: median of ``--steps`` steps after ``--warmup`` steps (CUDA: synchronised). Peak memory:
 CUDA ``max_memory_allocated`` over the timed steps (models + optimizer state included);
@@ -85,17 +76,18 @@ reported as such instead of stopping the script.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import time
 
 import torch
-import torch.nn.functional as F
+
+from align_ti.constants import IGNORE_INDEX
 
 from . import harness
+from .train_step_paper import paper_step_fn
+from .train_step_report import fmt, iva_markdown, markdown
 
-IGNORE_INDEX = -100
 REDUCED_DIVISOR = 8  # --scale reduced: full-scale widths, vocabularies and lengths / 8
 
 
@@ -200,79 +192,6 @@ def make_batch(meta: dict, device: torch.device, dtype: torch.dtype) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
-# the paper-code way
-# ------------------------------------------------------------------------------------------
-
-def _kl_rows(s_logits, t_logits):
-    """forward KL(p_T || p_S) per row, fp32 materialised (what the paper code does)."""
-    lp_s = F.log_softmax(s_logits.float(), -1)
-    lp_t = F.log_softmax(t_logits.float(), -1)
-    return (lp_t.exp() * (lp_t - lp_s)).sum(-1)
-
-
-def paper_step_fn(student, teacher, batch, meta, align_ti: bool, tpa_d: int = 4, tpa_fraction: float = 0.25):
-    ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    pix = batch["pixel_values"]
-    vprime = min(student.config.text_config.vocab_size, teacher.config.text_config.vocab_size)
-    layer = meta["iva_layer"]
-
-    def loss_and_backward():
-        gen = torch.Generator(device=ids.device).manual_seed(0)  # sampling on the device
-        s_out = student(input_ids=ids, pixel_values=pix, attention_mask=am, use_cache=False,
-                        output_attentions=True)
-        s_logits = s_out.logits.float()[..., :vprime]  # fp32 [B, L, V']
-        with torch.no_grad():
-            t_out = teacher(input_ids=ids, pixel_values=pix, attention_mask=am, use_cache=False,
-                            output_attentions=True)
-            t_logits = t_out.logits.float()[..., :vprime]
-        tgt = torch.full_like(labels, IGNORE_INDEX)
-        tgt[:, :-1] = labels[:, 1:]
-        rows = tgt != IGNORE_INDEX
-        ce = F.cross_entropy(s_logits[rows], tgt[rows])
-        kd = _kl_rows(s_logits[rows], t_logits[rows]).mean()
-        loss = ce + kd
-        if align_ti:
-            # IVA: instruction->vision attention mass at one teacher layer
-            att = t_out.attentions[layer].float().mean(1)  # [B, L, L]
-            qmask = batch["instruction_mask"].bool()
-            mass = (att * qmask[..., None]).sum(1)  # [B, L] over keys
-            vmask = ids == meta["image_token_id"]
-            w = mass * vmask
-            w = w / w.sum(1, keepdim=True).clamp(min=1e-12)
-            kl_v = _kl_rows(s_logits, t_logits)  # [B, L]
-            loss = loss + (w * kl_v).sum(1).mean()
-        loss.backward()
-        if align_ti:
-            # TPA: d separate extra forwards per model on prefix + candidate
-            elig = rows.roll(1, 1) & (torch.arange(ids.shape[1], device=ids.device) >= 1)
-            n = elig.sum(1)
-            sel = torch.zeros_like(elig)
-            for b in range(ids.shape[0]):
-                pos = elig[b].nonzero().squeeze(1)
-                k = int(torch.ceil(n[b].double() * tpa_fraction))
-                pick = pos[torch.randperm(pos.numel(), generator=gen, device=pos.device)[:k]]
-                sel[b, pick] = True
-            probs_prev = F.softmax(s_logits.detach().roll(1, 1)[sel], -1)  # row t-1 for each t
-            cands = torch.multinomial(probs_prev, tpa_d, replacement=False, generator=gen)
-            n_cand = sel.sum() * tpa_d
-            del s_out, s_logits, t_out, t_logits
-            for i in range(tpa_d):
-                ids_i = ids.clone()
-                ids_i[sel] = cands[:, i]
-                s_l = student(input_ids=ids_i, pixel_values=pix, attention_mask=am, use_cache=False).logits
-                with torch.no_grad():
-                    t_l = teacher(input_ids=ids_i, pixel_values=pix, attention_mask=am, use_cache=False).logits
-                s_l = s_l.float()[..., :vprime]
-                t_l = t_l.float()[..., :vprime]
-                tpa = _kl_rows(s_l[sel], t_l[sel]).sum() / n_cand
-                tpa.backward()
-                del s_l, t_l, tpa
-        return loss.detach()
-
-    return loss_and_backward
-
-
-# ------------------------------------------------------------------------------------------
 # the align-ti way
 # ------------------------------------------------------------------------------------------
 
@@ -285,7 +204,7 @@ DEFAULT_WAYS = ("paper-code", "align-ti", BF16_DW)
 def _distill_module(student, teacher, meta, spec):
     """The trainer's loss module over the benchmark's models (the batch's image and pad ids
     never become TPA candidates; candidates come from the shared vocabulary V')."""
-    from align_ti.train.trainer import DistillModule
+    from align_ti.train.loss import DistillModule
 
     vprime = min(student.config.text_config.vocab_size, teacher.config.text_config.vocab_size)
     return DistillModule(student, teacher, spec, image_token_id=meta["image_token_id"],
@@ -295,7 +214,7 @@ def _distill_module(student, teacher, meta, spec):
 
 def aligned_step_fn(student, teacher, batch, meta, align_ti: bool, device: torch.device,
                     fp32_weight_grad: bool = True):
-    from align_ti.train.trainer import LossSpec
+    from align_ti.train.loss import LossSpec
 
     spec = LossSpec(w_sft=1.0, w_kd=1.0, w_iva=1.0 if align_ti else 0.0, w_tpa=1.0 if align_ti else 0.0,
                     iva_layer=meta["iva_layer"], tpa_d=4, tpa_fraction=0.25,
@@ -314,9 +233,17 @@ def aligned_step_fn(student, teacher, batch, meta, align_ti: bool, device: torch
 # measuring
 # ------------------------------------------------------------------------------------------
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+IVA_SECTIONS = ("align_ti.iva_mass", "align_ti.iva")  # IVA's own work in the trainer's step
+
+
+def expected_sections(objective: str) -> tuple[str, ...]:
+    """The record_function ranges of `DistillModule.forward` an align-ti step of `objective`
+    must record (vanilla KD: the two forwards and SFT+KD; Align-TI: every one)."""
+    from align_ti.train.loss import SECTIONS
+
+    if objective == "Align-TI":
+        return SECTIONS
+    return ("align_ti.student_forward", "align_ti.teacher_forward", "align_ti.sft_kd")
 
 
 def measure(way: str, objective: str, scale: str, device: torch.device, warmup: int, steps: int,
@@ -346,14 +273,14 @@ def measure(way: str, objective: str, scale: str, device: torch.device, warmup: 
 
         for _ in range(warmup):
             step()
-        _sync(device)
+        harness.sync(device)
         times, losses = [], []
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             for _ in range(steps):
                 t0 = time.perf_counter()
                 losses.append(float(step()))
-                _sync(device)
+                harness.sync(device)
                 times.append(time.perf_counter() - t0)
             peak = torch.cuda.max_memory_allocated(device)
         else:
@@ -364,6 +291,9 @@ def measure(way: str, objective: str, scale: str, device: torch.device, warmup: 
                     losses.append(float(step()))
                     times.append(time.perf_counter() - t0)
             peak = rss.peak
+        if way != "paper-code":  # where the step's time goes, by the trainer's ranges (one more step)
+            prof = harness.section_times(step, device, expected_sections(objective))
+            rec.update(sections_s=prof["sections_s"], profiled_step_s=prof["step_s"])
         if profile and device.type == "cuda":  # where the step's GPU time goes (one more step)
             rec["profile_top"] = harness.profile_top(step, top=15)
             rec["host_syncs"] = harness.host_syncs(step)  # and where it waits for the GPU
@@ -394,7 +324,7 @@ def measure_iva_share(scale: str, device: torch.device, warmup: int, steps: int,
     alternate A B B A ... so that load from other processes falls on both alike; the share uses
     the medians and, as a check, the median of the per-round paired shares.
     """
-    from align_ti.train.trainer import LossSpec
+    from align_ti.train.loss import LossSpec
 
     student, teacher, meta = build_setup(scale, device, "sdpa")
     batch = make_batch(meta, device, next(student.parameters()).dtype)
@@ -418,21 +348,21 @@ def measure_iva_share(scale: str, device: torch.device, warmup: int, steps: int,
             step(name)
     times = {name: [] for name in names}
     cpu = {name: [] for name in names}  # process CPU time: less skewed by other processes
-    inside = []  # per KD+IVA step: seconds inside the IVA ops (cross-check, same step)
     for i in range(steps):
         for name in (names if i % 2 == 0 else names[::-1]):
-            _sync(device)
-            with _timed_iva_ops(device) as spent:
-                t0, c0 = time.perf_counter(), time.process_time()
-                step(name)
-                _sync(device)
-                t1 = time.perf_counter()
-            times[name].append(t1 - t0)
+            harness.sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            step(name)
+            harness.sync(device)
+            times[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
-            if name == names[1]:
-                inside.append(spent[0] / (t1 - t0))
         log(f"  round {i + 1}/{steps}: " + ", ".join(f"{n} {times[n][-1]:.3f} s (cpu {cpu[n][-1]:.3f} s)"
-                                                     for n in names) + f", IVA ops {inside[-1]:.1%} of the step")
+                                                     for n in names))
+    inside = []  # cross-check: the IVA ranges' share of profiled KD+IVA steps
+    for i in range(steps):
+        prof = harness.section_times(lambda: step(names[1]), device, IVA_SECTIONS)
+        inside.append(sum(prof["sections_s"].values()) / prof["step_s"])
+        log(f"  profiled {names[1]} step {i + 1}/{steps}: IVA ranges {inside[-1]:.1%} of the step")
     kd, iva = (times[n] for n in names)
     med_kd, med_iva = statistics.median(kd), statistics.median(iva)
     paired = [(b - a) / b for a, b in zip(kd, iva)]
@@ -450,8 +380,10 @@ def measure_iva_share(scale: str, device: torch.device, warmup: int, steps: int,
             "share_of_minima": (min(iva) - min(kd)) / min(iva),
             "share_of_cpu_time_medians": (civa - ckd) / civa,
             "share_inside_iva_ops_median": statistics.median(inside),
-            "inside_definition": "time inside attention_mass + topk_align (forward; its gradient is computed "
-                                 "there, the backward only scales it) / the same KD+IVA step's time",
+            "inside_definition": "time inside the trainer's record_function ranges align_ti.iva_mass "
+                                 "(attention_mass) and align_ti.iva (topk_align's forward; its gradient is "
+                                 "computed there, the backward only scales it) / the step's time, both under "
+                                 "torch.profiler, in as many extra KD+IVA steps",
             "iva_s_median": med_iva - med_kd,
         },
         "shape": {k: meta[k] for k in ("batch", "length", "n_vision", "n_instruction", "iva_layer", "divisor")
@@ -461,88 +393,11 @@ def measure_iva_share(scale: str, device: torch.device, warmup: int, steps: int,
     }
 
 
-class _timed_iva_ops:
-    """Adds the wall time spent inside attention_mass and topk_align (the trainer looks them
-    up on their modules at call time) to ``spent[0]`` while active."""
-
-    def __init__(self, device):
-        self.device = device
-        self.spent = [0.0]
-        self.events = []
-
-    def __enter__(self):
-        import align_ti.ops.attention_mass as am
-        import align_ti.ops.topk_align as ta
-
-        self.saved = [(am, "attention_mass", am.attention_mass), (ta, "topk_align", ta.topk_align)]
-        for mod, attr, fn in self.saved:
-            setattr(mod, attr, self._wrap(fn))
-        return self.spent
-
-    def _wrap(self, fn):
-        def timed(*args, **kwargs):
-            if self.device.type == "cuda":  # events: no host syncs inside the step
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = fn(*args, **kwargs)
-                end.record()
-                self.events.append((start, end))
-                return out
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            self.spent[0] += time.perf_counter() - t0
-            return out
-        return timed
-
-    def __exit__(self, *exc):
-        for mod, attr, fn in self.saved:
-            setattr(mod, attr, fn)
-        if self.events:
-            torch.cuda.synchronize(self.device)
-            self.spent[0] += sum(a.elapsed_time(b) for a, b in self.events) / 1e3
-
-
 def _shape(model) -> dict:
     c = model.config.text_config
     return {"hidden": c.hidden_size, "layers": c.num_hidden_layers, "heads": c.num_attention_heads,
             "kv_heads": c.num_key_value_heads, "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads, "ffn": c.intermediate_size,
             "vocab": c.vocab_size}
-
-
-def iva_markdown(report: dict) -> str:
-    prov, sh, share = report["provenance"], report["shape"], report["iva_share"]
-    lines = [f"# IVA share of a vanilla-KD distillation step ({report['scale']} scale, {prov['device']})", "",
-             f"torch {prov['versions'].get('torch')}, transformers {prov['versions'].get('transformers')}, "
-             f"commit {prov.get('git_commit')}, {prov.get('date')}. {report['steps']} alternating rounds after "
-             f"{report['warmup']} warm-up round(s).  ",
-             f"Load average (1, 5, 15 min) at start: {prov.get('load_average_at_start')}, "
-             f"at end: {report.get('load_average_at_end')}", "",
-             f"Shape: micro-batch {sh['batch']}, L = {sh['length']} ({sh['n_vision']} vision, "
-             f"{sh.get('n_instruction', 32)} instruction tokens), IVA layer {sh['iva_layer']}, {sh['dtype']}; "
-             f"student {sh['student']}; teacher {sh['teacher']}"
-             + (f" (the full-scale Qwen2.5-0.5B / Qwen2-7B pair with widths, vocabularies and lengths / "
-                f"{sh['divisor']}, layer and head counts kept)" if sh.get("divisor", 1) > 1 else "") + ".", "",
-             "| way | objective | loss terms | step median (s) | step min (s) | process CPU time median (s) | status |",
-             "|---|---|---|---|---|---|---|"]
-    for r in report["results"]:
-        lines.append(f"| {r['way']} | {r['objective']} | {', '.join(r['terms'])} | {_f(r['step_s_median'])} | "
-                     f"{_f(r['step_s_min'])} | {_f(r.get('cpu_s_median'))} | {r['status']} |")
-    lines += ["", f"**IVA share of the step** = (KD+IVA - KD) / (KD+IVA): {share['share_of_medians']:.2%} "
-                  f"(medians; median of paired rounds {share['share_paired_median']:.2%}, minima "
-                  f"{share['share_of_minima']:.2%}, process CPU time medians "
-                  f"{share['share_of_cpu_time_medians']:.2%}); IVA costs {share['iva_s_median'] * 1e3:.1f} ms "
-                  f"per step.  ",
-              f"Cross-check in the same steps: time inside attention_mass + topk_align / KD+IVA step time = "
-              f"{share['share_inside_iva_ops_median']:.2%} (median over steps).", "",
-              "Each step: student forward + backward, teacher forward (no grad), fused SFT + KD on the response "
-              "rows, AdamW; + IVA: q/k capture at the IVA layer, attention_mass, topk_align over all vision rows "
-              "(mass-weighted, the LossSpec default). The paper reports IVA as nearly free; the FLOP estimate "
-              "was ~4%.", "",
-              "Reading the numbers: IVA adds a few percent to a step, so on a machine shared with other work the "
-              "wall-clock difference of two noisy step times is the least reliable estimate (see the minimum "
-              "and maximum step times); process CPU time (with one torch thread) and the same-step cross-check "
-              "are the steadier ones.", ""]
-    return "\n".join(lines)
 
 
 def _ratio(a, b, key):
@@ -573,46 +428,6 @@ def summarize(results: list[dict]) -> dict:
               for variant in (BF16_DW, FLEX) for obj in ("vanilla-KD", "Align-TI")]
     return {label: _compare(by[num], by[den], extra) for label, num, den, extra in pairs
             if num in by and den in by}
-
-
-def _f(v, fmt="{:.4g}"):
-    return "-" if v is None else fmt.format(v)
-
-
-def markdown(report: dict) -> str:
-    prov = report["provenance"]
-    lines = [f"# Distillation training step ({report['scale']} scale, {prov['device']})", "",
-             f"torch {prov['versions'].get('torch')}, transformers {prov['versions'].get('transformers')}, "
-             f"commit {prov.get('git_commit')}, {prov.get('date')}. Median of {report['steps']} steps after "
-             f"{report['warmup']} warm-up; memory = {report['memory_metric']}.", "",
-             "| way | objective | attention | step time (s) | peak memory (GiB) | status |",
-             "|---|---|---|---|---|---|"]
-    for r in report["results"]:
-        lines.append(f"| {r['way']} | {r['objective']} | {r['attn_implementation']} | "
-                     f"{_f(r.get('step_s_median'))} | {_f(r.get('peak_mem_gib'), '{:.3f}')} | {r['status']}"
-                     f"{': ' + r['error'][:160] if r.get('error') else ''} |")
-    lines += ["", "| comparison | time ratio | memory ratio | extra memory (GiB) |", "|---|---|---|---|"]
-    for k, v in report["summary"].items():
-        lines.append(f"| {k} | {_f(v.get('time_ratio'), '{:.3f}x')} | {_f(v.get('mem_ratio'), '{:.3f}x')} | "
-                     f"{_f(v.get('extra_mem_gib'), '{:+.3f}')} |")
-    for r in report["results"]:
-        if r.get("profile_top"):
-            lines += ["", f"Where the GPU time of one {r['way']} {r['objective']} step goes (torch.profiler, "
-                      "top ops and kernels by self device time):", ""]
-            lines += harness.profile_markdown(r["profile_top"])
-        if r.get("host_syncs") is not None:
-            lines += harness.host_syncs_markdown(r["host_syncs"], f"one {r['way']} {r['objective']} step")
-    ok = next((r for r in report["results"] if r.get("response_tokens")), None)
-    if ok:
-        resp = ok["response_tokens"]
-        cands = 4 * math.ceil(0.25 * resp)
-        lines += ["", f"Response: {resp} tokens per sample. TPA (d = 4 candidates at 25% of the response "
-                  f"positions) appends about {cands} candidate tokens per sample, so the align-ti way's "
-                  f"expanded sequence is about {(ok['length'] + cands) / ok['length']:.2f}x as long; the "
-                  "Align-TI / vanilla-KD ratio grows with the response length."]
-    lines += ["", "The paper reports Align-TI / vanilla KD = 1.43x step time and +5 GiB (paper code).",
-              "See the module docstring of align_ti.benchmarks.train_step for what is approximated.", ""]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
@@ -656,8 +471,8 @@ def main(argv=None) -> dict:
         for objective in ("vanilla-KD", "Align-TI"):
             t0 = time.perf_counter()
             r = measure(way, objective, scale, device, args.warmup, args.steps, profile=args.profile)
-            print(f"{way:>10} {objective:>10}: {r['status']:>3}  step {_f(r.get('step_s_median'))} s  "
-                  f"peak {_f(r.get('peak_mem_gib'), '{:.3f}')} GiB  (took {time.perf_counter() - t0:.1f} s)",
+            print(f"{way:>10} {objective:>10}: {r['status']:>3}  step {fmt(r.get('step_s_median'))} s  "
+                  f"peak {fmt(r.get('peak_mem_gib'), '{:.3f}')} GiB  (took {time.perf_counter() - t0:.1f} s)",
                   flush=True)
             results.append(r)
             # after every way, so a run stopped by a time limit (a lent GPU) keeps the ones done
