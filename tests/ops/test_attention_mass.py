@@ -344,25 +344,30 @@ def test_lse_is_only_checked_at_selected_queries_and_chunk_bytes_takes_a_size_st
 # --------------------------------------------------------------------------------------
 
 
-def _op_args(impl="torch", lse=None, need_lse=True):
+def _op_arguments():
+    """align_ti::attention_mass's arguments as its schema names them: the tensors, and the
+    options (keywords) that the public function would pass."""
     q, k, qm, am = _inputs(2, 4, 2, 13, 8, padding="left")
     real = am != 0
-    return (q, k, qm & real, real, lse, 8 ** -0.5, impl, 2 << 20, None, None, need_lse)
+    options = dict(lse=None, scale=8 ** -0.5, impl="torch", chunk_bytes=2 << 20, block_m=None, block_n=None,
+                   need_lse=True)
+    return (q, k, qm & real, real), options
 
 
 @pytest.mark.parametrize("with_lse", [False, True])
 def test_opcheck(with_lse):
     """Schema, fake-tensor and autograd-registration checks of align_ti::attention_mass and its
     backward op (what torch.compile relies on)."""
-    args = _op_args()
+    tensors, options = _op_arguments()
+    q, k, selected, real = tensors
     if with_lse:
-        args = args[:4] + (_lse_reference(args[0], args[1], args[3].long()),) + args[5:]
-    torch.library.opcheck(torch.ops.align_ti.attention_mass.default, args)
-    q, k, sel, real, _, *opts = args
+        options["lse"] = _lse_reference(q, k, real.long())
+    torch.library.opcheck(torch.ops.align_ti.attention_mass.default, tensors, options)
+    _, lse = torch.ops.align_ti.attention_mass(*tensors, **options)
     grad = torch.randn(q.shape[0], q.shape[1], q.shape[2])
-    _, lse = torch.ops.align_ti.attention_mass(*args)
+    backward_options = {name: v for name, v in options.items() if name not in ("lse", "need_lse")}
     torch.library.opcheck(torch.ops.align_ti.attention_mass_backward.default,
-                          (grad, q.detach(), k.detach(), sel, real, lse, *opts[:5]))
+                          (grad, q.detach(), k.detach(), selected, real, lse), backward_options)
 
 
 def test_compile_aot_eager_fullgraph():
