@@ -1,8 +1,12 @@
 """The TPA expanded-layout reference: hand-checked structure, and the property that matters,
 proven on a tiny transformers model: every candidate row's logits equal those of running the
 model on prefix + [candidate], and every ground-truth row's logits are unchanged."""
+import ast
+
 import pytest
 import torch
+
+import align_ti.reference.branches as reference_branches
 
 from align_ti.models.tiny import build_tiny_causal_lm
 from align_ti.reference.branches import additive_mask, expanded_batch_reference
@@ -35,7 +39,14 @@ def test_additive_form():
     assert add[0, 0, 0, 0] == 0 and add[0, 0, 0, 1] == torch.finfo(torch.float16).min
 
 
-# bad input: the oracle checks none (tests/ops/test_branches.py gives build_expanded_batch its bad input)
+def test_the_oracle_is_a_leaf():
+    """It imports only torch (DESIGN.md): no align_ti module, so it shares no code with the fast
+    path it checks. It checks no argument either: tests/ops/test_branches.py gives the builder
+    its bad input."""
+    tree = ast.parse(open(reference_branches.__file__).read())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "torch"}, imported
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
