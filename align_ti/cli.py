@@ -149,8 +149,8 @@ def _cmd_distill(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"align-ti distill: error: {e}", file=sys.stderr)
         return 2
-    from align_ti.train.data import TokenizerMismatchError
     from align_ti.train.build import run_distill
+    from align_ti.train.data import TokenizerMismatchError
     from align_ti.train.loss import NonFiniteLossError
     from align_ti.train.trainer import CheckpointError
 
