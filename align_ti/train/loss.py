@@ -12,7 +12,8 @@
                                 the expanded batch (`align_ti.ops.branches`)
   ``align_ti.student_forward``  the student, with grad (over the expanded batch with TPA)
   ``align_ti.teacher_forward``  the teacher, no grad; with IVA it captures the IRS layer's q/k
-  ``align_ti.iva_mass``         IVA: the teacher's instruction->token attention mass
+  ``align_ti.iva_mass``         IVA: the teacher's instruction->token attention mass (inside
+                                ``align_ti.teacher_forward``)
   ``align_ti.sft_kd``           SFT and KD with `fused_linear_distill` (one student-head pass)
   ``align_ti.iva``              IVA with `topk_align` over the vision rows
   ``align_ti.tpa_loss``         TPA with `tpa_loss` over the candidate rows
@@ -234,7 +235,6 @@ class _Forwards:
     student: torch.Tensor            # [B, T, Hs], with grad, in the student head's dtype
     teacher: Optional[torch.Tensor]  # [B, T, Ht] in the teacher head's dtype; None for SFT only
     targets: torch.Tensor            # [B, T] next-token id per row, -100 = no SFT/KD
-    slots: int                       # C (0 without TPA)
     expanded: Optional[ExpandedBatch]
     mass: Optional[torch.Tensor]     # [B, T] teacher instruction->token attention mass (IVA)
 
@@ -372,8 +372,7 @@ class DistillModule(nn.Module):
         if ht is not None:
             ht = ht.to(lm_head(teacher)[0].dtype)
         targets = expanded.targets if expanded is not None else next_token_targets(labels)
-        slots = expanded.num_slots if expanded is not None else 0
-        return _Forwards(student=hs, teacher=ht, targets=targets, slots=slots, expanded=expanded, mass=mass)
+        return _Forwards(student=hs, teacher=ht, targets=targets, expanded=expanded, mass=mass)
 
     def _teacher_with_mass(self, run, instruction_mask, real_tokens):
         """Run the teacher (no grad) while capturing the IRS layer's q/k; return its final hidden
