@@ -36,7 +36,7 @@ def uniform(h: torch.Tensor) -> torch.Tensor:
     return ((h >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)
 
 
-def check_nonneg_int(name: str, value) -> int:
+def _check_nonneg_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     return value
@@ -57,8 +57,8 @@ def sample_keys(seed: int, sample_ids: Optional[torch.Tensor], epoch: int, batch
     ``sample_ids`` are int64 [B] ids >= 0 that identify each sample across batches (e.g. the
     dataset index); None uses 0..B-1, which then *does* depend on the batch composition.
     """
-    check_nonneg_int("seed", seed)
-    check_nonneg_int("epoch", epoch)
+    _check_nonneg_int("seed", seed)
+    _check_nonneg_int("epoch", epoch)
     if sample_ids is None:
         sid = torch.arange(batch_size, device=device)
     else:
