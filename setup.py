@@ -70,6 +70,8 @@ PACKAGES = [
     "align_ti",
     "align_ti.reference",
     "align_ti.ops",
+    "align_ti.ops.fused_kl",
+    "align_ti.ops.topk_align",
     "align_ti.models",
     "align_ti.data",
     "align_ti.train",

@@ -1,9 +1,9 @@
 """The optional native CPU extension: build, cache and load.
 
 The fused KL's per-chunk step is the custom op ``align_ti::kl_chunk`` and its read-only twin
-``align_ti::kl_chunk_into`` (their default implementation is PyTorch code, see
-`align_ti.ops.fused_kl`). The C++ kernel in ``csrc/fused_kl_cpu.cpp`` overrides both for CPU
-tensors once its shared library is loaded.
+``align_ti::kl_chunk_into`` (schemas and PyTorch default implementations in
+`align_ti.ops.fused_kl.chunk_op`, which does not import this module). The C++ kernel in
+``csrc/fused_kl_cpu.cpp`` overrides both for CPU tensors once its shared library is loaded.
 
 - `build()` (or ``align-ti build-native``) configures ``CMakeLists.txt`` with CMake + Ninja
   against the torch that is installed now (no build isolation, so the ABI matches) and puts
@@ -216,7 +216,7 @@ def load(path: str | None = None) -> bool:
     try:
         import torch
 
-        import align_ti.ops.fused_kl  # noqa: F401  (defines the op schema first)
+        import align_ti.ops.fused_kl.chunk_op  # noqa: F401  (defines the op schemas first)
 
         torch.ops.load_library(path)
         for op in ("align_ti::kl_chunk", "align_ti::kl_chunk_into"):

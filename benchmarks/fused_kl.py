@@ -156,7 +156,7 @@ _CHECK32 = dict(N=64, Hs=32, Ht=48, V=1300, dtype="float32")
 _CHECK16 = dict(N=64, Hs=32, Ht=48, V=1300, dtype="bfloat16")
 
 CASES = [
-    # CPU: the target shape, and a small sweep over N for the plot and --quick.
+    # CPU: the target shape (README), and a small sweep over N for the plot and --quick.
     Case("fused_kl", "cpu N=1024 Hs=256 Ht=512 V=151936 fp32",
          dict(N=1024, Hs=256, Ht=512, V=V_QWEN, dtype="float32"), _CHECK32, devices=("cpu",), reps=2),
     *[Case("fused_kl", f"cpu-quick N={n} Hs=64 Ht=128 V=32768 fp32",

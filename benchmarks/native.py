@@ -4,7 +4,7 @@ logits, on CPU, V = 151936, fp32 and bf16, forward + backward:
 - step "logits": the divergence step on given logits, `align_ti.fused_kl(zs, zt)` (forward
   KL, T = 1, mean), vs plain PyTorch on the full [N, V] logits (log_softmax of both, kl_div);
 - step "linear": the full fused linear op `align_ti.fused_linear_kl` (N=1024, Hs=256, Ht=512,
-  the fused KL issue's CPU target shape) vs materialised logits and Liger-Kernel's
+  the fused KL's CPU target shape) vs materialised logits and Liger-Kernel's
   LigerFusedLinearJSDLoss(beta=0) at chunk 256 (its fastest chunk here) where installed.
 
 Providers: native (`align_ti.native.set_enabled(True)`; needs `align-ti build-native`),

@@ -1,4 +1,4 @@
-"""Where align_ti's time goes on CUDA: fused_linear_kl at the fused KL issue's target shape,
+"""Where align_ti's time goes on CUDA: fused_linear_kl at the fused KL's target shape,
 and attention_mass at the benchmark's shapes.
 
     python -m align_ti.benchmarks.profile_cuda [--n 8192] [--out DIR]

@@ -19,7 +19,7 @@ Providers (each returns a forward function; the runner differentiates its scalar
 FLOP count for the roofline fraction: 2 * V * (Ht + 3 * Hs) * M, M = selected rows.
 
 CPU cases are reduced so that a CPU run takes < 2 minutes (B=2, L=160, Nv=81 = 9x9 patches,
-Hs=64, Ht=128, V=151936 fp32); CUDA cases are the issue's full size (B=8, L=1024, Nv=729,
+Hs=64, Ht=128, V=151936 fp32); CUDA cases are at full size (B=8, L=1024, Nv=729,
 Qwen2.5-0.5B student Hs=896 / Qwen2-7B teacher Ht=3584, V=151936, bf16).
 The IVA term's share of a full vanilla-KD step (teacher and student forward included) is
 measured by `python -m align_ti.benchmarks.train_step --iva-share` (the trainer's real step,

@@ -1,6 +1,7 @@
 """Triton device code for the fused vocabulary divergence (installed as align_ti.kernels.fused_kl).
 
-Device code only: no autograd, no allocation, no torch glue (see align_ti/ops/fused_kl.py).
+Device code only: no autograd, no allocation, no torch glue (launched by
+align_ti/ops/fused_kl/chunk_triton.py).
 
 `fused_kl_rows_kernel` handles one row per program. It reads the row's fp32 student logits
 (raw, [n_cols_s] wide: V' for the divergence, all Vs when the row also carries CE) and raw

@@ -1,20 +1,20 @@
 """Triton device code for the top-k visual-token alignment (installed as align_ti.kernels.topk_align).
 
-Device code only: no autograd, no allocation, no torch glue (see align_ti/ops/topk_align.py).
+Device code only: no autograd, no allocation, no torch glue (see align_ti/ops/topk_align/gather.py).
 The per-row divergence and its gradient reuse `align_ti.kernels.fused_kl.fused_kl_rows_kernel`;
 the kernels here are the two matmuls whose operands are *gathered* rows of the flattened hidden
 states, so that no [rows, H] copy of the selected hidden states is ever made:
 
-- `gather_logits_kernel`: ``out[i, n] = sum_k h[rows[i], k] * W[n, k] (+ bias[n])`` for the
-  chunk's rows i and columns n < ncols, fp32 accumulator and fp32 output (the logits of the
+- `topk_align_gather_logits_kernel`: ``out[i, n] = sum_k h[rows[i], k] * W[n, k] (+ bias[n])``
+  for the chunk's rows i and columns n < ncols, fp32 accumulator and fp32 output (the logits of the
   fused KL; never rounded to bf16/fp16). The hidden rows are loaded through the index vector.
   Programs are ordered row-tile fastest, so one W tile is read once from HBM and reused from L2
   by every row tile of the chunk (the selected hidden rows are small and stay in L2).
-- `gather_dw_kernel`: ``dw[n, k] (+)= sum_i g[i, n] * h[rows[i], k]``: the student head's
-  weight gradient with the K dimension (the chunk's rows) gathered through the index vector.
+- `topk_align_gather_dw_kernel`: ``dw[n, k] (+)= sum_i g[i, n] * h[rows[i], k]``: the student
+  head's weight gradient with the K dimension (the chunk's rows) gathered through the index vector.
   One program per output tile, rows reduced in a fixed order: deterministic, no atomics.
-- `scatter_rows_kernel`: ``dst[rows[i], :] = src[i, :]`` (cast to dst's dtype): the hidden-state
-  gradient of the chunk's rows written into the [B*L, H] gradient. The selected rows are
+- `topk_align_scatter_rows_kernel`: ``dst[rows[i], :] = src[i, :]`` (cast to dst's dtype): the
+  hidden-state gradient of the chunk's rows written into the [B*L, H] gradient. The selected rows are
   distinct, so every destination row has one writer: deterministic, no atomics.
 
 All address arithmetic is int64.
@@ -24,7 +24,7 @@ import triton.language as tl
 
 
 @triton.jit
-def gather_logits_kernel(
+def topk_align_gather_logits_kernel(
     h_ptr, h_stride0, h_stride1,      # [N, H] hidden states (all rows; read through rows_ptr)
     rows_ptr,                         # int64 [r] row indices of this chunk into N
     w_ptr, w_stride0, w_stride1,      # [V, H] head weight (same dtype as h)
@@ -68,7 +68,7 @@ def gather_logits_kernel(
 
 
 @triton.jit
-def gather_dw_kernel(
+def topk_align_gather_dw_kernel(
     g_ptr, g_stride,                  # fp32 [r, >= ncols] gradient w.r.t. the student logits
     h_ptr, h_stride0, h_stride1,      # [N, H] student hidden states (read through rows_ptr)
     rows_ptr,                         # int64 [r]
@@ -115,7 +115,7 @@ def gather_dw_kernel(
 
 
 @triton.jit
-def scatter_rows_kernel(
+def topk_align_scatter_rows_kernel(
     src_ptr, src_stride,              # [r, >= H] rows to write (any float dtype)
     rows_ptr,                         # int64 [r] destination rows (distinct)
     dst_ptr, dst_stride,              # [N, >= H] destination

@@ -42,10 +42,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Opt-in shared memory per block (bytes): sm_80 (A100) 163 KiB, sm_90 (H100/H200) 227 KiB.
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-CONFIG_FUNCTIONS = ("kl_row_config", "attention_mass_config", "gather_gemm_config")
-# modules that call (or imported) the config functions
-CONFIG_USERS = ("align_ti.ops.heuristics", "align_ti.ops.fused_kl", "align_ti.ops.attention_mass",
-                "align_ti.ops.topk_align")
+# the heuristics' launch configurations that differ under the interpreter (`interpret=`)
+CONFIG_FUNCTIONS = ("kl_row_config", "attention_mass_config", "topk_align_gemm_config")
+# modules that call the config functions (or imported them by name)
+CONFIG_USERS = ("align_ti.ops.heuristics", "align_ti.ops.attention_mass",
+                "align_ti.ops.fused_kl.chunk_triton", "align_ti.ops.topk_align.gather")
 _DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int64": "i64",
            "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1",
            "float64": "fp64"}

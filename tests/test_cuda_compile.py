@@ -14,9 +14,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNELS = {"fused_kl_rows_kernel", "gather_logits_kernel", "gather_dw_kernel", "scatter_rows_kernel",
-           "attention_mass_lse_kernel", "attention_mass_fwd_kernel", "attention_mass_bwd_dq_kernel",
-           "attention_mass_bwd_dk_kernel"}
+KERNELS = {"fused_kl_rows_kernel", "topk_align_gather_logits_kernel", "topk_align_gather_dw_kernel",
+           "topk_align_scatter_rows_kernel", "attention_mass_lse_kernel", "attention_mass_fwd_kernel",
+           "attention_mass_bwd_dq_kernel", "attention_mass_bwd_dk_kernel"}
 
 
 def _nvidia_backend_tools() -> bool:

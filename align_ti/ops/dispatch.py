@@ -10,9 +10,8 @@ import os
 
 import torch
 
+from align_ti.constants import IMPLS
 from align_ti.validation import check_choice
-
-IMPLS = ("auto", "triton", "torch")
 
 
 def interpret_mode() -> bool:

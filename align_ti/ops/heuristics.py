@@ -8,7 +8,7 @@ Every op asks this module how to split its work; nothing else hard-codes a block
   allowed) when set, or an explicit override passed by the caller (tests use it to check
   that results do not depend on the chunking).
 - Triton launch configurations are fixed heuristics by default. `ALIGN_TI_AUTOTUNE=1` makes
-  the launchers wrap their kernels in `triton.autotune` over `autotune_configs(...)` instead.
+  the launchers wrap every kernel in `triton.autotune` over its `*_autotune_configs()` instead.
 """
 from __future__ import annotations
 
@@ -123,8 +123,8 @@ def kl_row_config(n_cols: int, interpret: bool = False) -> dict:
     if interpret:
         # The interpreter runs each program in numpy: fewer, wider blocks are faster.
         return {"BLOCK_V": min(1024, _next_pow2(n_cols)), "num_warps": 4}
-    # H100, 512 rows x 151936 fp32 logits, forward KL with gradient (benchmarks/results/cuda/
-    # profile_cuda.md): 4096 x 8 warps moved 2759 GB/s, 4096 x 16 2460, 2048 x 8 2645,
+    # H100, 512 rows x 151936 fp32 logits, forward KL with gradient (benchmarks/results/h100/
+    # profile_fused_kl.md): 4096 x 8 warps moved 2759 GB/s, 4096 x 16 2460, 2048 x 8 2645,
     # 1024 x 4 2450, 8192 x 16 2739.
     block = min(4096, _next_pow2(n_cols))
     warps = 4 if block <= 1024 else 8
@@ -174,10 +174,10 @@ def attention_mass_autotune_configs():
 
 
 # --------------------------------------------------------------------------------------
-# topk_align: gather matmuls
+# topk_align (align_ti/ops/topk_align/gather.py): gather matmuls and the row scatter
 # --------------------------------------------------------------------------------------
 
-def gather_gemm_config(kind: str, dtype: torch.dtype, interpret: bool) -> dict:
+def topk_align_gemm_config(kind: str, dtype: torch.dtype, interpret: bool = False) -> dict:
     """Tile sizes of topk_align's gather matmuls ("logits": gathered rows x vocabulary;
     "dw": the weight gradient over gathered rows)."""
     if interpret:
@@ -190,3 +190,24 @@ def gather_gemm_config(kind: str, dtype: torch.dtype, interpret: bool) -> dict:
                 "num_warps": 8, "num_stages": 3}
     return {"BLOCK_N": 128, "BLOCK_K": 128 if wide else 64, "BLOCK_R": 64 if wide else 32,
             "num_warps": 8, "num_stages": 3}
+
+
+def topk_align_scatter_config(width: int) -> dict:
+    """BLOCK_H and num_warps of topk_align's row scatter (one program per row)."""
+    return {"BLOCK_H": min(1024, _next_pow2(width)), "num_warps": 4}
+
+
+def topk_align_autotune_configs(kind: str):
+    """Candidates of each topk_align kernel ("logits", "dw", "scatter") under
+    `ALIGN_TI_AUTOTUNE=1` (each fits an H100's shared memory in fp32); imports triton lazily."""
+    import triton
+
+    if kind == "logits":
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+                for m, n, k, w, st in ((64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3),
+                                       (128, 256, 32, 8, 3), (64, 256, 32, 4, 4))]
+    if kind == "dw":
+        return [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "BLOCK_R": r}, num_warps=w, num_stages=st)
+                for n, k, r, w, st in ((64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (128, 128, 32, 8, 3),
+                                       (128, 128, 64, 8, 3), (64, 128, 64, 4, 4))]
+    return [triton.Config({"BLOCK_H": h}, num_warps=w) for h, w in ((256, 2), (512, 4), (1024, 4), (2048, 8))]

@@ -6,7 +6,7 @@ compiler are present (CI installs cmake and ninja from PyPI with the `test` extr
 them the tests are skipped with the reason; with them a failing build is a test failure.
 Set ALIGN_TI_NATIVE_TESTS=0 to skip the build and these tests.
 
-Checks: the kernel against the PyTorch chunk code (`_chunk_torch`, every option), also with
+Checks: the kernel against the PyTorch chunk code (the op's default, every option), also with
 bf16 / fp16 / mixed input rows read directly and the gradient stored in their dtype (exactly
 the fp32 gradient rounded once), and the public ops with the kernel against the fp32
 reference (each divergence, temperatures, fp32, bf16 and fp16, odd V, V' slicing, ignored
@@ -27,7 +27,11 @@ import torch
 
 import align_ti
 from align_ti import native
-from align_ti.ops import fused_kl as F
+from align_ti.ops.fused_kl import rows as fkl_rows
+from align_ti.ops.fused_kl.chunk_op import kl_chunk_default, kl_chunk_into_default
+from align_ti.ops.fused_kl.driver import logits_driver, uses_native_kernel
+from align_ti.ops.fused_kl.options import FusedKLOptions, KLOptions
+from align_ti.ops.fused_kl.rows import RowPlan
 from align_ti.reference.fused_kl import (
     fused_kl_reference,
     fused_linear_distill_reference,
@@ -78,7 +82,15 @@ def use_torch():
 
 
 def _kernel_ran(zs) -> bool:
-    return F._use_native(zs, zs)
+    return uses_native_kernel(zs, zs)
+
+
+def torch_chunk(zs, zt, *args):
+    """The chunk step in PyTorch (align_ti::kl_chunk's default implementation, whatever kernel
+    is registered) on fp32 copies: (d, nll, gradient, gce)."""
+    zs32, zt32 = zs.to(torch.float32, copy=True), zt.to(torch.float32, copy=True)
+    d, nll, gce = kl_chunk_default(zs32, zt32, *args)
+    return d, nll, zs32, gce
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,8 +119,7 @@ def test_kernel_matches_torch_chunk(native_lib, div, temperature, extra, with_la
     a, c = torch.rand(r, generator=g), torch.rand(r, generator=g)
     args = (v, div, 0.3, 1.0 / temperature, labels if with_labels else None,
             a if need_grad else None, c if (need_grad and with_labels) else None, need_grad, split)
-    zs1, zt1 = zs0.clone(), zt0.clone()
-    d1, nll1, g1, gce1 = F._chunk_torch(zs1, zt1, *args)
+    d1, nll1, g1, gce1 = torch_chunk(zs0, zt0, *args)
     zs2, zt2 = zs0.clone(), zt0.clone()
     assert _kernel_ran(zs2)
     d2, nll2, gce2 = torch.ops.align_ti.kl_chunk(zs2, zt2, *args)
@@ -142,7 +153,7 @@ def test_kernel_propagates_nan_and_inf(native_lib):
 @pytest.mark.parametrize("div,with_labels,split", [(0, True, False), (1, True, True), (2, False, False),
                                                    (0, False, False), (1, False, False), (2, True, True)])
 def test_kernel_matches_torch_chunk_with_minus_inf_masks(native_lib, case, div, with_labels, split):
-    """-inf masks (issue #17) in the kernel as in the PyTorch chunk code: values (+inf where
+    """-inf masks in the kernel as in the PyTorch chunk code: values (+inf where
     the case makes D infinite), CE and gradients; a V wider than one L1 block (2048), whose
     first block is all masked, and a zero-coefficient row whose gradient must be exactly 0."""
     r, v, extra = 5, 4500, 29
@@ -155,8 +166,7 @@ def test_kernel_matches_torch_chunk_with_minus_inf_masks(native_lib, case, div, 
     a[1] = 0.0
     args = (v, div, 0.3, 0.5, labels if with_labels else None, a, c if with_labels else None, True,
             split)
-    zs1, zt1 = zs0.clone(), zt0.clone()
-    d1, nll1, g1, gce1 = F._chunk_torch(zs1, zt1, *args)
+    d1, nll1, g1, gce1 = torch_chunk(zs0, zt0, *args)
     zs2 = zs0.clone()
     d2, nll2, gce2 = torch.ops.align_ti.kl_chunk(zs2, zt0.clone(), *args)
     infinite = ("forward", "reverse", "jsd")[div] in MASK_CASES[case]
@@ -450,7 +460,7 @@ def test_op_default_implementation_without_extension(tmp_path):
     code = (
         "import torch\n"
         "from align_ti import native\n"
-        "from align_ti.ops import fused_kl as F\n"
+        "from align_ti.ops.fused_kl.chunk_op import kl_chunk_default\n"
         "from tests.ops.test_native import _opcheck_args\n"
         "assert not native.native_available()\n"
         "args = _opcheck_args()\n"
@@ -459,9 +469,9 @@ def test_op_default_implementation_without_extension(tmp_path):
         "a1 = [x.clone() if isinstance(x, torch.Tensor) else x for x in args]\n"
         "a2 = [x.clone() if isinstance(x, torch.Tensor) else x for x in args]\n"
         "d1, nll1, gce1 = torch.ops.align_ti.kl_chunk(*a1)\n"
-        "d2, nll2, g2, gce2 = F._chunk_torch(*a2)\n"
+        "d2, nll2, gce2 = kl_chunk_default(*a2)\n"
         "assert torch.equal(d1, d2) and torch.equal(nll1, nll2) and torch.equal(gce1, gce2)\n"
-        "assert torch.equal(a1[0], g2)\n"
+        "assert torch.equal(a1[0], a2[0])\n"
         "print('OK')\n"
     )
     proc = _run_with_empty_native_cache(code, tmp_path)
@@ -557,8 +567,7 @@ def test_kernel_low_precision_inputs(native_lib, ts, tt, div, mode):
     zs, zt, args = _low_chunk_args(ts, tt, div, mode)
     v = args[0]
     zs0, zt0 = zs.clone(), zt.clone()
-    d1, nll1, g1, gce1 = F._chunk_torch(zs.to(torch.float32, copy=True),
-                                    zt[:, :v].to(torch.float32, copy=True), *args)
+    d1, nll1, g1, gce1 = torch_chunk(zs, zt[:, :v], *args)
 
     g32 = torch.empty(zs.shape, dtype=torch.float32)
     d2, nll2, gce2 = torch.ops.align_ti.kl_chunk(zs, zt[:, :v], *args, g32)
@@ -600,14 +609,13 @@ def test_op_default_implementation_low_precision(ts, tt):
     """The op's PyTorch implementation (no extension) accepts bf16/fp16 rows the same way."""
     zs, zt, args = _low_chunk_args(ts, tt, 2, "ce")
     v = args[0]
-    d1, nll1, g1, _ = F._chunk_torch(zs.to(torch.float32, copy=True),
-                                    zt[:, :v].to(torch.float32, copy=True), *args)
+    d1, nll1, g1, _ = torch_chunk(zs, zt[:, :v], *args)
     g_out = torch.empty(zs.shape, dtype=zs.dtype)
-    d2, nll2, _ = F._kl_chunk_op._init_fn(zs, zt[:, :v], *args, g_out)
+    d2, nll2, _ = kl_chunk_default(zs, zt[:, :v], *args, g_out)
     assert torch.equal(d2, d1) and torch.equal(nll2, nll1)
     assert torch.equal(g_out, g1.to(zs.dtype))
     zs_ip = zs.clone()
-    d3, _, _ = F._kl_chunk_op._init_fn(zs_ip, zt[:, :v].clone(), *args)
+    d3, _, _ = kl_chunk_default(zs_ip, zt[:, :v].clone(), *args)
     assert torch.equal(d3, d1) and torch.equal(zs_ip, g1.to(zs.dtype))
 
 
@@ -619,13 +627,13 @@ def test_read_only_op_default_implementation(ts, tt):
     zs, zt, args = _low_chunk_args(ts, tt, 1, "ce")
     v = args[0]
     zs0, zt0 = zs.clone(), zt[:, :v].clone()
-    d1, nll1, g1, _ = F._chunk_torch(zs.to(torch.float32, copy=True), zt0.to(torch.float32, copy=True), *args)
+    d1, nll1, g1, _ = torch_chunk(zs, zt0, *args)
     g_out = torch.empty(zs.shape, dtype=zs.dtype)
-    d2, nll2, _ = F._kl_chunk_into_op._init_fn(zs, zt[:, :v], *args, g_out)
+    d2, nll2, _ = kl_chunk_into_default(zs, zt[:, :v], *args, g_out)
     assert torch.equal(zs, zs0) and torch.equal(zt[:, :v], zt0), "inputs were written"
     assert torch.equal(d2, d1) and torch.equal(nll2, nll1) and torch.equal(g_out, g1.to(zs.dtype))
     with pytest.raises(ValueError, match="g_out"):
-        F._kl_chunk_into_op._init_fn(zs, zt[:, :v], *args)
+        kl_chunk_into_default(zs, zt[:, :v], *args)
     torch.library.opcheck(torch.ops.align_ti.kl_chunk_into.default, (zs, zt[:, :v], *args, g_out),
                           test_utils=("test_schema", "test_faketensor"))  # whichever kernel is registered
 
@@ -665,7 +673,7 @@ def test_fused_kl_low_precision_native_vs_torch_path_and_reference(native_lib, m
     zero): the native path (rows read in place, or gathered in their dtype) gives the loss of
     the fp32 reference and a gradient within one rounding of the PyTorch path's."""
     if rows == "mask_inside":
-        monkeypatch.setattr(F, "MASK_AS_INDICES_DEVICES", ())
+        monkeypatch.setattr(fkl_rows, "MASK_AS_INDICES_DEVICES", ())
     g = torch.Generator().manual_seed(21)
     zs = (torch.randn(N, VT, generator=g) * 3).to(dtype).requires_grad_()
     zt = (torch.randn(N, VS, generator=g) * 3).to(dtype)
@@ -721,13 +729,13 @@ def test_logits_driver_native_makes_no_fp32_chunk_copies(native_lib, dtype):
     zt = (torch.randn(N, v, generator=g) * 3).to(torch.bfloat16)
     if dtype == torch.float32:  # fp32 student, bf16 teacher
         zs = zs.float()
+    opts = FusedKLOptions(KLOptions("jsd"), vocab_size=v, impl="torch")
     seen = {}
     for flag in (True, False):
         native.set_enabled(flag)
         try:
             with Largest() as rec:
-                loss, grad = F._logits_driver(zs, zt, None, None, None, "jsd", 0.5, 1.0, v, "mean",
-                                              "torch", True, None, 0)
+                loss, grad = logits_driver(zs, zt, RowPlan(), opts, need_grad=True)
         finally:
             native.set_enabled(None)
         seen[flag] = (rec.largest, loss, grad)
@@ -803,6 +811,7 @@ def test_installed_package_can_build_native(native_lib, tmp_path):
         "assert src == os.path.join(os.path.dirname(align_ti.__file__), '_native_src'), src\n"
         "print('HASH', native._source_hash(src))\n"
         "print('LIB', native.build())\n"
+        "assert native.native_available(), native.info()  # the installed ops define its schema\n"
     ) % str(site)
     env = dict(os.environ, PYTHONPATH=str(site))
     env.pop("ALIGN_TI_NATIVE_SRC", None)
@@ -822,12 +831,17 @@ def test_fused_kl_leaves_the_callers_logits_unversioned(use_native):
     backward that saved those logits still works (a declared write bumped their version)."""
     h = torch.randn(6, 8, requires_grad=True)
     w = torch.randn(50, 8)
+    zt = torch.randn(6, 50)
     z = h @ w.t()
     assert _kernel_ran(z)
     other = torch.logsumexp(z, -1).pow(2).mean()  # saves z for its backward
     version = z._version
-    (align_ti.fused_kl(z, torch.randn(6, 50), impl="torch") + 1e-4 * other).backward()
-    assert z._version == version and h.grad is not None and torch.isfinite(h.grad).all()
+    (align_ti.fused_kl(z, zt, impl="torch") + 1e-4 * other).backward()
+    assert z._version == version
+    h_ref = h.detach().clone().requires_grad_()
+    z_ref = h_ref @ w.t()
+    (fused_kl_reference(z_ref, zt) + 1e-4 * torch.logsumexp(z_ref, -1).pow(2).mean()).backward()
+    assert_close(h.grad, h_ref.grad, atol=1e-6, rtol=1e-4, name="grad h")
 
 
 @pytest.mark.parametrize("div", [0, 1])

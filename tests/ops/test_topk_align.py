@@ -181,13 +181,14 @@ def test_unselected_positions_do_not_matter_and_teacher_gets_no_grad():
     t2["student_hidden"], t2["teacher_hidden"] = sh, th
     assert torch.equal(topk_align(**t2, k=5, impl="torch"), base)
     t3 = leaves(t, names=("student_hidden", "teacher_hidden", "teacher_weight", "mass"))
-    loss = topk_align(**t3, k=5)
-    assert not loss.grad_fn is None
-    loss.backward()
+    topk_align(**t3, k=5).backward()
     assert t3["teacher_hidden"].grad is None and t3["teacher_weight"].grad is None
     assert t3["mass"].grad is None
     g = t3["student_hidden"].grad.view(B * L, -1)
     assert bool((g[off] == 0).all()) and bool((g[rows].abs().sum(1) > 0).any())
+    r = leaves(t, names=("student_hidden",))
+    (want,) = torch.autograd.grad(topk_align_reference(**r, k=5), r["student_hidden"])
+    assert_close(g, want.view(B * L, -1), atol=1e-6, rtol=1e-4, name="grad student_hidden")
 
 
 def test_no_image_in_batch_gives_zero_loss_and_zero_grads():
@@ -269,7 +270,7 @@ def test_weight_grad_in_weight_dtype(impl, dtype):
 
 
 # --------------------------------------------------------------------------------------------
-# -inf vocabulary masks and empty batches (issue #17), on both drivers
+# -inf vocabulary masks and empty batches, on both drivers
 # --------------------------------------------------------------------------------------------
 
 NEG = float("-inf")
@@ -400,6 +401,80 @@ def test_bad_tensors():
         select_topk(t["mass"], t["vision_mask"], ratio=-0.1)
 
 
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(k=0), ValueError, "k must be a positive int"),
+    (dict(k=-2), ValueError, "k must be a positive int"),
+    (dict(ratio=0.0), ValueError, "ratio must be a number in"),
+    (dict(ratio=1.5), ValueError, "ratio must be a number in"),
+    (dict(k=2, ratio=0.5), ValueError, "give k or ratio"),
+    (dict(vision_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "vision_mask must have the shape of mass"),
+    (dict(vision_mask=torch.ones(2, 5)), TypeError, "vision_mask must have dtype"),
+    (dict(vision_mask=torch.ones(2, 5, dtype=torch.bool, device="meta")), ValueError, "vision_mask is on meta"),
+    (dict(mass=torch.tensor([[float("nan"), 1.0, 1, 1, 1]] * 2)), ValueError, "mass.* must be finite"),
+    (dict(mass=torch.rand(2, 5).long()), TypeError, "mass must be a floating-point tensor"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_select_bad_input(kwargs, exc, match):
+    args = {"mass": torch.rand(2, 5), "vision_mask": torch.ones(2, 5, dtype=torch.bool), **kwargs}
+    with pytest.raises(exc, match=match):
+        select_topk(**args)
+
+
+# --------------------------------------------------------------------------------------------
+# the torch.library op: schema, fake tensors, torch.compile
+# --------------------------------------------------------------------------------------------
+
+def _op_arguments(dtype=torch.float32):
+    """align_ti::topk_align's arguments as its schema names them: the tensors, and the options
+    (keywords) that the public function would pass."""
+    t = leaves(make_inputs(b=2, length=9, hs=8, ht=12, vs=97, vt=101, bias=True, imageless=(),
+                           dtype=dtype))
+    tensors = tuple(t[k] for k in ("student_hidden", "student_weight", "student_bias",
+                                   "teacher_hidden", "teacher_weight", "teacher_bias", "mass",
+                                   "vision_mask"))
+    options = dict(k=3, ratio=None, normalize="token", need_dh=True, need_dw=True, need_db=True,
+                   fp32_weight_grad=True, gather=False, divergence="jsd", beta=0.3,
+                   temperature=2.0, reduction="mean", vocab_size=90, impl="torch", chunk_bytes=0)
+    return tensors, options
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # fp16: the recomputing backward
+def test_opcheck(dtype):
+    """Schema, fake-tensor and autograd-registration checks of align_ti::topk_align (plus the
+    aot_dispatch check where the backward recomputes; the forward-computed gradients are
+    scaled in place, as fused_linear_kl's), and of its backward op."""
+    from tests.ops.test_fused_kl import opcheck_forward
+
+    tensors, options = _op_arguments(dtype)
+    opcheck_forward(torch.ops.align_ti.topk_align.default, tensors, options)
+    detached = tuple(x.detach() for x in tensors)
+    torch.library.opcheck(torch.ops.align_ti.topk_align_backward.default,
+                          (torch.tensor(1.5), *detached), options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_compile_aot_eager_fullgraph(dtype):
+    """topk_align inside torch.compile(fullgraph=True): the selection's data-dependent row count
+    stays inside the op, so there is no graph break; the eager loss and gradients (aot_eager on
+    CPU; inductor runs in the GPU tier)."""
+    t = make_inputs(bias=True, dtype=dtype)
+
+    def loss_fn(student_hidden, student_weight, student_bias):
+        loss = topk_align(student_hidden, student_weight, t["teacher_hidden"], t["teacher_weight"],
+                          t["mass"], t["vision_mask"], ratio=0.3, normalize="token",
+                          divergence="reverse", student_bias=student_bias,
+                          teacher_bias=t["teacher_bias"], impl="torch")
+        return loss * 3
+
+    a, b = leaves(t), leaves(t)
+    names = ("student_hidden", "student_weight", "student_bias")
+    eager = loss_fn(*(a[k] for k in names))
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(*(b[k] for k in names))
+    assert torch.equal(compiled, eager)
+    for k, ga, gb in zip(names, grads_of(eager, a).values(), grads_of(compiled, b).values()):
+        assert torch.equal(ga, gb), k
+
+
 # --------------------------------------------------------------------------------------------
 # feature-level variant
 # --------------------------------------------------------------------------------------------
@@ -412,15 +487,18 @@ def test_feature_variant(loss_kind):
     got = topk_feature_align(hs, t["teacher_hidden"], t["mass"], t["vision_mask"], k=6,
                              loss=loss_kind, projection=proj)
     rows, w = select_topk_reference(t["mass"], t["vision_mask"], k=6)
-    ps = proj(t["student_hidden"].reshape(B * L, -1)[rows])
+    hs_ref = t["student_hidden"].clone().requires_grad_()
+    ps = proj(hs_ref.reshape(B * L, -1)[rows])
     pt = t["teacher_hidden"].reshape(B * L, -1)[rows]
     if loss_kind == "cosine":
         d = 1 - torch.nn.functional.cosine_similarity(ps, pt, dim=-1)
     else:
         d = ((ps - pt) ** 2).mean(-1)
-    assert_close(got, (w * d).sum() / w.sum(), atol=1e-6, rtol=1e-5)
-    got.backward()
-    assert proj.proj.weight.grad is not None and hs.grad is not None
+    want = (w * d).sum() / w.sum()
+    assert_close(got, want, atol=1e-6, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, (hs, proj.proj.weight)),
+                    torch.autograd.grad(want, (hs_ref, proj.proj.weight))):
+        assert_close(a, b, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="projection=FeatureProjection"):
         topk_feature_align(t["student_hidden"], t["teacher_hidden"], t["mass"], t["vision_mask"])
     with pytest.raises(ValueError, match="loss must be one of"):
@@ -531,6 +609,64 @@ def test_triton_no_image_and_grad_only_on_selected_rows():
     assert bool((g[off] == 0).all()) and bool((g[rows] != 0).any(1).all())
 
 
+@pytest.mark.interpret
+def test_triton_compile_aot_eager_fullgraph():
+    """The gather driver (impl="triton") inside torch.compile(fullgraph=True)."""
+    t = make_inputs(b=2, length=9, hs=16, ht=16, vs=97, vt=97, bias=True)
+
+    def loss_fn(student_hidden, student_weight):
+        return topk_align(student_hidden, student_weight, t["teacher_hidden"], t["teacher_weight"],
+                          t["mass"], t["vision_mask"], k=3, impl="triton")
+
+    a, b = leaves(t), leaves(t)
+    eager = loss_fn(a["student_hidden"], a["student_weight"])
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(b["student_hidden"],
+                                                                           b["student_weight"])
+    assert torch.equal(compiled, eager)
+    names = ("student_hidden", "student_weight")
+    for k, ga, gb in zip(names, grads_of(eager, a, names).values(), grads_of(compiled, b, names).values()):
+        assert torch.equal(ga, gb), k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["auto", "triton"])
+def test_gpu_compile_inductor_fullgraph(impl):
+    t = make_inputs(b=4, length=300, hs=128, ht=256, vs=4099, vt=4200, bias=True, device="cuda",
+                    dtype=torch.bfloat16)
+    t["mass"] = t["mass"].float()
+
+    def loss_fn(student_hidden, student_weight):
+        return topk_align(student_hidden, student_weight, t["teacher_hidden"], t["teacher_weight"],
+                          t["mass"], t["vision_mask"], ratio=0.2, student_bias=t["student_bias"],
+                          teacher_bias=t["teacher_bias"], impl=impl) * 2
+
+    a, b = leaves(t), leaves(t)
+    names = ("student_hidden", "student_weight")
+    eager = loss_fn(a["student_hidden"], a["student_weight"])
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, backend="inductor", fullgraph=True)(b["student_hidden"],
+                                                                          b["student_weight"])
+    assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
+    for k, ga, gb in zip(names, grads_of(eager, a, names).values(), grads_of(compiled, b, names).values()):
+        assert_close(gb.float(), ga.float(), atol=1e-4, rtol=1e-2, name=k)
+
+
+@pytest.mark.gpu
+def test_gpu_autotune_matches_fixed_blocks(monkeypatch):
+    """ALIGN_TI_AUTOTUNE=1: the gather, weight-gradient and scatter kernels (and the row kernel)
+    run under triton.autotune (the accumulating weight-gradient kernel's trials restore dw and
+    db) and give the fixed-configuration result."""
+    t = make_inputs(b=4, length=300, hs=128, ht=256, vs=4099, vt=4200, bias=True, device="cuda")
+    a, b = leaves(t), leaves(t)
+    fixed = topk_align(**a, ratio=0.3, impl="triton", chunk_bytes=4 * 2 * 4099 * 64)
+    monkeypatch.setenv("ALIGN_TI_AUTOTUNE", "1")
+    tuned = topk_align(**b, ratio=0.3, impl="triton", chunk_bytes=4 * 2 * 4099 * 64)
+    assert_close(tuned, fixed, atol=1e-5, rtol=1e-4)
+    for (k, ga), gb in zip(grads_of(fixed, a).items(), grads_of(tuned, b).values()):
+        assert_close(gb, ga, atol=1e-4, rtol=1e-3, name=k)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("opts", [dict(), dict(ratio=0.1), dict(k=16, divergence="jsd")], ids=str)
 def test_gpu_bf16_three_way_and_deterministic(opts):
@@ -554,14 +690,12 @@ def test_auto_is_fused_linear_kl_on_the_selected_rows(device):
     """impl="auto" is fused_linear_kl (with its own "auto") on the selected rows and their
     normalised weights: the same numbers bit for bit, gradients included (on CUDA the
     measured faster route)."""
-    import align_ti.ops.topk_align as T
     from align_ti.ops.fused_kl import fused_linear_kl
 
     t = make_inputs(b=3, length=50, hs=32, ht=48, vs=1300, vt=1320, device=device)
     a, b = leaves(t), leaves(t)
     loss = topk_align(**a, ratio=0.5)
-    keep, w, n_keep = T._select_dense(t["mass"], t["vision_mask"], None, 0.5)
-    rows, weights = T._compact(keep, T._normalized_weights(keep, w, n_keep, "sample"))
+    rows, weights = select_topk(t["mass"], t["vision_mask"], ratio=0.5)
     hs, ht = b["student_hidden"], b["teacher_hidden"]
     ref = fused_linear_kl(hs.reshape(-1, hs.shape[-1]), b["student_weight"],
                           ht.reshape(-1, ht.shape[-1]), b["teacher_weight"], rows=rows,

@@ -1,0 +1,243 @@
+"""The public functions: argument checks, then one custom op call (`autograd`)."""
+from __future__ import annotations
+
+import torch
+
+from align_ti.ops import heuristics as _heur
+from align_ti.ops.dispatch import resolve_impl
+from align_ti.ops.fused_kl import autograd as _autograd  # noqa: F401  (registers the ops)
+from align_ti.ops.fused_kl.options import (
+    FusedKLOptions,
+    KLOptions,
+    check_head,
+    check_labels,
+    check_logits,
+    check_weights,
+    resolve_vocab_size,
+)
+from align_ti.ops.fused_kl.rows import plan_rows
+from align_ti.validation import check_bool, check_same_device, normalize_rows
+
+
+def _needs_grad(t) -> bool:
+    return t is not None and t.requires_grad and torch.is_grad_enabled()
+
+
+def _detached(t):
+    return None if t is None else t.detach()
+
+
+def _linear(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, rows, weights,
+            divergence, beta, temperature, vocab_size, reduction, student_bias, teacher_bias, impl,
+            chunk_bytes, fp32_weight_grad):
+    """`fused_linear_kl` and `fused_linear_distill`: (kl, ce or None)."""
+    kl_opts = KLOptions(divergence, beta, temperature, reduction)
+    check_bool("fp32_weight_grad", fp32_weight_grad)
+    check_head("student", student_hidden, student_weight, student_bias, None)
+    n = student_hidden.shape[0]
+    check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, n)
+    device = check_same_device({
+        "student_hidden": student_hidden, "student_weight": student_weight,
+        "teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight,
+        "student_bias": student_bias, "teacher_bias": teacher_bias,
+    })
+    impl = resolve_impl(impl, device)
+    vs, vt = student_weight.shape[0], teacher_weight.shape[0]
+    v = resolve_vocab_size(vocab_size, vs, vt)
+    rows = normalize_rows(rows, n, device)
+    check_weights(weights, rows, n, device)
+    if labels is not None:
+        check_labels(labels, rows, n, vs, device)
+    plan = plan_rows(rows, weights, labels, n, device, reduction)
+    opts = FusedKLOptions(kl_opts, v, impl, _heur.resolve_chunk_bytes(chunk_bytes) or 0)
+    kl, ce, *_ = torch.ops.align_ti.fused_linear_kl(
+        student_hidden, student_weight, student_bias,
+        teacher_hidden.detach(), teacher_weight.detach(), _detached(teacher_bias),
+        plan.idx, plan.mask, plan.weights, plan.labels,
+        need_dh=_needs_grad(student_hidden), need_dw=_needs_grad(student_weight),
+        need_db=_needs_grad(student_bias), fp32_weight_grad=fp32_weight_grad, **opts.op_kwargs(),
+    )
+    return kl, (ce if labels is not None else None)
+
+
+def fused_linear_kl(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    rows=None,
+    weights=None,
+    divergence="forward",
+    beta=0.5,
+    temperature=1.0,
+    vocab_size=None,
+    reduction="mean",
+    student_bias=None,
+    teacher_bias=None,
+    impl="auto",
+    chunk_bytes=None,
+    fp32_weight_grad=True,
+):
+    """Vocabulary divergence between teacher and student at selected rows, fused with both LM heads.
+
+    With ``z_S = (h_S W_S[:V']^T + b_S[:V']) / T`` and ``z_T`` likewise (softmax over the first
+    V' entries, no T^2 factor), per selected row ``D_i`` is ``"forward"`` KL(p_T || p_S),
+    ``"reverse"`` KL(p_S || p_T) or ``"jsd"`` ``beta KL(p_T || M) + (1 - beta) KL(p_S || M)``,
+    ``M = beta p_T + (1 - beta) p_S``. ``"none"`` returns ``w_i D_i`` ``[M]``, ``"sum"`` their
+    sum, ``"mean"`` the sum over ``sum w_i`` (0, with zero gradients, when there are no rows or
+    all weights are 0). Never holds ``[N, V]`` logits: one row chunk of fp32 logits at a time.
+
+    Args:
+        student_hidden, student_weight: ``[N, Hs]``, ``[Vs, Hs]``, one dtype (fp32/bf16/fp16);
+            get gradients (weight rows >= V' get 0 from the divergence).
+        teacher_hidden, teacher_weight: ``[N, Ht]``, ``[Vt, Ht]``, one dtype (may differ from
+            the student's); never get a gradient.
+        rows: None (all N rows), int64/int32 indices ``[M]`` (repeats allowed), or a bool mask
+            ``[N]`` (no host sync needed from the caller).
+        weights: float ``[M]`` (or ``[N]`` with a bool mask), finite, >= 0; no gradient.
+        divergence: ``"forward"`` | ``"reverse"`` | ``"jsd"``; beta: ``0 < beta < 1`` (jsd).
+        temperature: ``T > 0``. vocab_size: V', None = ``min(Vs, Vt)``.
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
+        student_bias, teacher_bias: optional ``[Vs]`` / ``[Vt]`` head biases.
+        impl: ``"auto"`` (Triton on CUDA tensors, chunked PyTorch elsewhere), ``"triton"``
+            (CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"torch"``.
+        chunk_bytes: the row-chunk scratch budget, bytes or e.g. "512M" (None: the
+            heuristics, ``ALIGN_TI_CHUNK_BYTES``); results do not depend on it beyond rounding.
+        fp32_weight_grad: False accumulates the weight's gradient over the row chunks in its
+            own dtype (one rounding per chunk, as Liger-Kernel does) instead of an fp32
+            ``[Vs, Hs]`` buffer (890 MiB at Vs=151936, Hs=1536). No effect for fp32 weights.
+
+    Returns:
+        fp32 scalar, or ``[M]`` for ``reduction="none"``.
+
+    Gradients: for "mean"/"sum" they are computed in the forward and the backward only scales
+    them in place, so a second backward through one graph raises RuntimeError (as does double
+    backward); "none" and fp16 inputs (whose loss scale must reach the gradients before they are
+    rounded) recompute the chunks in the backward. Teacher tensors made under
+    ``torch.inference_mode()`` are fine.
+
+    Masks: a -inf logit (e.g. in a bias) masks its column with 0 log 0 = 0: masked in both
+    models it adds nothing, JSD stays finite, forward KL is +inf where the teacher allows a
+    column the student masks (reverse: the mirror); a row of weight 0 adds exactly 0; where the
+    loss is finite so are the gradients. NaN/inf elsewhere (a selected row's hidden states,
+    the weights, a NaN or +inf bias entry below V', a row masked in every column) gives a NaN
+    loss, never a wrong finite one; rows not selected never influence the result.
+
+    Raises:
+        ValueError / TypeError naming the argument: bad options (temperature, beta,
+        divergence, reduction, impl, vocab_size, chunk_bytes, fp32_weight_grad), rows or
+        weights of a wrong length, dtype or range (weights: a content check, see
+        ``align_ti.set_value_checks``), a width or dtype mismatch within a model, tensors on
+        different devices.
+    """
+    kl, _ = _linear(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, None, rows, weights,
+        divergence, beta, temperature, vocab_size, reduction, student_bias, teacher_bias,
+        impl, chunk_bytes, fp32_weight_grad,
+    )
+    return kl
+
+
+def fused_linear_distill(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    labels,
+    rows=None,
+    weights=None,
+    divergence="forward",
+    beta=0.5,
+    temperature=1.0,
+    vocab_size=None,
+    reduction="mean",
+    student_bias=None,
+    teacher_bias=None,
+    impl="auto",
+    chunk_bytes=None,
+    fp32_weight_grad=True,
+):
+    """``(kl, ce)``: the divergence of `fused_linear_kl` and the student's SFT cross-entropy,
+    from one pass over the student head.
+
+    ``kl`` is exactly `fused_linear_kl` with the same arguments (see there for every argument
+    but ``labels``). ``ce`` is the cross-entropy of the *unscaled* student logits over all Vs
+    entries (temperature and V' do not apply) at the selected rows, averaged over the rows
+    whose label is not -100 (``weights`` do not apply), and 0 (with zero gradients) when there
+    are none; +inf when a label's column is masked (a -inf logit). Always an fp32 scalar.
+
+    Args:
+        labels: int64/int32 ``[M]`` (or ``[N]`` with a bool mask): each selected row's target
+            id in ``[0, Vs)``, or -100 for no CE.
+
+    Returns:
+        ``(kl, ce)``: kl fp32 scalar or ``[M]`` (``reduction="none"``), ce fp32 scalar.
+
+    Gradients: for "mean"/"sum" the forward computes the gradients of kl and ce apart (their
+    upstream scalars are not known yet): one more weight-gradient accumulator and two more
+    gradient matmuls than `fused_linear_kl`. For "none" the backward recomputes the chunks
+    with both upstream gradients.
+
+    Raises:
+        as `fused_linear_kl`, plus labels of a wrong length or dtype, or out of ``[0, Vs)``
+        other than -100.
+    """
+    if labels is None:
+        raise TypeError("labels must be an int64 tensor of target ids (-100 = no CE), got None")
+    return _linear(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, rows, weights,
+        divergence, beta, temperature, vocab_size, reduction, student_bias, teacher_bias,
+        impl, chunk_bytes, fp32_weight_grad,
+    )
+
+
+def fused_kl(
+    student_logits,
+    teacher_logits,
+    rows=None,
+    weights=None,
+    divergence="forward",
+    beta=0.5,
+    temperature=1.0,
+    vocab_size=None,
+    reduction="mean",
+    impl="auto",
+    chunk_bytes=None,
+):
+    """Vocabulary divergence between given logits ``[N, Vs]`` and ``[N, Vt]`` at selected rows.
+
+    For callers that already hold the logits: `fused_linear_kl`'s semantics (divergences,
+    weights, reductions, masks, NaN/inf) with ``z_S = student_logits[:, :V'] / T`` and
+    ``z_T = teacher_logits[:, :V'] / T``. Rows are processed in chunks with fp32 copies of the
+    chunk only (the native CPU kernel reads the rows in place); the two may differ in dtype.
+
+    Args:
+        student_logits: ``[N, Vs]`` fp32/bf16/fp16; gets a gradient (0 in columns >= V').
+        teacher_logits: ``[N, Vt]``; never gets a gradient.
+        rows, weights, divergence, beta, temperature, vocab_size, reduction, impl,
+        chunk_bytes: as `fused_linear_kl`.
+
+    Returns:
+        fp32 scalar, or ``[M]`` for ``reduction="none"``.
+
+    Gradients: as `fused_linear_kl`; for "mean"/"sum" the forward computes the ``[N, Vs]``
+    gradient (in the logits' dtype) that the backward scales.
+
+    Raises:
+        ValueError / TypeError naming the argument, as `fused_linear_kl`.
+    """
+    kl_opts = KLOptions(divergence, beta, temperature, reduction)
+    check_logits(student_logits, teacher_logits)
+    n = student_logits.shape[0]
+    device = student_logits.device
+    impl = resolve_impl(impl, device)
+    v = resolve_vocab_size(vocab_size, student_logits.shape[1], teacher_logits.shape[1])
+    rows = normalize_rows(rows, n, device)
+    check_weights(weights, rows, n, device)
+    plan = plan_rows(rows, weights, None, n, device, reduction)
+    opts = FusedKLOptions(kl_opts, v, impl, _heur.resolve_chunk_bytes(chunk_bytes) or 0)
+    loss, _ = torch.ops.align_ti.fused_kl(
+        student_logits, teacher_logits.detach(), plan.idx, plan.mask, plan.weights,
+        need_grad=_needs_grad(student_logits), **opts.op_kwargs(),
+    )
+    return loss
