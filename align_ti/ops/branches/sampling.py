@@ -22,7 +22,7 @@ from align_ti.ops.branches.rng import (
     sample_keys,
     uniform,
 )
-from align_ti.ops.fused_kl import _head_logits
+from align_ti.ops.fused_kl.matmuls import head_logits
 from align_ti.validation import (
     check_bool,
     check_choice,
@@ -219,7 +219,7 @@ def sample_candidates(
         e = min(n, s + chunk)
         h = flat.index_select(0, rows[s:e])
         z = torch.empty(e - s, vlim, dtype=torch.float32, device=device)
-        _head_logits(h, student_weight, student_bias, vlim, z)
+        head_logits(h, student_weight, student_bias, vlim, z)
         if value_checks_enabled() and bool((torch.isnan(z) | (z == float("inf"))).any()):
             raise ValueError("student_hidden, student_weight or student_bias hold NaN or inf: the "
                              "student's logits at a branched row are NaN or +inf (-inf masks a token)")
