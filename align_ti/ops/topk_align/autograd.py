@@ -34,24 +34,20 @@ _F32 = torch.float32
 _TENSORS = 8  # hs, ws, bs, ht, wt, bt, mass, vision_mask
 
 
-def _flat(h: torch.Tensor) -> torch.Tensor:
-    """[B, L, H] -> [B*L, H]."""
-    return h.reshape(h.shape[0] * h.shape[1], h.shape[2])
+def _flat_heads(hs, ws, bs, ht, wt, bt) -> tuple[Head, Head]:
+    """Both heads with the hidden states [B, L, H] flattened to [B*L, H]."""
+    return (Head(hs.reshape(hs.shape[0] * hs.shape[1], hs.shape[2]), ws, bs),
+            Head(ht.reshape(ht.shape[0] * ht.shape[1], ht.shape[2]), wt, bt))
 
 
-def _loss_and_grads(hs, ws, bs, ht, wt, bt, mass, vision_mask, k, ratio, normalize, need: StudentGrads,
-                    fp32_weight_grad, gather, opts: FusedKLOptions, grad=None):
-    """(loss, StudentGrads of the flattened hidden states) for the upstream `grad` (None: 1)."""
-    rows, weights = selected_rows(mass, vision_mask, k, ratio, normalize)
-    hs2, ht2 = _flat(hs), _flat(ht)
+def _loss_and_grads(student: Head, teacher: Head, rows, weights, opts: FusedKLOptions,
+                    want: GradRequest, gather: bool):
+    """(loss, StudentGrads of the flattened hidden states) on the selected rows: the Triton
+    gather driver, or the fused KL's driver (exactly `fused_linear_kl` on those rows)."""
     if gather:
-        total = weights.sum()
-        coef = safe_div(weights, total).contiguous()
-        return gather_driver(hs2, ws, bs, ht2, wt, bt, rows, coef, opts, need, fp32_weight_grad)
-    want = GradRequest(need.dh, need.dw, need.db, split_ce=False, grad_kl=grad,
-                       fp32_weight_grad=fp32_weight_grad)
-    res = linear_driver(Head(hs2, ws, bs), Head(ht2, wt, bt), RowPlan(idx=rows, weights=weights),
-                        opts, want)
+        coef = safe_div(weights, weights.sum()).contiguous()
+        return gather_driver(student, teacher, rows, coef, opts, want)
+    res = linear_driver(student, teacher, RowPlan(idx=rows, weights=weights), opts, want)
     return res.kl, res.grads or StudentGrads()
 
 
@@ -80,9 +76,11 @@ def _topk_align_op(
     opts = FusedKLOptions.from_op_args(divergence, beta, temperature, reduction, vocab_size, impl,
                                        chunk_bytes)
     in_fwd = gather or grads_in_forward(reduction, hs.dtype)
-    need = StudentGrads(need_dh and in_fwd, need_dw and in_fwd, need_db and in_fwd and bs is not None)
-    loss, grads = _loss_and_grads(hs, ws, bs, ht, wt, bt, mass, vision_mask, k, ratio, normalize,
-                                  need, fp32_weight_grad, gather, opts)
+    want = GradRequest(need_dh and in_fwd, need_dw and in_fwd, need_db and in_fwd, split_ce=False,
+                       fp32_weight_grad=fp32_weight_grad)
+    rows, weights = selected_rows(mass, vision_mask, k, ratio, normalize)
+    loss, grads = _loss_and_grads(*_flat_heads(hs, ws, bs, ht, wt, bt), rows, weights, opts, want,
+                                  gather)
     return (loss, *_outputs(grads, hs, ws, bs))
 
 
@@ -107,9 +105,11 @@ def _topk_align_backward_op(
     """(dh, dw, db) for the upstream gradient `grad`, recomputed (the rows selected again)."""
     opts = FusedKLOptions.from_op_args(divergence, beta, temperature, reduction, vocab_size, impl,
                                        chunk_bytes)
-    need = StudentGrads(need_dh, need_dw, need_db and bs is not None)
-    _, grads = _loss_and_grads(hs, ws, bs, ht, wt, bt, mass, vision_mask, k, ratio, normalize, need,
-                               fp32_weight_grad, False, opts, grad)
+    want = GradRequest(need_dh, need_dw, need_db, split_ce=False, grad_kl=grad,
+                       fp32_weight_grad=fp32_weight_grad)
+    rows, weights = selected_rows(mass, vision_mask, k, ratio, normalize)
+    _, grads = _loss_and_grads(*_flat_heads(hs, ws, bs, ht, wt, bt), rows, weights, opts, want,
+                               gather=False)
     return tuple(_outputs(grads, hs, ws, bs))
 
 

@@ -22,6 +22,7 @@ from align_ti.ops import heuristics as _heur
 from align_ti.ops.dispatch import cdiv, interpret_mode
 from align_ti.ops.fused_kl.chunk_torch import ChunkSpec
 from align_ti.ops.fused_kl.chunk_triton import chunk_triton
+from align_ti.ops.fused_kl.driver import GradRequest, Head
 from align_ti.ops.fused_kl.matmuls import StudentGrads
 from align_ti.ops.fused_kl.options import FusedKLOptions
 from align_ti.ops.fused_kl.rows import weigh_rows
@@ -101,25 +102,28 @@ def _grad_hidden(g, weight):
     return g @ weight.to(_F32)
 
 
-def gather_driver(hs, ws, bs, ht, wt, bt, rows, coef, opts: FusedKLOptions, need: StudentGrads,
-                  fp32_weight_grad: bool = True):
+def gather_driver(student: Head, teacher: Head, rows, coef, opts: FusedKLOptions,
+                  want: GradRequest):
     """(loss = sum_i coef_i D_i over the selected rows, StudentGrads for a unit upstream
-    gradient): dh in hs.dtype [N, Hs]; dw fp32 or (fp32_weight_grad=False) in the weight's
-    dtype; db fp32; each only where `need` (bools) asks for it."""
+    gradient): dh in the hidden states' dtype [N, Hs]; dw fp32 or (fp32_weight_grad=False) in
+    the weight's dtype; db fp32; each only where `want` asks for it."""
+    hs, ws, bs = student
+    ht, wt, bt = teacher
     device = hs.device
     m = rows.shape[0]
     v = opts.vocab_size
-    need_grad = bool(need.dh or need.dw or need.db)
+    need_db = want.db and bs is not None
+    need_grad = want.dh or want.dw or need_db
     spec = ChunkSpec(v, opts.kl.code, opts.kl.beta, 1.0 / opts.kl.temperature, need_grad)
     r_chunk = _heur.rows_per_chunk(4 * 2 * v, device, opts.chunk_bytes or None)
     r_chunk = _heur.balanced_rows(m, r_chunk, device)
     buf_s = torch.empty(r_chunk, v, dtype=_F32, device=device)
     buf_t = torch.empty(r_chunk, v, dtype=_F32, device=device)
     d_all = torch.zeros(m, dtype=_F32, device=device)
-    dh = torch.zeros(hs.shape, dtype=hs.dtype, device=device) if need.dh else None
-    dw_dtype = _F32 if fp32_weight_grad else ws.dtype  # the kernel rounds at its store
-    dw = torch.zeros(ws.shape, dtype=dw_dtype, device=device) if need.dw else None
-    db = torch.zeros(bs.shape, dtype=_F32, device=device) if need.db else None
+    dh = torch.zeros(hs.shape, dtype=hs.dtype, device=device) if want.dh else None
+    dw_dtype = _F32 if want.fp32_weight_grad else ws.dtype  # the kernel rounds at its store
+    dw = torch.zeros(ws.shape, dtype=dw_dtype, device=device) if want.dw else None
+    db = torch.zeros(bs.shape, dtype=_F32, device=device) if need_db else None
     for s in range(0, m, r_chunk):
         e = min(s + r_chunk, m)
         idx = rows[s:e]
@@ -130,11 +134,11 @@ def gather_driver(hs, ws, bs, ht, wt, bt, rows, coef, opts: FusedKLOptions, need
         d_all[s:e], _, g, _ = chunk_triton(zs, zt, spec, a=coef[s:e] if need_grad else None)
         if not need_grad:
             continue
-        if need.dh:
+        if want.dh:
             _launch_scatter(_grad_hidden(g, ws[:v]), idx, dh)
-        if need.dw:
+        if want.dw:
             _launch_dw(g, hs, idx, dw, db, v, accumulate=s > 0)
-        elif need.db:
+        elif need_db:
             db[:v] += g.sum(0)
     loss = weigh_rows(d_all, coef).sum()  # a row of weight 0 adds 0, even with D = +inf
     return loss, StudentGrads(dh, dw, db)
