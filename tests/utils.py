@@ -151,3 +151,106 @@ def sharpen_attention(layers, factor: float = 6.0):
         for layer in layers:
             layer.self_attn.q_proj.weight.mul_(factor)
             layer.self_attn.k_proj.weight.mul_(factor)
+
+
+# ---- several processes: the engine tests' training loop (tests/train/test_fsdp.py, test_deepspeed.py) -------
+
+DIST_STEPS = 3         # optimizer steps of an engine test
+DIST_GLOBAL_BATCH = 4  # samples per step over all processes
+DIST_TERMS = ("loss", "sft", "kd", "iva", "tpa")
+
+
+def dist_module(run: TinyRun, student=None):
+    """The `DistillModule` of `run_config` (all four terms, IVA at layer 1, TPA on half the
+    response steps) over a copy of the run's student (or ``student``) and its teacher."""
+    import copy
+
+    from align_ti.train.build import build_module
+
+    cfg = run_config("runs/unused", tpa_fraction=0.5)
+    student = copy.deepcopy(run.student) if student is None else student
+    return build_module(cfg, student, run.teacher, run.processor, iva_layer=1), cfg
+
+
+def dist_batches(run: TinyRun, rank: int = 0, world: int = 1, steps: int = DIST_STEPS) -> list:
+    """This process's micro-batch of each step: samples ``[g*step + rank*g/world, ...)`` of the
+    dataset in order, g = DIST_GLOBAL_BATCH (one process gets the whole global batch)."""
+    from align_ti.train.data import DistillCollator
+
+    per = DIST_GLOBAL_BATCH // world
+    collate = DistillCollator(run.processor.tokenizer.pad_token_id)
+    return [collate([run.dataset[DIST_GLOBAL_BATCH * s + rank * per + i] for i in range(per)]) for s in range(steps)]
+
+
+def dist_train(forward, update, module, batches: list, first_step: int = 0) -> list[list[float]]:
+    """Train on ``batches`` the way `DistillTrainer` does (normalisers counted over all processes,
+    divided by the process count, which the engine's gradient average undoes), through the
+    engine's ``forward`` (the wrapped module) and ``update(loss)`` (backward + optimizer step).
+    Returns per step the global loss and terms (`DIST_TERMS`), averaged over processes."""
+    import torch.distributed as dist
+
+    from align_ti.train.loss import count_normalizers
+    from align_ti.train.sharding import gathered_teacher
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    logs = []
+    for i, batch in enumerate(batches):
+        counts = count_normalizers(batch, module.spec, module.image_token_id)
+        if world > 1:
+            dist.all_reduce(counts)
+        with gathered_teacher(module.teacher):
+            out = forward(**batch, loss_divisors=counts.clamp(min=1) / world, epoch=0, step=first_step + i)
+        update(out["loss"])
+        values = torch.stack([out["loss"].detach().float()] + [out["terms"][n].float() for n in DIST_TERMS[1:]])
+        if world > 1:
+            dist.all_reduce(values)
+        logs.append((values / world).tolist())
+    return logs
+
+
+def dist_optimizer(params):
+    """The engine tests' optimizer: SGD with momentum, whose update (unlike Adam's) scales with the
+    gradient, so a gradient averaged or normalised wrongly over processes shows in the weights;
+    its momentum is the state a checkpoint must carry."""
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
+def dist_baseline(run: TinyRun) -> tuple[list, dict]:
+    """One process, no engine, the whole global batch per step: the losses and final student
+    weights every engine test must reproduce."""
+    module, _ = dist_module(run)
+    opt = dist_optimizer(module.parameters())
+
+    def update(loss):
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    logs = dist_train(module, update, module, dist_batches(run))
+    return logs, {k: v.detach().clone() for k, v in module.student.state_dict().items()}
+
+
+def dist_launch(script: str, out, env_extra=None, timeout: int = 240):
+    """Run ``script out`` as 2 torchrun processes (gloo, one thread each) and load what the
+    worker saved to ``out``."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **(env_extra or {}))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           script, str(out)], env=env, timeout=timeout, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return torch.load(out, weights_only=False)
+
+
+def assert_dist_matches(logs, weights, ref_logs, ref_weights, rel: float = 2e-4) -> None:
+    """Loss curve (`DIST_TERMS` per step) and final student weights within fp32 reduction-order
+    tolerance."""
+    assert len(logs) == len(ref_logs)
+    for step, (got, want) in enumerate(zip(logs, ref_logs)):
+        for name, a, b in zip(DIST_TERMS, got, want):
+            assert abs(a - b) <= rel * abs(b) + 1e-6, (step + 1, name, a, b)
+    assert weights.keys() == ref_weights.keys()
+    for k, v in weights.items():
+        torch.testing.assert_close(v, ref_weights[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")

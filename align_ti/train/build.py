@@ -29,7 +29,7 @@ from align_ti.train.data import (
 from align_ti.train.loss import DistillModule, LossSpec, NonFiniteLossError, lm_head
 from align_ti.train.trainer import CheckpointError, DistillTrainer
 
-__all__ = ["resolve_iva_layer", "training_arguments", "build_trainer", "run_distill"]
+__all__ = ["resolve_iva_layer", "training_arguments", "build_module", "build_trainer", "run_distill"]
 
 
 def resolve_iva_layer(config, teacher, processor, items, cache_dir: str) -> int:
@@ -67,6 +67,19 @@ def training_arguments(config, **extra) -> TrainingArguments:
         return TrainingArguments(**kw)
     except TypeError as e:
         raise ValueError(f"config training_args: {e}") from e
+
+
+def build_module(config, student, teacher, processor, iva_layer=None) -> DistillModule:
+    """The `DistillModule` of a config: its `LossSpec` (``iva_layer`` resolved), and for TPA the
+    tokens candidates never take (special tokens, padding rows of the heads)."""
+    spec = LossSpec.from_config(config, iva_layer=iva_layer)
+    tok = processor.tokenizer
+    forbidden, vocab_limit = (), None
+    if spec.w_tpa > 0:
+        forbidden, vocab_limit = forbidden_token_ids(student, tok)
+        vocab_limit = min(vocab_limit, lm_head(student)[0].shape[0], lm_head(teacher)[0].shape[0])
+    return DistillModule(student, teacher, spec, image_token_id=student.config.image_token_index,
+                         pad_token_id=tok.pad_token_id, forbidden_ids=forbidden, vocab_limit=vocab_limit)
 
 
 def build_trainer(config, student=None, teacher=None, processor=None, teacher_processor=None,
@@ -109,14 +122,8 @@ def build_trainer(config, student=None, teacher=None, processor=None, teacher_pr
             teacher.to(args.device)  # IRS's calibration forwards run where training will
         layer = resolve_iva_layer(config, teacher, teacher_processor or processor, src_items or [],
                                   config.output_dir)
-    spec = LossSpec.from_config(config, iva_layer=layer)
+    module = build_module(config, student, teacher, processor, iva_layer=layer)
     tok = processor.tokenizer
-    forbidden, vocab_limit = (), None
-    if spec.w_tpa > 0:
-        forbidden, vocab_limit = forbidden_token_ids(student, tok)
-        vocab_limit = min(vocab_limit, lm_head(student)[0].shape[0], lm_head(teacher)[0].shape[0])
-    module = DistillModule(student, teacher, spec, image_token_id=student.config.image_token_index,
-                           pad_token_id=tok.pad_token_id, forbidden_ids=forbidden, vocab_limit=vocab_limit)
     trainer = DistillTrainer(module, args=args, train_dataset=train_dataset,
                              data_collator=DistillCollator(tok.pad_token_id), processing_class=processor,
                              callbacks=callbacks)

@@ -103,6 +103,15 @@ def all_finite(t: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(torch.stack(torch.aminmax(t.detach()))).all()
 
 
+def _on_every_process(flag: torch.Tensor) -> torch.Tensor:
+    """A bool scalar that holds on every process (a MIN all-reduce when several run): a check
+    raises on all of them together, not on one while the others wait in the next collective."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        flag = flag.to(torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return flag.bool()
+
+
 def _parameter_report(model) -> str:
     """Where a model's parameters stand (run only once a check has failed: a full pass)."""
     bad, largest, where = [], 0.0, None
@@ -330,7 +339,7 @@ class DistillModule(nn.Module):
         # checked here, not with the terms: the sampler reads h0 next and its own input check
         # would stop a diverged run with a message about its arguments (TPA's branch selection
         # syncs with the host anyway)
-        if not bool(all_finite(h0)):
+        if not bool(_on_every_process(all_finite(h0))):
             raise diverged("the student's final hidden states hold NaN or inf (the pass that draws TPA's "
                            "candidates)", step, student)
         cands = sample_candidates(h0, ws, input_ids, steps, num_candidates=spec.tpa_d, strategy=spec.tpa_strategy,
