@@ -16,8 +16,15 @@ IMPLS = ("auto", "triton", "torch")
 TPA_STRATEGIES = ("sample", "topk")
 """How TPA draws its d candidates per step: Gumbel-top-d sampling, or the d most likely."""
 
+TPA_FORWARDS = ("auto", "prefix_cache", "expanded")
+"""How TPA runs its candidates: over a cached ground-truth prefix (the training forward's own
+keys and values), in one expanded forward per model, or the first where the models allow it."""
+
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 """Language-model attention implementations that take TPA's 4-D branch mask."""
 
 BAD_SAMPLES = ("error", "skip")
 """What loading LLaVA data does with a sample that would not train as written."""
+
+TEACHER_SHARDINGS = ("replicate", "fsdp")
+"""Where the frozen teacher lives with several processes: whole on each, or sharded with FSDP2."""

@@ -16,7 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from align_ti.constants import ATTN_IMPLEMENTATIONS, BAD_SAMPLES, DIVERGENCES, TPA_STRATEGIES
+from align_ti.constants import ATTN_IMPLEMENTATIONS, BAD_SAMPLES, DIVERGENCES, TPA_FORWARDS, TPA_STRATEGIES
+from align_ti.constants import TEACHER_SHARDINGS
 
 BUILTIN_MODELS = ("tiny-teacher", "tiny-student")
 
@@ -31,6 +32,10 @@ class DistillConfig:
     # flex_attention (CUDA only: FlexAttention has no backward on CPU). With TPA, flex skips the
     # masked blocks of the expanded sequences, which SDPA computes densely under their mask.
     attn_implementation: str = "sdpa"
+    # the frozen teacher with several processes: replicate (whole on every device) | fsdp (sharded
+    # with FSDP2 over all processes, 1/N of its weights on each, for a teacher larger than one
+    # device; any student engine: DDP, FSDP, DeepSpeed ZeRO)
+    teacher_sharding: str = "replicate"
     # data: "synthetic" (built-in visual QA) or a LLaVA-format JSON file
     data: str = "synthetic"
     image_folder: str | None = None         # images of a LLaVA-format JSON (default: its folder)
@@ -60,6 +65,12 @@ class DistillConfig:
     tpa_fraction: float = 0.25              # fraction of response positions branched
     tpa_temperature: float = 1.0            # sampling temperature of the candidates
     tpa_max_per_sample: int | None = None   # cap on branched steps per sample (None = no cap)
+    # how the candidates run: prefix_cache (the training forward over the ground truth keeps its
+    # keys/values, candidates are drawn from it, then only the candidate tokens run), expanded
+    # (one forward over ground truth + candidates, after a no-grad pass that draws them), or
+    # auto: prefix_cache where both models allow it (not under gradient checkpointing,
+    # sliding-window attention, dynamic RoPE or FlexAttention), else expanded
+    tpa_forward: str = "auto"
     # fused KL ops (SFT/KD, IVA, TPA) and TPA's candidate sampling: the scratch budget of one
     # row chunk, in bytes or with a K/M/G suffix ("512M"; null = align_ti.ops.heuristics: 1 GiB
     # on CUDA), and where the LM head's weight gradient accumulates over the chunks: fp32
@@ -85,9 +96,11 @@ class DistillConfig:
         choices = {
             "divergence": DIVERGENCES,
             "tpa_strategy": TPA_STRATEGIES,
+            "tpa_forward": TPA_FORWARDS,
             "tiny_text_model": ("qwen2", "qwen3"),
             "attn_implementation": ATTN_IMPLEMENTATIONS,
             "bad_samples": BAD_SAMPLES,
+            "teacher_sharding": TEACHER_SHARDINGS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -8,19 +8,26 @@
   logits) and computes every term with the align_ti ops, in named steps (each a
   ``torch.profiler.record_function`` range, which the train-step benchmark reads):
 
-  ``align_ti.tpa_sample``       TPA only: branched steps, a no-grad student pass, candidates,
-                                the expanded batch (`align_ti.ops.branches`)
-  ``align_ti.student_forward``  the student, with grad (over the expanded batch with TPA)
-  ``align_ti.teacher_forward``  the teacher, no grad; with IVA it captures the IRS layer's q/k
+  ``align_ti.tpa_sample``       TPA only: branched steps, candidates drawn from the student's
+                                final hidden states of the ground truth, the expanded batch
+                                (`align_ti.ops.branches`)
+  ``align_ti.student_forward``  the student, with grad (with TPA: the ground truth, then the
+                                candidates over its cached keys and values)
+  ``align_ti.teacher_forward``  the teacher, no grad, the same way; with IVA it captures the IRS
+                                layer's q/k (of the ground-truth pass)
   ``align_ti.iva_mass``         IVA: the teacher's instruction->token attention mass (inside
                                 ``align_ti.teacher_forward``)
   ``align_ti.sft_kd``           SFT and KD with `fused_linear_distill` (one student-head pass)
   ``align_ti.iva``              IVA with `topk_align` over the vision rows
   ``align_ti.tpa_loss``         TPA with `tpa_loss` over the candidate rows
 
-  With TPA on, *one* expanded forward per model serves all terms: the ground-truth rows of
-  the expanded sequences are the teacher-forced rows of SFT/KD/IVA. The loss is computed
-  inside this forward so that FSDP (and DeepSpeed ZeRO-3 through
+  TPA's candidates (`LossSpec.tpa_forward`): with "prefix_cache" (what "auto" picks where both
+  models allow it) the student's training forward over the ground truth keeps its keys and
+  values, the candidates are drawn from its final hidden states, and then only the candidate
+  tokens run through each model; with "expanded" a no-grad student pass draws them and one
+  forward per model runs ground truth and candidates together. Both give the same rows (the
+  ground truth, then the candidates) and gradients. The ground-truth rows serve SFT/KD/IVA.
+  The loss is computed inside this forward so that FSDP (and DeepSpeed ZeRO-3 through
   ``register_external_parameter``) has gathered the student's LM-head weight when the ops
   read it.
 - Where the teacher lives: on every device, whole (replicated), frozen (``requires_grad``
@@ -52,9 +59,13 @@ from align_ti.ops.branches import (
     ExpandedBatch,
     branch_count,
     build_expanded_batch,
+    candidate_hidden_states,
+    default_position_ids,
     eligible_steps,
     expanded_hidden_states,
+    ground_truth_pass,
     next_token_targets,
+    prefix_cache_unsupported,
     sample_candidates,
     select_branch_steps,
     tpa_loss,
@@ -163,6 +174,7 @@ class LossSpec:
     tpa_fraction: float = 0.25
     tpa_temperature: float = 1.0
     tpa_max_per_sample: Optional[int] = None
+    tpa_forward: str = "auto"          # "prefix_cache" | "expanded" | "auto" (see DistillConfig)
     seed: int = 0
     chunk_bytes: Optional[int] = None  # row-chunk budget of the fused KL ops and TPA sampling
     fp32_weight_grad: bool = True      # False: the LM head's grad accumulates in its dtype
@@ -183,7 +195,8 @@ class LossSpec:
             tpa_d=config.tpa_d, tpa_strategy=config.tpa_strategy, tpa_fraction=config.tpa_fraction,
             tpa_temperature=config.tpa_temperature,
             tpa_exclude_ground_truth=getattr(config, "tpa_exclude_ground_truth", True),
-            tpa_max_per_sample=getattr(config, "tpa_max_per_sample", None), seed=config.seed,
+            tpa_max_per_sample=getattr(config, "tpa_max_per_sample", None),
+            tpa_forward=getattr(config, "tpa_forward", "auto"), seed=config.seed,
             chunk_bytes=resolve_chunk_bytes(getattr(config, "kl_chunk_bytes", None), "config kl_chunk_bytes"),
             fp32_weight_grad=getattr(config, "fp32_weight_grad", True),
         )
@@ -303,11 +316,15 @@ class DistillModule(nn.Module):
         spec = self.spec
         if pixel_values is not None:  # the images in the student's dtype (the teacher casts on)
             pixel_values = pixel_values.to(_dtype(self.student))
-        expanded = None
-        if spec.w_tpa > 0:
+        if spec.w_tpa == 0:
+            fw = self._forwards(input_ids, attention_mask, labels, pixel_values, instruction_mask, None)
+        elif self.tpa_way() == "expanded":
             with record_function("align_ti.tpa_sample"):
                 expanded = self._expand(input_ids, attention_mask, labels, pixel_values, sample_ids, epoch, step)
-        fw = self._forwards(input_ids, attention_mask, labels, pixel_values, instruction_mask, expanded)
+            fw = self._forwards(input_ids, attention_mask, labels, pixel_values, instruction_mask, expanded)
+        else:
+            fw = self._prefix_cached_forwards(input_ids, attention_mask, labels, pixel_values, instruction_mask,
+                                              sample_ids, epoch, step)
         parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # term -> (sum, count)
         if spec.w_sft > 0 or spec.w_kd > 0:
             with record_function("align_ti.sft_kd"):
@@ -324,32 +341,89 @@ class DistillModule(nn.Module):
                   else fw.student.new_ones((), dtype=torch.bool)}
         return {"loss": loss, "terms": terms, "finite": finite}
 
-    # ---- TPA's candidates and the expanded batch ---------------------------------------------
-    @torch.no_grad()
-    def _expand(self, input_ids, attention_mask, labels, pixel_values, sample_ids, epoch, step) -> ExpandedBatch:
-        """Branched steps, d candidates each drawn from a no-grad student pass over the batch,
-        and the expanded batch that appends them."""
+    # ---- TPA: which way, the candidates and the expanded batch --------------------------------
+    def tpa_way(self) -> str:
+        """"prefix_cache" or "expanded": how this forward runs TPA's candidates (`LossSpec.tpa_forward`;
+        "auto" takes the prefix cache where both models allow it). Decided per forward, since the
+        Trainer may turn gradient checkpointing on after the module is built."""
+        wanted = self.spec.tpa_forward
+        if wanted == "expanded":
+            return "expanded"
+        why = prefix_cache_unsupported(self.student) or prefix_cache_unsupported(self.teacher)
+        if why is None:
+            return "prefix_cache"
+        if wanted == "prefix_cache":
+            raise ValueError(f"tpa_forward='prefix_cache' cannot run here: {why}; use tpa_forward='expanded' "
+                             "(or 'auto')")
+        return "expanded"
+
+    def _candidates(self, hidden, input_ids, attention_mask, labels, sample_ids, epoch, step, position_ids=None):
+        """Branched steps and d candidates each, drawn from the student's final hidden states of
+        the ground truth (``hidden``, read without grad), and the expanded batch appending them."""
         spec, student = self.spec, self.student
         ws, bs = lm_head(student)
+        # checked here, not with the terms: the sampler reads the states next and its own input
+        # check would stop a diverged run with a message about its arguments (TPA's branch
+        # selection syncs with the host anyway)
+        if not bool(_on_every_process(all_finite(hidden))):
+            raise diverged("the student's final hidden states hold NaN or inf (the pass that draws TPA's "
+                           "candidates)", step, student)
         steps = select_branch_steps(labels, attention_mask, fraction=spec.tpa_fraction,
                                     max_per_sample=spec.tpa_max_per_sample, seed=spec.seed,
                                     sample_ids=sample_ids, epoch=epoch)
-        h0 = _base(student)(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                            use_cache=False).last_hidden_state
-        # checked here, not with the terms: the sampler reads h0 next and its own input check
-        # would stop a diverged run with a message about its arguments (TPA's branch selection
-        # syncs with the host anyway)
-        if not bool(_on_every_process(all_finite(h0))):
-            raise diverged("the student's final hidden states hold NaN or inf (the pass that draws TPA's "
-                           "candidates)", step, student)
-        cands = sample_candidates(h0, ws, input_ids, steps, num_candidates=spec.tpa_d, strategy=spec.tpa_strategy,
-                                  temperature=spec.tpa_temperature,
-                                  exclude_ground_truth=spec.tpa_exclude_ground_truth,
-                                  forbidden_ids=self.forbidden_ids, vocab_limit=self.vocab_limit, seed=spec.seed,
-                                  sample_ids=sample_ids, epoch=epoch, student_bias=bs, chunk_bytes=spec.chunk_bytes,
-                                  attention_mask=attention_mask)
-        del h0
-        return build_expanded_batch(input_ids, attention_mask, steps, cands, labels=labels, pad_id=self.pad_token_id)
+        with torch.no_grad():
+            cands = sample_candidates(hidden.detach(), ws, input_ids, steps, num_candidates=spec.tpa_d,
+                                      strategy=spec.tpa_strategy, temperature=spec.tpa_temperature,
+                                      exclude_ground_truth=spec.tpa_exclude_ground_truth,
+                                      forbidden_ids=self.forbidden_ids, vocab_limit=self.vocab_limit, seed=spec.seed,
+                                      sample_ids=sample_ids, epoch=epoch, student_bias=bs,
+                                      chunk_bytes=spec.chunk_bytes, attention_mask=attention_mask)
+        if steps.shape[1] == 0:  # one empty slot, so that every process runs the candidates' pass
+            steps = steps.new_full((steps.shape[0], 1), -1)
+            cands = cands.new_zeros((steps.shape[0], 1, spec.tpa_d))
+        return build_expanded_batch(input_ids, attention_mask, steps, cands, labels=labels, pad_id=self.pad_token_id,
+                                    position_ids=position_ids)
+
+    @torch.no_grad()
+    def _expand(self, input_ids, attention_mask, labels, pixel_values, sample_ids, epoch, step) -> ExpandedBatch:
+        """The expanded way's candidates: drawn from a no-grad student pass over the batch."""
+        h0 = _base(self.student)(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                 use_cache=False).last_hidden_state
+        return self._candidates(h0, input_ids, attention_mask, labels, sample_ids, epoch, step)
+
+    def _prefix_cached_forwards(self, input_ids, attention_mask, labels, pixel_values, instruction_mask,
+                                sample_ids, epoch, step) -> _Forwards:
+        """TPA over a cached prefix: each model runs the ground truth once, keeping its keys and
+        values (the student's pass, with grad, is the training forward and the candidates are
+        drawn from it), then only the candidate tokens. The rows come out as in the expanded way:
+        [B, L + C], the ground truth first."""
+        student, teacher = self.student, self.teacher
+        positions = default_position_ids(attention_mask)  # what the expanded way gives the ground truth
+
+        def pixels_for(model):
+            return None if pixel_values is None else pixel_values.to(_dtype(model))
+
+        with record_function("align_ti.student_forward"):
+            s_prefix = ground_truth_pass(student, input_ids, attention_mask, positions, pixels_for(student))
+        with record_function("align_ti.tpa_sample"):
+            expanded = self._candidates(s_prefix.hidden, input_ids, attention_mask, labels, sample_ids, epoch, step,
+                                        position_ids=positions)
+        with record_function("align_ti.student_forward"):
+            hs = torch.cat([s_prefix.hidden, candidate_hidden_states(student, expanded, s_prefix)], 1)
+        del s_prefix
+        with torch.no_grad(), record_function("align_ti.teacher_forward"):
+            def teacher_prefix():
+                return ground_truth_pass(teacher, input_ids, attention_mask, positions, pixels_for(teacher))
+
+            mass = None
+            if self.spec.w_iva > 0:  # the IRS layer's q/k of the ground-truth pass only
+                t_prefix, mass = self._teacher_with_mass(teacher_prefix, instruction_mask, attention_mask)
+                mass = _pad_slots(mass, expanded.total_length)
+            else:
+                t_prefix = teacher_prefix()
+            ht = torch.cat([t_prefix.hidden, candidate_hidden_states(teacher, expanded, t_prefix)], 1)
+        return _Forwards(student=hs.to(lm_head(student)[0].dtype), teacher=ht.to(lm_head(teacher)[0].dtype),
+                         targets=expanded.targets, expanded=expanded, mass=mass)
 
     # ---- the forwards: one per model ---------------------------------------------------------
     def _forwards(self, input_ids, attention_mask, labels, pixel_values, instruction_mask,

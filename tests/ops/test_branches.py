@@ -16,9 +16,12 @@ from align_ti.models.tiny import IMAGE_TOKEN_ID, PAD_TOKEN_ID, build_tiny_causal
 from align_ti.ops.branches import (
     ExpandedBatch,
     build_expanded_batch,
+    candidate_hidden_states,
     default_position_ids,
     expanded_hidden_states,
     forbidden_token_ids,
+    ground_truth_pass,
+    prefix_cache_unsupported,
     sample_candidates,
     select_branch_steps,
     tpa_loss,
@@ -281,6 +284,115 @@ def test_llava_expanded_forward_equals_separate_forwards(attn, processor):
                               num_candidates=2, forbidden_ids=forbidden, vocab_limit=vlim, seed=3)
     _check_forward_equivalence(model, batch["input_ids"], batch["attention_mask"], steps, cands,
                                pixel_values=batch["pixel_values"], labels=labels)
+
+
+# --------------------------------------------------------------------------------------------
+# the prefix-cached way == the expanded forward == separate forwards, gradients included
+# --------------------------------------------------------------------------------------------
+
+def _prefix_cached(model, batch, eb, pixel_values=None):
+    """[B, L + C] hidden states the prefix-cached way (ground truth, then the candidates)."""
+    prefix = ground_truth_pass(model, batch["input_ids"], batch["attention_mask"], eb.position_ids[:, :eb.length],
+                               pixel_values=pixel_values)
+    return torch.cat([prefix.hidden, candidate_hidden_states(model, eb, prefix)], 1)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("left_pad", [False, True])
+def test_prefix_cached_way_equals_the_expanded_forward_with_gradients(attn, left_pad, processor):
+    """The candidates' own pass over the ground truth's cached keys and values gives the expanded
+    forward's hidden states (ground-truth and candidate rows), and the same gradient for every
+    parameter (the candidates' gradients reach the student's ground-truth keys and values
+    through the cache); each candidate row also equals a separate forward of its prefix plus
+    itself. fp32, training mode."""
+    import copy
+
+    model = build_tiny_llava("student", "qwen2", attn_implementation=attn).train()
+    batch, labels = _llava_batch(processor)
+    if left_pad:  # the padding moved to the front of each sample
+        n = batch["attention_mask"].sum(1)
+        length = batch["input_ids"].shape[1]
+        for key, fill in (("input_ids", PAD_TOKEN_ID), ("attention_mask", 0), ("labels", -100)):
+            t = batch[key] if key != "labels" else labels
+            rolled = torch.stack([torch.roll(t[b], int(length - n[b])) for b in range(t.shape[0])])
+            if key == "labels":
+                labels = rolled
+            else:
+                batch[key] = rolled
+    ids, am, pv = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+    steps = select_branch_steps(labels, am, max_per_sample=3, seed=4)
+    cands = torch.randint(5, 1000, (*steps.shape, 2), generator=torch.Generator().manual_seed(6))
+    cands[cands == IMAGE_TOKEN_ID] = 7
+    eb = build_expanded_batch(ids, am, steps, cands, labels=labels, pad_id=PAD_TOKEN_ID)
+    valid = torch.cat([am.bool(), eb.candidate_valid.view(ids.shape[0], -1)], 1)
+    g = torch.randn(*valid.shape, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(7))
+    g = g * valid[..., None]  # padding rows and empty slots carry nothing
+
+    twin = copy.deepcopy(model)
+    expanded = expanded_hidden_states(twin, eb, pixel_values=pv)
+    (expanded * g).sum().backward()
+    cached = _prefix_cached(model, batch, eb, pixel_values=pv)
+    (cached * g).sum().backward()
+    assert_close(cached * valid[..., None], expanded * valid[..., None], atol=2e-6, rtol=1e-5, name="hidden")
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if q.grad is None:  # the LM head: hidden states never pass it
+            continue
+        scale = q.grad.abs().max().item()
+        if scale > 1e-4:  # (a key bias's true gradient is 0: softmax ignores it; noise only)
+            assert_close(p.grad, q.grad, atol=1e-5 * scale, rtol=0, name=f"grad of {name}")
+    with torch.no_grad():  # the candidate rows against separate forwards of prefix + candidate
+        out = _logits(model, cached)
+        length, checked = ids.shape[1], 0
+        for b in range(ids.shape[0]):
+            real = am[b].bool()
+            for c in range(eb.num_slots):
+                t = int(eb.steps[b, c])
+                if t < 0:
+                    continue
+                prefix_ids = ids[b, :t][real[:t]]
+                seq = torch.cat([prefix_ids, eb.candidates[b, c:c + 1]]).unsqueeze(0)
+                alone = model(input_ids=seq, pixel_values=pv[b:b + 1]).logits[0, -1]
+                assert_close(out[b, length + c], alone, atol=2e-5, name=f"candidate slot {c} of sample {b}")
+                checked += 1
+        assert checked > 0
+
+
+def test_prefix_cache_unsupported_says_why():
+    """What the cached way cannot run: gradient checkpointing in training (transformers keeps no
+    cache then: ground_truth_pass refuses rather than run candidates without their prefix),
+    sliding-window attention, dynamic RoPE, FlexAttention; a plain model can."""
+    model = build_tiny_causal_lm("student", "qwen2").train()
+    assert prefix_cache_unsupported(model) is None
+    model.gradient_checkpointing_enable()
+    assert "checkpointing" in prefix_cache_unsupported(model)
+    ids = torch.randint(5, 300, (2, 9))
+    with pytest.raises(RuntimeError, match="cache holds 0 positions"):
+        ground_truth_pass(model, ids, torch.ones_like(ids), torch.arange(9).expand(2, 9))
+    model.eval()
+    assert prefix_cache_unsupported(model) is None  # no checkpointing outside training
+    sliding = build_tiny_causal_lm("student", "qwen2", use_sliding_window=True, sliding_window=4,
+                                   max_window_layers=0)
+    assert "sliding-window" in prefix_cache_unsupported(sliding)
+    dynamic = build_tiny_causal_lm("student", "qwen2",
+                                   rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
+    assert "dynamic" in prefix_cache_unsupported(dynamic)
+    flex = build_tiny_causal_lm("student", "qwen2", attn_implementation="flex_attention")
+    assert "flex_attention" in prefix_cache_unsupported(flex)
+
+
+def test_candidate_pass_checks_its_prefix(processor):
+    model = build_tiny_causal_lm("student", "qwen2").eval()
+    ids, am, labels = random_batch(torch.Generator().manual_seed(2), 2, 10, vocab=300, min_len=5, prompt=2)
+    steps = select_branch_steps(labels, am, max_per_sample=2, seed=1)
+    eb = build_expanded_batch(ids, am, steps, torch.randint(5, 300, (*steps.shape, 2)), labels=labels)
+    with torch.no_grad():
+        prefix = ground_truth_pass(model, ids, am, eb.position_ids[:, :eb.length])
+        candidate_hidden_states(model, eb, prefix)
+        with pytest.raises(ValueError, match="a prefix serves one candidates' pass"):
+            candidate_hidden_states(model, eb, prefix)  # its cache now holds the candidates too
+        with pytest.raises(TypeError, match="prefix must be a PrefixPass"):
+            candidate_hidden_states(model, eb, prefix.hidden)
 
 
 def test_block_mask_attention_equals_dense_sdpa_cpu():

@@ -147,6 +147,51 @@ def test_tpa_expanded_forward_serves_the_other_terms(tiny):
     assert with_tpa["terms"]["tpa"] > 0 and torch.isfinite(with_tpa["terms"]["tpa"])
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_tpa_ways_give_the_same_terms_and_gradients(tiny, attn):
+    """tpa_forward='prefix_cache' (candidates drawn from the training forward, then run over its
+    cached keys/values) and 'expanded' (a no-grad sampling pass, then one forward over ground
+    truth + candidates) give the same four terms and the same student gradients."""
+    batch = _batch(tiny)
+    results = {}
+    for way in ("expanded", "prefix_cache"):
+        student, teacher = copy.deepcopy(tiny.student), copy.deepcopy(tiny.teacher)
+        for model in (student, teacher):
+            model.config.get_text_config()._attn_implementation = attn
+        spec = LossSpec(w_sft=1.0, w_kd=1.0, w_iva=1.0, w_tpa=1.0, iva_layer=1, tpa_fraction=0.5, tpa_forward=way)
+        module = _module(tiny, spec, forbidden_ids=(0, 3), vocab_limit=1200)
+        module.student, module.teacher = student, teacher
+        assert module.tpa_way() == way
+        out = module(**batch)
+        out["loss"].backward()
+        results[way] = out["terms"], {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+    (terms_e, grads_e), (terms_p, grads_p) = results["expanded"], results["prefix_cache"]
+    assert terms_p.keys() == terms_e.keys() == {"sft", "kd", "iva", "tpa"}
+    for name in terms_e:
+        torch.testing.assert_close(terms_p[name], terms_e[name], rtol=1e-5, atol=1e-7)
+    assert grads_p.keys() == grads_e.keys()
+    for name, g in grads_e.items():
+        scale = g.abs().max().item()
+        if scale > 1e-4:
+            torch.testing.assert_close(grads_p[name], g, rtol=0, atol=1e-5 * scale)
+
+
+def test_tpa_forward_auto_falls_back_where_the_cache_cannot_serve(tiny):
+    """Under gradient checkpointing (transformers keeps no cache in a checkpointed training
+    forward) 'auto' runs the expanded forward, and an explicit 'prefix_cache' says why it can't."""
+    student = copy.deepcopy(tiny.student).train()
+    module = _module(tiny, LossSpec(w_tpa=1.0, tpa_fraction=0.5), forbidden_ids=(0, 3), vocab_limit=1200)
+    module.student = student
+    assert module.tpa_way() == "prefix_cache"
+    module.gradient_checkpointing_enable()
+    assert module.tpa_way() == "expanded"
+    out = module(**_batch(tiny))
+    assert torch.isfinite(out["terms"]["tpa"]) and out["terms"]["tpa"] > 0
+    module.spec.tpa_forward = "prefix_cache"
+    with pytest.raises(ValueError, match="tpa_forward='prefix_cache' cannot run here: gradient checkpointing"):
+        module(**_batch(tiny))
+
+
 def test_kernel_options_reach_every_fused_op(tiny, monkeypatch):
     """kl_chunk_bytes / fp32_weight_grad of the config reach the SFT+KD, IVA and TPA ops (and
     TPA's candidate sampling gets the chunk budget, the ground-truth rule and the padding).

@@ -6,21 +6,26 @@ One training step of TPA, per batch (DESIGN.md "TPA expanded sequences"):
 1. ``steps = select_branch_steps(labels, attention_mask, fraction=..., max_per_sample=...,
    seed=..., sample_ids=..., epoch=...)`` -- which response positions are branched ([B, S],
    ascending, -1 = empty).  (`steps.py`)
-2. A no-grad student pass over the original batch gives its final hidden states ``h`` [B, L, H];
-   ``cands = sample_candidates(h, student_head_weight, input_ids, steps, num_candidates=d, ...)``
-   draws d candidates per step ([B, S, d]) through the student head in row chunks.
-   (`sampling.py`)
+2. The student's final hidden states of the ground truth ``h`` [B, L, H] -- the training
+   forward itself, run by ``prefix = ground_truth_pass(student, ...)``, which keeps every
+   layer's keys and values -- give ``cands = sample_candidates(h, student_head_weight,
+   input_ids, steps, num_candidates=d, ...)``, d candidates per step ([B, S, d]) drawn through
+   the student head in row chunks.  (`sampling.py`, `forward.py`)
 3. ``batch = build_expanded_batch(input_ids, attention_mask, steps, cands, labels=labels,
-   pad_id=..., max_expanded_len=...)`` -- the expanded batch (an :class:`ExpandedBatch`: the
+   pad_id=..., position_ids=...)`` -- the expanded batch (an :class:`ExpandedBatch`: the
    candidates appended after the ground truth, position ids, targets, and the mask as bool,
    additive or BlockMask).  (`batch.py`)
-4. ``hs = expanded_hidden_states(student, batch, pixel_values=...)`` and the same for the
-   teacher (under no_grad): final hidden states [B, T, H], T = L + C, from one forward each.
-   (`forward.py`)
-5. ``tpa = tpa_loss(hs, W_s, ht, W_t, batch, divergence=...)``; the ground-truth rows for
-   SFT/KD/IVA are the first L rows of each sample of the same forwards
-   (:meth:`ExpandedBatch.ground_truth`, :meth:`ExpandedBatch.expand_rows`, ``batch.targets``).
-   (`loss.py`)
+4. ``candidate_hidden_states(student, batch, prefix)`` runs only the candidate tokens over the
+   cached prefix ([B, C, H]); the teacher likewise under no_grad. The other way,
+   ``expanded_hidden_states(model, batch)``, runs ground truth and candidates in one forward
+   (after a no-grad pass for the sampling): the same hidden states and gradients, at the cost
+   of attention over the whole [T, T] square; it serves where `prefix_cache_unsupported` says
+   the cache cannot (gradient checkpointing, sliding windows, dynamic RoPE, FlexAttention), and
+   as the oracle.  (`forward.py`)
+5. ``tpa = tpa_loss(hs, W_s, ht, W_t, batch, divergence=...)`` over ``hs``, ``ht`` [B, T, H]
+   (T = L + C: the ground-truth rows, then the candidate rows); the ground-truth rows serve
+   SFT/KD/IVA (:meth:`ExpandedBatch.ground_truth`, :meth:`ExpandedBatch.expand_rows`,
+   ``batch.targets``).  (`loss.py`)
 
 Randomness is counter-based (`rng.py`): every random number is a hash of (seed, sample id,
 epoch, step, token id), so branched positions and candidates of a sample do not depend on the
@@ -34,7 +39,13 @@ from align_ti.ops.branches.batch import (
     default_position_ids,
     next_token_targets,
 )
-from align_ti.ops.branches.forward import expanded_hidden_states
+from align_ti.ops.branches.forward import (
+    PrefixPass,
+    candidate_hidden_states,
+    expanded_hidden_states,
+    ground_truth_pass,
+    prefix_cache_unsupported,
+)
 from align_ti.ops.branches.loss import tpa_loss
 from align_ti.ops.branches.rng import sample_keys
 from align_ti.ops.branches.sampling import forbidden_token_ids, sample_candidates
@@ -47,6 +58,10 @@ __all__ = [
     "sample_candidates",
     "forbidden_token_ids",
     "expanded_hidden_states",
+    "ground_truth_pass",
+    "candidate_hidden_states",
+    "prefix_cache_unsupported",
+    "PrefixPass",
     "tpa_loss",
     "sample_keys",
     "branch_count",

@@ -131,26 +131,31 @@ class ExpandedBatch:
         return base + positions.long()
 
     # --- masks -----------------------------------------------------------------------------
-    def allowed(self) -> torch.Tensor:
-        """bool [B, T, T]: query i may see key j."""
+    def allowed(self, first_query: int = 0) -> torch.Tensor:
+        """bool [B, T - first_query, T]: query i (from ``first_query`` on) may see key j. The
+        candidate rows alone (``first_query = L``) are the mask of the candidates' own pass over
+        a cached ground-truth prefix (:func:`candidate_hidden_states`)."""
         t = self.total_length
         dev = self.input_ids.device
-        ar = torch.arange(t, device=dev)
-        mask = self.key_real[:, None, :] & (ar[None, None, :] <= self.query_limit[:, :, None])
-        return mask | torch.eye(t, dtype=torch.bool, device=dev)
+        keys = torch.arange(t, device=dev)
+        queries = keys[first_query:]
+        limit = self.query_limit[:, first_query:]
+        mask = self.key_real[:, None, :] & (keys[None, None, :] <= limit[:, :, None])
+        return mask | (queries[:, None] == keys[None, :])
 
-    def sdpa_mask(self) -> torch.Tensor:
-        """bool [B, 1, T, T] for SDPA (True = attend)."""
-        return self.allowed().unsqueeze(1)
+    def sdpa_mask(self, first_query: int = 0) -> torch.Tensor:
+        """bool [B, 1, T - first_query, T] for SDPA (True = attend)."""
+        return self.allowed(first_query).unsqueeze(1)
 
-    def eager_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """additive [B, 1, T, T] in ``dtype`` for eager attention: 0 where allowed, the dtype's
-        most negative finite value elsewhere (a bool mask under eager is silently wrong)."""
+    def eager_mask(self, dtype: torch.dtype, first_query: int = 0) -> torch.Tensor:
+        """additive [B, 1, T - first_query, T] in ``dtype`` for eager attention: 0 where allowed,
+        the dtype's most negative finite value elsewhere (a bool mask under eager is silently
+        wrong)."""
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         zero = torch.zeros((), dtype=dtype, device=self.input_ids.device)
         neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=self.input_ids.device)
-        return torch.where(self.allowed(), zero, neg).unsqueeze(1)
+        return torch.where(self.allowed(first_query), zero, neg).unsqueeze(1)
 
     def mask_mod(self):
         """The FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` of this batch."""
@@ -178,20 +183,22 @@ class ExpandedBatch:
         return create_block_mask(self.mask_mod(), self.batch_size, None, t, t, device=dev,
                                  BLOCK_SIZE=block_size, **kw)
 
-    def attention_mask_for(self, attn_implementation: str, dtype: torch.dtype = torch.float32):
+    def attention_mask_for(self, attn_implementation: str, dtype: torch.dtype = torch.float32,
+                           first_query: int = 0):
         """The 4-D mask form for a model's attention implementation: ``"sdpa"`` -> bool,
         ``"eager"`` -> additive in ``dtype`` (the model's compute dtype), ``"flex_attention"`` ->
-        BlockMask. flash-attention kernels cannot take an arbitrary mask: ValueError."""
+        BlockMask (all queries only). flash-attention kernels cannot take an arbitrary mask:
+        ValueError. ``first_query``: the rows from that query on (L: the candidates' pass)."""
         impl = attn_implementation or "eager"
         if impl == "sdpa":
-            return self.sdpa_mask()
+            return self.sdpa_mask(first_query)
         if impl == "eager":
-            return self.eager_mask(dtype)
-        if impl == "flex_attention":
+            return self.eager_mask(dtype, first_query)
+        if impl == "flex_attention" and first_query == 0:
             return self.block_mask()
         raise ValueError(
             f"attn_implementation {impl!r} cannot take TPA's branch mask: use 'sdpa', 'eager' or "
-            "'flex_attention' for the expanded forward"
+            "'flex_attention' (expanded forward only) for TPA"
         )
 
 
