@@ -46,7 +46,6 @@ __all__ = [
     "run_irs",
     "plot_irs",
     "cached_irs_layer",
-    "folder_fingerprint",
 ]
 
 
@@ -397,42 +396,40 @@ def run_irs(model=None, data=None, samples: int = 32, out=".", batch_size: int =
 # --------------------------------------------------------------------------------------
 
 
-def folder_fingerprint(path: str) -> list:
-    """(name, size, mtime) of a checkpoint folder's files: a cached result of another teacher
-    saved at the same path does not match. [] for a built-in model name."""
-    if not os.path.isdir(path):
-        return []
-    return sorted([name, st.st_size, int(st.st_mtime)] for name in os.listdir(path)
-                  if os.path.isfile(os.path.join(path, name))
-                  for st in [os.stat(os.path.join(path, name))])
-
-
-def cached_irs_layer(teacher, processor, items: list[dict], max_pairs: int, cache_dir: str, key: dict) -> int:
+def cached_irs_layer(teacher, processor, items: list[dict], max_pairs: int, cache_dir: str, key: dict,
+                     decide=None, write: bool = True) -> int:
     """The IRS argmax layer of ``teacher`` over up to ``max_pairs`` calibration pairs from
     ``items`` (samples sharing an image, `pairs_from_llava`), cached in ``<cache_dir>/irs.json``.
 
     ``key`` names what the result depends on besides the teacher's layer count (which is added
     to it): the teacher, the data, the seed, ... A cached file is reused when its key matches
     and its layer is one the teacher has; otherwise IRS runs and the file is (atomically)
-    rewritten."""
+    rewritten when ``write``. With several processes, ``decide`` (e.g. a broadcast from process
+    0) makes the cached layer or None the same on every process, so that all run IRS or none."""
     n_layers = teacher.config.get_text_config().num_hidden_layers
     key = {**key, "teacher_layers": n_layers}
     path = os.path.join(cache_dir, "irs.json")
+    layer = None
     if os.path.isfile(path):
         try:
             cached = json.loads(open(path).read())
             if cached.get("key") == key and 0 <= int(cached["layer"]) < n_layers:
-                return int(cached["layer"])
+                layer = int(cached["layer"])
         except (ValueError, KeyError, TypeError):
             pass
+    if decide is not None:
+        layer = decide(layer)
+    if layer is not None:
+        return layer
     pairs = pairs_from_llava(items, max_pairs=max_pairs)
     if not pairs:
         raise ValueError("iva_layer='auto' needs calibration pairs (two instructions on one image) in the "
                          "training data; none found: set iva_layer to a layer index")
     result = irs_scores(teacher, processor, pairs)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"key": key, **result.to_dict()}, f, indent=2)
-    os.replace(tmp, path)
+    if write:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = path + f".tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"key": key, **result.to_dict()}, f, indent=2)
+        os.replace(tmp, path)
     return int(result.layer)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from align_ti.models.irs import cached_irs_layer, folder_fingerprint
+from align_ti.models.irs import cached_irs_layer
 from align_ti.ops.branches import forbidden_token_ids
 from align_ti.train import checkpoint as ckpt
 from align_ti.train.config import save_config
@@ -27,27 +27,34 @@ from align_ti.train.data import (
     load_model_and_processor,
 )
 from align_ti.train.loss import DistillModule, LossSpec, NonFiniteLossError, lm_head
-from align_ti.train.trainer import CheckpointError, DistillTrainer
+from align_ti.train.sharding import agree_on, gathered_teacher, shard_teacher
+from align_ti.train.trainer import CheckpointError, DistillTrainer, resolve_resume
 
 __all__ = ["resolve_iva_layer", "training_arguments", "build_module", "build_trainer", "run_distill"]
 
 
-def resolve_iva_layer(config, teacher, processor, items, cache_dir: str) -> int:
+def resolve_iva_layer(config, teacher, processor, items, cache_dir: str, is_main: bool = True) -> int:
     """``config.iva_layer`` as an int: itself, or for "auto" the IRS argmax of the teacher over
     ``config.irs_samples`` calibration pairs from the training items (samples sharing an image),
     cached in ``<cache_dir>/irs.json`` (`align_ti.models.irs.cached_irs_layer`; reused when the
-    teacher -- its path, files and layer count --, the tiny text model, the data, the seed and
-    the sample count match)."""
+    teacher -- its path, files (`checkpoint.folder_digest`) and layer count --, the tiny text
+    model, the data, the seed and the sample count match). With several processes, process 0
+    decides whether the cache holds (all of them then run IRS, or none: a sharded teacher's
+    forwards are collectives) and only ``is_main`` writes it."""
     if config.iva_layer != "auto":
         n = teacher.config.get_text_config().num_hidden_layers
         layer = int(config.iva_layer)
         if not -n <= layer < n:
             raise ValueError(f"config iva_layer={layer} is out of range for a teacher with {n} decoder layers")
         return layer % n
-    key = {"teacher": os.path.abspath(config.teacher) if os.path.isdir(config.teacher) else config.teacher,
-           "teacher_files": folder_fingerprint(config.teacher), "tiny_text_model": config.tiny_text_model,
-           "irs_samples": config.irs_samples, "data": config.data, "seed": config.seed}
-    return cached_irs_layer(teacher, processor, items, config.irs_samples, cache_dir, key)
+    is_folder = os.path.isdir(config.teacher)
+    key = {"teacher": os.path.abspath(config.teacher) if is_folder else config.teacher,
+           "teacher_files": ckpt.folder_digest(config.teacher) if is_folder else None,
+           "tiny_text_model": config.tiny_text_model, "irs_samples": config.irs_samples, "data": config.data,
+           "seed": config.seed}
+    with gathered_teacher(teacher):  # IRS calls the teacher's own forward, which reads its head
+        return cached_irs_layer(teacher, processor, items, config.irs_samples, cache_dir, key, decide=agree_on,
+                                write=is_main)
 
 
 def training_arguments(config, **extra) -> TrainingArguments:
@@ -113,15 +120,20 @@ def build_trainer(config, student=None, teacher=None, processor=None, teacher_pr
                                seed=config.seed, bad_samples=getattr(config, "bad_samples", "error"))
         train_dataset = EncodedDataset(items, processor, max_length=config.max_length)
     args = training_arguments(config, **args_overrides)
+    if teacher is not None and config.teacher_sharding == "fsdp":
+        if args.world_size <= 1:  # reading world_size sets up the processes
+            raise ValueError("config teacher_sharding='fsdp' needs several processes (accelerate launch); with one "
+                             "process use teacher_sharding='replicate'")
+        shard_teacher(teacher, args.device)  # before IRS: its forwards run on the sharded teacher too
     layer = iva_layer
     if config.w_iva > 0 and layer is None:
         src_items = items if items is not None else getattr(train_dataset, "items", None)
         if src_items is None and config.iva_layer == "auto":
             raise ValueError("iva_layer='auto' needs the raw training items for calibration pairs")
-        if config.iva_layer == "auto":
+        if config.iva_layer == "auto" and config.teacher_sharding == "replicate":
             teacher.to(args.device)  # IRS's calibration forwards run where training will
         layer = resolve_iva_layer(config, teacher, teacher_processor or processor, src_items or [],
-                                  config.output_dir)
+                                  config.output_dir, is_main=args.should_save)
     module = build_module(config, student, teacher, processor, iva_layer=layer)
     tok = processor.tokenizer
     trainer = DistillTrainer(module, args=args, train_dataset=train_dataset,
@@ -149,24 +161,20 @@ def run_distill(config, resume_from_checkpoint=None, resume_anyway: bool = False
     """Train as configured; save the final student to ``output_dir``; return the train metrics.
 
     ``resume_from_checkpoint``: a checkpoint folder, True (the last one in output_dir; none
-    there: start from step 0), or None. It is verified (`verify_checkpoint`) before any model is
-    loaded; one written by a run with another teacher, data or world size is refused unless
-    ``resume_anyway``. The metrics hold transformers' ``train_loss`` (the mean over the steps this
+    there: start from step 0), or None. It is verified (`verify_checkpoint`, on one process per
+    node, `resolve_resume`) before any model is loaded; one written by a run with another
+    teacher, data or world size is refused unless ``resume_anyway``. The metrics hold transformers' ``train_loss`` (the mean over the steps this
     call ran), ``first_step`` and ``global_step`` (the steps it ran), ``wall_s`` and
     ``log_history``. SIGTERM during training ends the current step with a checkpoint and returns
     early: the metrics then also hold ``stopped_by`` ("SIGTERM") and ``checkpoint`` (the folder),
     and the final student is not saved (the run is not finished).
     """
-    if resume_from_checkpoint is True:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume_from_checkpoint = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
-    if resume_from_checkpoint:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))  # what TrainingArguments will find
-        ckpt.verify_checkpoint(resume_from_checkpoint, run=ckpt.run_identity(config, world_size),
-                               allow_changes=resume_anyway)
+    args = training_arguments(config)  # sets up the processes (accelerate launch) before anything is read
+    resume_from_checkpoint = resolve_resume(resume_from_checkpoint, config.output_dir, args,
+                                            run=ckpt.run_identity(config, args.world_size), allow_changes=resume_anyway)
     os.makedirs(config.output_dir, exist_ok=True)
-    save_config(config, os.path.join(config.output_dir, "distill_config.json"))
+    if args.should_save:
+        save_config(config, os.path.join(config.output_dir, "distill_config.json"))
     trainer = build_trainer(config)
     t0 = time.time()
     with _save_and_stop_on_sigterm(trainer):

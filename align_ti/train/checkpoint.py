@@ -46,8 +46,11 @@ __all__ = [
     "checkpoint_problem",
     "checkpoint_step",
     "checkpoints",
+    "clean_staging",
+    "folder_digest",
     "fsync_tree",
     "is_full_disk",
+    "is_sealed",
     "loading",
     "publish",
     "remove_staged",
@@ -98,12 +101,16 @@ def _threads() -> int:
     return max(1, min(8, cores))
 
 
-def _block_crcs(folder: str, sizes: dict[str, int]) -> dict[str, list[str]]:
-    """{relative path: [CRC-32 of each _BLOCK-byte block, 8 hex digits]} for files of known size.
-    The manifest stores each list as one space-separated string."""
-    jobs = [(rel, off) for rel, size in sizes.items() for off in range(0, max(size, 1), _BLOCK)]
+def _block_count(size: int, block: int) -> int:
+    return max(1, -(-size // block))
+
+
+def _block_crcs(folder: str, sizes: dict[str, int], block: int = _BLOCK) -> dict[str, list[str]]:
+    """{relative path: [CRC-32 of each ``block``-byte block, 8 hex digits]} for files of known
+    size. The manifest stores each list as one space-separated string."""
+    jobs = [(rel, off) for rel, size in sizes.items() for off in range(0, max(size, 1), block)]
     with ThreadPoolExecutor(_threads()) as pool:
-        crcs = pool.map(lambda job: _crc(os.path.join(folder, job[0]), job[1], _BLOCK), jobs)
+        crcs = pool.map(lambda job: _crc(os.path.join(folder, job[0]), job[1], block), jobs)
         out: dict[str, list[str]] = {rel: [] for rel in sizes}
         for (rel, _off), crc in zip(jobs, crcs):
             out[rel].append(f"{crc:08x}")
@@ -127,9 +134,11 @@ def _files(folder: str) -> dict[str, int]:
 # what the run is: teacher, data, world size
 # --------------------------------------------------------------------------------------------
 
-def _folder_digest(path: str) -> str:
+def folder_digest(path: str) -> str:
     """Name, size and the CRC-32 of the first and last MiB of each file of a model folder: another
-    teacher differs, the same teacher copied or moved elsewhere does not."""
+    teacher differs (also one saved again at the same path), the same teacher copied or moved
+    elsewhere does not. The one fingerprint of a model folder: the manifest's run identity and
+    the IRS cache key (`align_ti.train.build.resolve_iva_layer`) both use it."""
     parts = []
     for name in sorted(os.listdir(path)):
         file = os.path.join(path, name)
@@ -142,15 +151,18 @@ def _folder_digest(path: str) -> str:
 def run_identity(config, world_size: int) -> dict:
     """What a checkpoint must share with the run that resumes from it: the teacher (a built-in
     one by name, text model and seed; a folder by its files' content), the data (synthetic by
-    size and seed; a file by its content) and the number of processes."""
+    size and seed; a file by its content, its image folder by path and the bad_samples rule,
+    which decides which samples train) and the number of processes."""
     if os.path.isdir(config.teacher):
-        teacher = {"name": os.path.abspath(config.teacher), "digest": _folder_digest(config.teacher)}
+        teacher = {"name": os.path.abspath(config.teacher), "digest": folder_digest(config.teacher)}
     else:  # built-in: build_trainer seeds the teacher with seed + 1
         name = f"{config.teacher} ({config.tiny_text_model}, seed {config.seed + 1})"
         teacher = {"name": name, "digest": name}
     if os.path.isfile(config.data):
         size = os.path.getsize(config.data)
-        data = {"name": os.path.abspath(config.data), "digest": f"{size}:{_crc(config.data, 0, size):08x}"}
+        images = os.path.abspath(config.image_folder or os.path.dirname(os.path.abspath(config.data)))
+        data = {"name": os.path.abspath(config.data), "digest": f"{size}:{_crc(config.data, 0, size):08x}",
+                "image_folder": images, "bad_samples": config.bad_samples}
     else:
         name = f"{config.data} ({config.synthetic_images} images, seed {config.seed})"
         data = {"name": name, "digest": name}
@@ -166,6 +178,9 @@ def _run_changes(saved: Optional[dict], current: Optional[dict]) -> list[str]:
         if old and new and old["digest"] != new["digest"]:
             changes.append(f"{key} {old['name']!r} -> {new['name']!r}" if old["name"] != new["name"]
                            else f"{key} {new['name']!r} has other contents now")
+        for part in ("image_folder", "bad_samples"):  # absent from manifests before they were recorded
+            if old and new and part in old and old[part] != new.get(part):
+                changes.append(f"{part} {old[part]!r} -> {new.get(part)!r}")
     if saved.get("world_size") != current.get("world_size"):
         changes.append(f"world size {saved.get('world_size')} -> {current.get('world_size')}")
     return changes
@@ -175,25 +190,31 @@ def _run_changes(saved: Optional[dict], current: Optional[dict]) -> list[str]:
 # writing
 # --------------------------------------------------------------------------------------------
 
-def write_manifest(folder: str, step: int, run: Optional[dict]) -> None:
-    """Record size and block CRCs of every file of a staged checkpoint folder, and the run."""
+def write_manifest(folder: str, step: int, run: Optional[dict]) -> str:
+    """Record size and block CRCs of every file of a staged checkpoint folder, and the run, in
+    ``<MANIFEST_NAME>.tmp``; return its path (`seal` renames it into place once the files are on
+    disk, so that a folder with a manifest is complete)."""
     sizes = _files(folder)
     crcs = _block_crcs(folder, sizes)
     manifest = {"format": _FORMAT, "step": int(step), "block_bytes": _BLOCK, "run": run,
                 "files": {rel: {"size": sizes[rel], "crc32": " ".join(crcs[rel])} for rel in sizes}}
-    with open(os.path.join(folder, MANIFEST_NAME), "w", encoding="utf-8") as f:
+    tmp = os.path.join(folder, MANIFEST_NAME + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
+    return tmp
 
 
 def seal(folder: str, step: int, run: Optional[dict]) -> None:
     """Write the manifest of a staged checkpoint folder and fsync the folder. The files' fsync
     (disk-bound) runs alongside the hashing (CPU-bound, reading the page cache), so the manifest
-    adds little to a save's time."""
+    adds little to a save's time. The manifest is renamed into place last: a staged folder with
+    a manifest is complete (`clean_staging` relies on it)."""
     with ThreadPoolExecutor(1) as pool:
         synced = pool.submit(fsync_tree, folder)
-        write_manifest(folder, step, run)
+        tmp = write_manifest(folder, step, run)
         synced.result()
-    _fsync_file(os.path.join(folder, MANIFEST_NAME))
+    _fsync_file(tmp)
+    os.replace(tmp, os.path.join(folder, MANIFEST_NAME))
     _fsync_dir(folder)
 
 
@@ -227,21 +248,54 @@ def _fsync_dir(path: str) -> None:
 
 
 def publish(staged: str, dst: str) -> None:
-    """Rename a complete staged folder to ``dst`` (replacing an older save of the same step)."""
+    """Rename a complete (sealed) staged folder to ``dst``, replacing an older save of the same
+    step. The older copy is moved aside and deleted only once the new one is in place (and the
+    run folder fsynced): at every moment ``dst`` or a sealed copy in the staging folder exists,
+    and `clean_staging` puts the latter in place if a kill came between the two renames."""
     run_dir = os.path.dirname(dst)
-    if os.path.exists(dst):  # re-saving a step: move the old one out of the way first
+    old = None
+    if os.path.exists(dst):  # re-saving a step
         old = staged + ".old"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(dst, old)
-        shutil.rmtree(old, ignore_errors=True)
     os.replace(staged, dst)
     _fsync_dir(run_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     with contextlib.suppress(OSError):
         os.rmdir(os.path.dirname(staged))  # the staging folder, only when empty
 
 
+def is_sealed(folder: str) -> bool:
+    """Whether a staged folder is complete: `seal` renames its manifest into place last."""
+    return os.path.isfile(os.path.join(folder, MANIFEST_NAME))
+
+
+def clean_staging(run_dir: str) -> list[str]:
+    """Clear what killed saves left in ``<run_dir>/.staging``, never losing a checkpoint: a sealed
+    ``checkpoint-<step>`` whose published folder is missing (a kill between `publish`'s two
+    renames) is published; everything else (partial folders, a ``.old`` copy of a published
+    checkpoint) is removed. Call it on one process, before a save or a resume looks for
+    checkpoints. Returns the folders it published."""
+    staging = os.path.join(run_dir, STAGING)
+    published = []
+    with contextlib.suppress(OSError):
+        for name in sorted(os.listdir(staging)):
+            path, dst = os.path.join(staging, name), os.path.join(run_dir, name)
+            if _is_checkpoint_name(name) and is_sealed(path) and not os.path.exists(dst):
+                os.replace(path, dst)
+                _fsync_dir(run_dir)
+                published.append(dst)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.rmdir(staging)
+    return published
+
+
 def remove_staged(staged: str) -> None:
-    """Remove a staged checkpoint folder, and the staging folder when nothing else is in it."""
+    """Remove the staged folder of a save that failed (never sealed), and the staging folder when
+    nothing else is in it."""
     shutil.rmtree(staged, ignore_errors=True)
     with contextlib.suppress(OSError):
         os.rmdir(os.path.dirname(staged))
@@ -301,21 +355,53 @@ def checkpoint_step(path: str) -> int:
 
 
 def _read_manifest(folder: str) -> tuple[Optional[dict], Optional[str]]:
-    """(manifest, None), (None, None) when there is none, or (None, problem)."""
+    """(manifest, None), (None, None) when there is none, or (None, problem): unreadable, not
+    JSON, or JSON of other types than `write_manifest` writes."""
     path = os.path.join(folder, MANIFEST_NAME)
     if not os.path.exists(path):
         return None, None
     try:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-        files = manifest["files"]
-        if not isinstance(files, dict) or manifest.get("format") != _FORMAT:
-            raise ValueError(f"format {manifest.get('format')!r}")
-        for meta in files.values():
-            int(meta["size"]), meta["crc32"].split()
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return None, f"{MANIFEST_NAME} is damaged ({type(e).__name__}: {e})"
+        problem = _manifest_type_problem(manifest)
+    except (OSError, ValueError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    if problem:
+        return None, f"{MANIFEST_NAME} is damaged ({problem})"
     return manifest, None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _manifest_type_problem(manifest) -> Optional[str]:
+    """What in a parsed manifest is not what `write_manifest` writes, or None."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    if manifest.get("format") != _FORMAT:
+        return f"format {manifest.get('format')!r}"
+    block, files, run = manifest.get("block_bytes"), manifest.get("files"), manifest.get("run")
+    if not _is_int(block) or block <= 0:
+        return f"block_bytes {block!r} is not a positive int"
+    if not isinstance(files, dict):
+        return f"files is {type(files).__name__}, not an object"
+    for rel, meta in files.items():
+        if not isinstance(meta, dict) or not _is_int(meta.get("size")) or meta["size"] < 0 \
+                or not isinstance(meta.get("crc32"), str):
+            return f"the entry of {rel} is not {{size: int >= 0, crc32: str}}"
+        if len(meta["crc32"].split()) != _block_count(meta["size"], block):
+            return f"the entry of {rel} has {len(meta['crc32'].split())} checksums for {meta['size']} bytes " \
+                   f"in blocks of {block}"
+    if run is not None:
+        if not isinstance(run, dict):
+            return f"run is {type(run).__name__}, not an object"
+        for key in ("teacher", "data"):
+            part = run.get(key)
+            if part is not None and not (isinstance(part, dict) and isinstance(part.get("name"), str)
+                                         and isinstance(part.get("digest"), str)):
+                return f"run.{key} is not {{name: str, digest: str, ...}}"
+    return None
 
 
 def _legacy_problems(folder: str) -> list[str]:
@@ -351,8 +437,8 @@ def _file_problems(folder: str, manifest: dict) -> list[str]:
             problems.append(f"{rel} is truncated ({size} of {want} bytes)")
         else:
             problems.append(f"{rel} has {size} bytes, written with {want}")
-    block = int(manifest.get("block_bytes", _BLOCK))
-    for rel, got in _block_crcs(folder, sized).items():
+    block = manifest["block_bytes"]  # the manifest's own block size (checked by _read_manifest)
+    for rel, got in _block_crcs(folder, sized, block).items():
         want = manifest["files"][rel]["crc32"].split()
         bad = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
         if bad or len(got) != len(want):
@@ -375,16 +461,20 @@ def checkpoint_problem(folder: str) -> Optional[str]:
     return "; ".join(problems) or None
 
 
-def checkpoints(run_dir: str) -> list[str]:
-    """checkpoint-<step> folders of a run folder, newest first."""
+def _is_checkpoint_name(name: str) -> bool:
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+    head, _, tail = name.rpartition("-")
+    return head == PREFIX_CHECKPOINT_DIR and tail.isdigit()
+
+
+def checkpoints(run_dir: str) -> list[str]:
+    """checkpoint-<step> folders of a run folder, newest first."""
     found = []
     with contextlib.suppress(OSError):
         for name in os.listdir(run_dir):
-            head, _, tail = name.rpartition("-")
-            if head == PREFIX_CHECKPOINT_DIR and tail.isdigit() and os.path.isdir(os.path.join(run_dir, name)):
-                found.append((int(tail), os.path.join(run_dir, name)))
+            if _is_checkpoint_name(name) and os.path.isdir(os.path.join(run_dir, name)):
+                found.append((int(name.rpartition("-")[2]), os.path.join(run_dir, name)))
     return [path for _step, path in sorted(found, reverse=True)]
 
 

@@ -26,9 +26,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-__all__ = ["TEACHER_SHARDINGS", "shard_teacher", "is_sharded", "gathered_teacher", "agree_on", "any_process"]
-
-TEACHER_SHARDINGS = ("replicate", "fsdp")
+__all__ = ["shard_teacher", "is_sharded", "gathered_teacher", "agree_on", "any_process"]
 
 
 def _dist():

@@ -34,16 +34,16 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from align_ti.train import checkpoint as ckpt
+from align_ti.train.sharding import agree_on, any_process, gathered_teacher, is_sharded
 from align_ti.train.loss import (
     NORMALIZERS,
     DistillModule,
     NonFiniteLossError,
-    all_finite,
     count_normalizers,
     diverged,
 )
 
-__all__ = ["DistillTrainer", "CheckpointError"]
+__all__ = ["DistillTrainer", "CheckpointError", "resolve_resume"]
 
 CheckpointError = ckpt.CheckpointError
 
@@ -65,6 +65,41 @@ def _scalar(x) -> float:
     if hasattr(x, "full_tensor"):  # a DTensor (FSDP2)
         x = x.full_tensor()
     return float(x)
+
+
+def resolve_resume(resume_from_checkpoint, run_dir: str, args, run: Optional[dict] = None,
+                   allow_changes: bool = False) -> Optional[str]:
+    """The checkpoint a run resumes from, checked, the same on every process; None for none.
+
+    ``resume_from_checkpoint``: a folder, True (the last ``checkpoint-<step>`` in ``run_dir``) or
+    None/False. First what killed saves left in ``run_dir/.staging`` is cleared on the saving
+    process (`checkpoint.clean_staging`: a complete copy caught between two renames is put in
+    place). The last checkpoint is looked up on process 0 and shared. `verify_checkpoint` reads
+    every byte of it, so only the first process of each node runs it (8 GPUs would otherwise read
+    a 24 GB checkpoint 8 times over); its error is raised on every process. ``args``: the
+    run's TrainingArguments (their processes must be set up: reading ``args.world_size`` does it).
+    """
+    several = args.world_size > 1
+    if args.should_save and os.path.isdir(run_dir):
+        ckpt.clean_staging(run_dir)
+    if several:
+        torch.distributed.barrier()
+    if resume_from_checkpoint is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume_from_checkpoint = agree_on(get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None)
+    if not resume_from_checkpoint:
+        return None
+    error = None
+    if args.local_process_index == 0:
+        try:
+            ckpt.verify_checkpoint(resume_from_checkpoint, run=run, allow_changes=allow_changes)
+        except CheckpointError as e:
+            error = str(e)
+    error = any_process(error) if several else error
+    if error is not None:
+        raise CheckpointError(error)
+    return os.fspath(resume_from_checkpoint)
 
 
 class DistillTrainer(Trainer):
@@ -98,7 +133,7 @@ class DistillTrainer(Trainer):
         if self.is_deepspeed_enabled:
             model.register_zero3_heads()
         teacher = model.teacher
-        if teacher is not None:
+        if teacher is not None and not is_sharded(teacher):  # a sharded one has its shards in place
             teacher.to(self.args.device)
 
     def request_stop(self) -> None:
@@ -107,15 +142,13 @@ class DistillTrainer(Trainer):
         self._stop_asked = True
 
     def train(self, resume_from_checkpoint=None, *args, verify: bool = True, **kwargs):
-        """transformers' train, after `verify_checkpoint` of the checkpoint it resumes from
-        (``verify=False`` when the caller has just verified it, as `run_distill` does)."""
-        if resume_from_checkpoint is True:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            # None: transformers says there is none
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
-        if verify and isinstance(resume_from_checkpoint, (str, os.PathLike)):
-            ckpt.verify_checkpoint(resume_from_checkpoint, run=self.run_identity, allow_changes=self.resume_anyway)
+        """transformers' train, after `resolve_resume` (staging cleared, the checkpoint found and
+        verified on one process per node; ``verify=False`` when the caller has just done it, as
+        `run_distill` does)."""
+        if verify and resume_from_checkpoint:
+            found = resolve_resume(resume_from_checkpoint, self.args.output_dir, self.args, run=self.run_identity,
+                                   allow_changes=self.resume_anyway)
+            resume_from_checkpoint = found or True  # True with none found: transformers says there is none
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ---- normalisers: counted over all micro-batches of the step and all processes --------
@@ -137,7 +170,8 @@ class DistillTrainer(Trainer):
             # makes that average the gradient of the global mean.
             divisors = num_items_in_batch.to(torch.float64).clamp(min=1) / world
         epoch = int(self.state.epoch or 0)
-        out = model(**inputs, loss_divisors=divisors, epoch=epoch, step=self.state.global_step)
+        with gathered_teacher(self._distill.teacher):  # a sharded teacher's head, for this forward
+            out = model(**inputs, loss_divisors=divisors, epoch=epoch, step=self.state.global_step)
         terms = out["terms"]
         self._check_step(out["loss"], terms, out["finite"])
         if model.training:
@@ -215,6 +249,44 @@ class DistillTrainer(Trainer):
         super().log(logs, start_time)
 
     # ---- checkpoints: a student checkpoint, staged, manifested, verified -------------------
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """transformers' save_model (the student, as a plain checkpoint folder) with the decisions
+        that must agree made on every process: a student parameter holding NaN or +inf is refused
+        before anything is written (each process checks its shard, all raise together), and a
+        failure while writing (a full disk on process 0) is raised on every process, never
+        leaving the others in a collective that process 0 skipped. Under FSDP with a sharded
+        state dict transformers writes no weights here; the student is gathered and written as
+        with a full one, so that checkpoints and the final output load with ``from_pretrained``."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        bad = self._unsaveable_parameter()
+        if bad is not None:
+            raise diverged(f"the student's parameter {bad} holds NaN or inf; it is not saved to {output_dir}",
+                           self.state.global_step, self._distill.student)
+        error: Optional[BaseException] = None
+        try:
+            plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+            if self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(getattr(plugin, "state_dict_type", "")):
+                self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.model))
+            else:
+                super().save_model(output_dir, _internal_call=_internal_call)
+        except Exception as e:  # noqa: BLE001 -- every process must hear of it (_agree), then it is raised
+            error = e
+        if not self._agree(error is None):
+            raise error if error is not None else CheckpointError("another process failed to write its files")
+
+    def _unsaveable_parameter(self) -> Optional[str]:
+        """The first student parameter (on any process: each checks its own shard) holding NaN or
+        +inf, or None. -inf is allowed: a -inf bias entry masks a vocabulary column in the fused
+        ops (README, "API")."""
+        bad = None
+        with torch.no_grad():
+            for name, p in self._distill.student.named_parameters():
+                local = p.to_local() if hasattr(p, "to_local") else getattr(p, "ds_tensor", p)  # FSDP2 / ZeRO-3 shard
+                if local.numel() and local.is_floating_point() and not bool(local.amax() < math.inf):
+                    bad = name
+                    break
+        return any_process(bad) if self.args.world_size > 1 else bad
+
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
@@ -223,10 +295,6 @@ class DistillTrainer(Trainer):
         if state_dict is None:
             state_dict = self.accelerator.unwrap_model(self.model).state_dict()
         state_dict = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
-        bad = next((k for k, v in state_dict.items() if v.is_floating_point() and not bool(all_finite(v))), None)
-        if bad is not None:
-            raise diverged(f"the student's parameter {bad} holds NaN or inf; it is not saved to {output_dir}",
-                           self.state.global_step, student)
         os.makedirs(output_dir, exist_ok=True)
         student.save_pretrained(output_dir, state_dict=state_dict, is_main_process=True)
         if self.processing_class is not None:
@@ -273,7 +341,7 @@ class DistillTrainer(Trainer):
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staged = os.path.join(run_dir, ckpt.STAGING, name)
         if self.args.should_save:
-            ckpt.remove_staged(staged)  # a save killed earlier
+            ckpt.clean_staging(run_dir)  # what a save killed earlier left (a complete copy is put in place)
         self._wait()
         error: Optional[BaseException] = None
         self._staging = True

@@ -18,6 +18,7 @@ The three child processes start together (module fixture) to share the ~6 s inte
 """
 import contextlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -279,7 +280,7 @@ def test_checkpoints_without_a_manifest_resume_with_a_warning(runs, tmp_path):
     assert f"the newest intact checkpoint is {run}/checkpoint-2" in line
 
 
-def test_resume_refuses_another_teacher_data_or_world_size(runs, tmp_path, monkeypatch):
+def test_resume_refuses_another_teacher_data_or_world_size(runs, tmp_path):
     run = _copy_run(runs, tmp_path / "run", steps=(4,))
     teacher = tmp_path / "teacher"
     teacher.mkdir()
@@ -292,10 +293,16 @@ def test_resume_refuses_another_teacher_data_or_world_size(runs, tmp_path, monke
     rc, _, err = distill(run, "--resume", "synthetic_images=3")
     assert rc == 2 and "data 'synthetic (2 images, seed 0)' -> 'synthetic (3 images, seed 0)'" in error_line(err)
 
-    with monkeypatch.context() as m:
-        m.setenv("WORLD_SIZE", "2")
-        rc, _, err = distill(run, "--resume")
-    assert rc == 2 and "world size 1 -> 2" in error_line(err)
+    # a checkpoint of 2 processes resumed by 1 (faking WORLD_SIZE=2 would make accelerate set up
+    # a process group)
+    manifest = run / "checkpoint-4" / ckpt.MANIFEST_NAME
+    written = manifest.read_text()
+    record = json.loads(written)
+    record["run"]["world_size"] = 2
+    manifest.write_text(json.dumps(record))
+    rc, _, err = distill(run, "--resume")
+    assert rc == 2 and "world size 2 -> 1" in error_line(err)
+    manifest.write_text(written)
 
     with pytest.warns(UserWarning, match="although data"):
         rc, out, err = distill(run, "--resume", "synthetic_images=3", "--resume-anyway")

@@ -1,6 +1,13 @@
 """Two processes (`accelerate launch --multi_gpu --num_processes 2` on CPU: torchrun, gloo) give the loss curve of one
 process with the same global batch: the normalisers are global (all micro-batches, all
-processes), TPA's random numbers are keyed by sample id, and the data order is the same.
+processes), TPA's random numbers are keyed by sample id, and the data order is the same. The two
+processes run the Trainer (DDP) with the teacher sharded over them (``teacher_sharding=fsdp``), the
+one process with it whole: the losses agree.
+
+After training, the same two processes check what must agree across processes:
+- a resume's checkpoint is verified (every byte read) by one process per node, not by each;
+  a damaged one stops both processes with the same one-line error;
+- a save that fails on process 0 alone (a full disk) fails on both, not only on process 0.
 
 Run as a script, this file is the worker: it trains the quick distillation and writes the
 log history of the main process to a JSON file.
@@ -10,6 +17,7 @@ simple launcher, which starts one process unless mpirun and a hostfile are given
 (`--mpirun_hostfile`); `--multi_gpu` selects the torchrun launcher, and on a machine without
 CUDA the processes form a MULTI_CPU (gloo) group (the trainer sets use_cpu without CUDA).
 """
+import errno
 import json
 import os
 import shutil
@@ -23,24 +31,73 @@ STEPS = 3
 TERMS = ("loss", "loss_sft", "loss_kd", "loss_iva", "loss_tpa")
 
 
+def _checks_that_must_agree(trainer) -> dict:
+    """This process's view of a verified resume, a damaged one and a save failing on process 0."""
+    import torch.distributed as dist
+
+    from align_ti.train import checkpoint as ckpt
+    from align_ti.train.trainer import CheckpointError, resolve_resume
+
+    trainer._save_checkpoint(trainer.model, None)
+    run_dir = trainer.args.output_dir
+    verified = []
+    real_verify = ckpt.verify_checkpoint
+    ckpt.verify_checkpoint = lambda *a, **k: verified.append(1) or real_verify(*a, **k)
+    try:
+        found = resolve_resume(True, run_dir, trainer.args, run=trainer.run_identity)
+        if trainer.args.process_index == 0:
+            with open(os.path.join(found, "model.safetensors"), "r+b") as f:
+                f.truncate(100)
+        dist.barrier()
+        try:
+            resolve_resume(found, run_dir, trainer.args, run=trainer.run_identity)
+            damaged = None
+        except CheckpointError as e:
+            damaged = str(e)
+    finally:
+        ckpt.verify_checkpoint = real_verify
+
+    student = trainer.model.student if hasattr(trainer.model, "student") else trainer.model.module.student
+    if trainer.args.process_index == 0:
+        def full_disk(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        student.save_pretrained = full_disk
+    try:
+        trainer.save_model(os.path.join(run_dir, "final"))
+        save_error = None
+    except Exception as e:  # noqa: BLE001 -- what each process saw
+        save_error = f"{type(e).__name__}: {e}"
+    return {"found": os.path.basename(found), "verified": len(verified), "damaged": damaged,
+            "save_error": save_error}
+
+
 def worker(out_json: str, per_device: int) -> None:
     import torch
+    import torch.distributed as dist
 
     torch.set_num_threads(1)
     from align_ti.train.build import build_trainer
     from tests.utils import run_config, tiny_run
 
     run = tiny_run(n_images=4)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = run_config(f"{os.path.dirname(out_json)}/run", max_steps=STEPS, per_device_train_batch_size=per_device,
-                     tpa_fraction=0.5, training_args=json.dumps({"logging_steps": 1, "save_strategy": "no",
-                                                                 "disable_tqdm": True}))
+                     tpa_fraction=0.5, teacher_sharding="fsdp" if world > 1 else "replicate",
+                     training_args=json.dumps({"logging_steps": 1, "save_strategy": "no", "disable_tqdm": True}))
     trainer = build_trainer(cfg, student=run.student, teacher=run.teacher, processor=run.processor,
                             teacher_processor=run.processor, train_dataset=run.dataset)
     trainer.train()
+    result = {"world_size": trainer.args.world_size, "logs": [h for h in trainer.state.log_history if "loss" in h]}
+    if world > 1:
+        from torch.distributed.tensor import DTensor
+
+        result["teacher_sharded"] = all(isinstance(p, DTensor) for p in run.teacher.parameters())
+        checks = [None] * world
+        dist.all_gather_object(checks, _checks_that_must_agree(trainer))
+        result["checks"] = checks
     if trainer.is_world_process_zero():
-        logs = [h for h in trainer.state.log_history if "loss" in h]
         with open(out_json, "w") as f:
-            json.dump({"world_size": trainer.args.world_size, "logs": logs}, f)
+            json.dump(result, f)
 
 
 @pytest.mark.e2e
@@ -65,10 +122,19 @@ def test_two_processes_match_one(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert a["world_size"] == 1 and b["world_size"] == 2
+    assert b["teacher_sharded"]
     assert len(a["logs"]) == len(b["logs"]) == STEPS
     for la, lb in zip(a["logs"], b["logs"]):
         for key in TERMS:
             assert lb[key] == pytest.approx(la[key], rel=2e-4, abs=1e-6), (la["step"], key, la[key], lb[key])
+
+    first, second = b["checks"]
+    assert first["found"] == second["found"] == f"checkpoint-{STEPS}"
+    assert (first["verified"], second["verified"]) == (2, 0)  # one process per node reads the checkpoint
+    assert first["damaged"] is not None and first["damaged"] == second["damaged"]
+    assert "model.safetensors is truncated" in first["damaged"] and "\n" not in first["damaged"]
+    assert first["save_error"] is not None and second["save_error"] is not None
+    assert "No space left" in first["save_error"] and "another process failed" in second["save_error"]
 
 
 if __name__ == "__main__":
