@@ -295,6 +295,11 @@ class DistillModule(nn.Module):
     def gradient_checkpointing_enable(self, **kwargs):
         self.student.gradient_checkpointing_enable(**kwargs)
 
+    @property
+    def _no_split_modules(self):
+        """The student's layer classes: accelerate's FSDP auto-wrap makes each one a unit."""
+        return getattr(self.student, "_no_split_modules", None)
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Accepts the wrapper's own keys (``student.*``) or a plain student state dict (what a
         checkpoint folder holds); ``strict`` as in `nn.Module.load_state_dict` (True by default,

@@ -103,6 +103,7 @@ def worker(out: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     from align_ti.train.sharding import shard_teacher
@@ -117,6 +118,8 @@ def worker(out: str) -> None:
     module, opt, update = _fsdp_run(run, copy.deepcopy(initial))
     not_sharded = [n for n, p in module.named_parameters() if not isinstance(p, DTensor)]
     assert not not_sharded, f"not FSDP2-sharded: {not_sharded[:3]}"
+    units = [type(m).__name__ for m in module.modules() if isinstance(m, FSDPModule)]
+    assert units.count("FSDPQwen2DecoderLayer") == len(run.student.model.language_model.layers), units
     logs = dist_train(module, update, module, batches[:SAVE_AFTER])
     ckpt_dir = os.path.join(os.path.dirname(out), "dcp")
     model_sd, optim_sd = get_state_dict(module, opt)

@@ -7,7 +7,9 @@ one process with it whole: the losses agree.
 After training, the same two processes check what must agree across processes:
 - a resume's checkpoint is verified (every byte read) by one process per node, not by each;
   a damaged one stops both processes with the same one-line error;
-- a save that fails on process 0 alone (a full disk) fails on both, not only on process 0.
+- a save that fails on process 0 alone (a full disk) fails on both, not only on process 0;
+- iva_layer=auto runs IRS on the sharded teacher, and whether its cache holds is process 0's
+  decision (a process running IRS alone would wait forever in the teacher's collectives).
 
 Run as a script, this file is the worker: it trains the quick distillation and writes the
 log history of the main process to a JSON file.
@@ -71,6 +73,28 @@ def _checks_that_must_agree(trainer) -> dict:
             "save_error": save_error}
 
 
+def _irs_cache_decided_once(cfg, run, args) -> dict:
+    """iva_layer=auto on the sharded teacher: IRS runs on both processes (its forwards are
+    collectives) and process 0 writes the cache; then, with the cache visible to process 0 only,
+    both take process 0's decision (process 1 alone running IRS would wait for process 0 forever)."""
+    import dataclasses
+
+    import align_ti.models.irs as irs
+    from align_ti.train.build import resolve_iva_layer
+
+    auto = dataclasses.replace(cfg, iva_layer="auto", irs_samples=2)
+    computed = resolve_iva_layer(auto, run.teacher, run.processor, run.items, args.output_dir, is_main=args.should_save)
+    calls = []
+    real_scores = irs.irs_scores
+    irs.irs_scores = lambda *a, **k: calls.append(1) or real_scores(*a, **k)
+    try:
+        cache_dir = args.output_dir if args.process_index == 0 else os.path.join(args.output_dir, "elsewhere")
+        cached = resolve_iva_layer(auto, run.teacher, run.processor, run.items, cache_dir, is_main=False)
+    finally:
+        irs.irs_scores = real_scores
+    return {"computed": computed, "cached": cached, "irs_runs": len(calls)}
+
+
 def worker(out_json: str, per_device: int) -> None:
     import torch
     import torch.distributed as dist
@@ -93,7 +117,8 @@ def worker(out_json: str, per_device: int) -> None:
 
         result["teacher_sharded"] = all(isinstance(p, DTensor) for p in run.teacher.parameters())
         checks = [None] * world
-        dist.all_gather_object(checks, _checks_that_must_agree(trainer))
+        dist.all_gather_object(checks, {**_checks_that_must_agree(trainer),
+                                        **_irs_cache_decided_once(cfg, run, trainer.args)})
         result["checks"] = checks
     if trainer.is_world_process_zero():
         with open(out_json, "w") as f:
@@ -135,6 +160,8 @@ def test_two_processes_match_one(tmp_path):
     assert "model.safetensors is truncated" in first["damaged"] and "\n" not in first["damaged"]
     assert first["save_error"] is not None and second["save_error"] is not None
     assert "No space left" in first["save_error"] and "another process failed" in second["save_error"]
+    assert first["computed"] == second["computed"] == first["cached"] == second["cached"]
+    assert first["irs_runs"] == second["irs_runs"] == 0
 
 
 if __name__ == "__main__":
