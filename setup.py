@@ -105,6 +105,9 @@ setup(
         "test": ["pytest>=8", "pytest-timeout", "cmake>=3.18", "ninja"],
         "bench": ["liger-kernel"],
         "flash": ["flash-attn"],
+        # DeepSpeed ZeRO as the student's engine (configs/accelerate/zero3.yaml); its CPU test runs
+        # in the dist tier when it is installed
+        "deepspeed": ["deepspeed"],
     },
     entry_points={"console_scripts": ["align-ti = align_ti.cli:main"]},
     cmdclass={"build_py": build_py},

@@ -9,7 +9,7 @@
 # goes, so a stage stopped by its limit still leaves the cases it finished, and the archive in
 # $OUT is rewritten after every stage, so a run cut short still brings back what it did.
 # GPU_CHECK_STAGES picks stages (space-separated names, default all):
-#   tests compat profile fused_kl train_step attention_mass topk_align iva train_flex fused_kl_full branches
+#   tests compat profile fused_kl train_step attention_mass topk_align iva train_flex fused_kl_full fsdp branches
 #
 # Wheels the machine lacks (liger-kernel, for comparison) travel in .whl/ (ignored by git):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -21,7 +21,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu-results}
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
-STAGES=${GPU_CHECK_STAGES:-tests compat profile fused_kl train_step attention_mass topk_align iva train_flex fused_kl_full branches}
+STAGES=${GPU_CHECK_STAGES:-tests compat profile fused_kl train_step attention_mass topk_align iva train_flex fused_kl_full fsdp branches}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 work=$(mktemp -d)
@@ -106,6 +106,20 @@ stage train_flex 120 env TORCH_LOGS=recompiles python3 -m align_ti.benchmarks.tr
   --scale full --steps 2 --ways "align-ti,align-ti flex" --stem train_step-flex --out "$res"
 # the whole fused_kl registry: the sweep over N (the plot) and torch.compile of the plain path
 stage fused_kl_full 150 python3 -m align_ti.benchmarks.runner --device cuda --op fused_kl --out "$res"
+# the Trainer under accelerate's FSDP2 (configs/accelerate/fsdp2.yaml) on one GPU, the path the CPU
+# tests cannot take (accelerate turns FSDP on only for GPUs): 3 steps with a sharded checkpoint at
+# step 2, --resume from it to step 4; the checkpoint must hold the sharded model and optimizer
+# (not a DDP fallback's files) and the final student must load with from_pretrained. fp32: under
+# bf16 autocast the fused KL's CPU weight-gradient path fails (index_add_ of a bf16 product into
+# its fp32 accumulator; seen on CPU, not yet checked on CUDA)
+fsdp_out="$work/fsdp-run"
+fsdp_launch="python3 -m accelerate.commands.launch --config_file configs/accelerate/fsdp2.yaml --num_processes 1 \
+  --mixed_precision no -m align_ti.cli distill output_dir=$fsdp_out synthetic_images=2 per_device_train_batch_size=4 iva_layer=1 \
+  training_args='{\"save_steps\": 2, \"logging_steps\": 1, \"disable_tqdm\": true}'"
+stage fsdp 150 bash -c "set -e; $fsdp_launch max_steps=3; test -d $fsdp_out/checkpoint-2/pytorch_model_fsdp_0; \
+  test -d $fsdp_out/checkpoint-2/optimizer_0; $fsdp_launch max_steps=4 --resume; \
+  python3 -c \"import torch; from transformers import LlavaForConditionalGeneration as M; \
+m = M.from_pretrained('$fsdp_out'); assert all(bool(torch.isfinite(p).all()) for p in m.parameters()); print('fsdp: ok')\""
 # the qwen-shaped TPA expanded forwards (the tiny ones are measured on the CPU); two earlier
 # runs spent their 90 s in the first qwen case, hence last and with 2 repetitions
 stage branches 90 python3 -m align_ti.benchmarks.branches --device cuda --models qwen --reps 2 --out "$res"

@@ -254,3 +254,18 @@ def assert_dist_matches(logs, weights, ref_logs, ref_weights, rel: float = 2e-4)
     assert weights.keys() == ref_weights.keys()
     for k, v in weights.items():
         torch.testing.assert_close(v, ref_weights[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def accelerate_launch_env(config_file: str, *options: str) -> tuple[object, dict]:
+    """(parsed arguments, environment) that `accelerate launch --config_file <config_file>
+    <options> script.py` gives its processes, computed without launching (works without GPUs)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", os.path.join(ROOT, config_file), *options, "x.py"])
+    args, defaults, mp_from_config = _validate_launch_command(args)
+    if args.use_deepspeed:  # as accelerate's launch_command does before its DeepSpeed launcher
+        fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mp_from_config else [])
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+        return args, prepare_deepspeed_cmd_env(args)[1]
+    return args, prepare_multi_gpu_env(args)

@@ -4,8 +4,9 @@ checkpoint saved and resumed, and a teacher sharded with FSDP2 gives the replica
 accelerate turns FSDP on only for GPU modes (on CPU `prepare()` returns DDP), so a Trainer run
 here would test DDP. Instead the worker wraps the `DistillModule` with the function accelerate's
 FSDP2 path calls (`accelerate.utils.fsdp_utils.fsdp2_prepare_model`, with the plugin that
-configs/accelerate/fsdp2.yaml gives: per-layer units from ``_no_split_modules``, the student's
-LM head in the root unit, gathered by the module's forward where the fused ops read it) and trains
+``accelerate launch --config_file configs/accelerate/fsdp2.yaml`` sets up: per-layer units from
+``_no_split_modules``, the student's LM head in the root unit, gathered by the module's forward
+where the fused ops read it) and trains
 it with the Trainer's normalisers (`tests.utils.dist_train`). It asserts that the student's
 parameters are DTensors, so a run that fell back to DDP fails. scripts/gpu_check.sh (stage
 `fsdp`) runs the Trainer itself under `accelerate launch --config_file configs/accelerate/fsdp2.yaml`
@@ -34,14 +35,16 @@ SAVE_AFTER = 2  # steps before the checkpoint
 
 
 def _accelerate_fsdp2(module):
-    """Wrap ``module`` as accelerate's FSDP2 path does for `DistillTrainer` on GPUs."""
+    """Wrap ``module`` as accelerate's FSDP2 path does for `DistillTrainer` on GPUs, with the
+    plugin that ``accelerate launch --config_file configs/accelerate/fsdp2.yaml`` configures (the
+    test hands the worker that launch's FSDP environment)."""
     from types import SimpleNamespace
 
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                            reshard_after_forward=True, state_dict_type="SHARDED_STATE_DICT")
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* environment
+    assert plugin.fsdp_version == 2, "the worker did not get configs/accelerate/fsdp2.yaml's environment"
     accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None,
                                   mixed_precision="no", is_main_process=torch.distributed.get_rank() == 0,
                                   device=torch.device("cpu"), parallelism_config=None)
@@ -151,11 +154,13 @@ def worker(out: str) -> None:
 
 
 def test_fsdp2_two_processes_match_one_and_resume(tmp_path):
-    from tests.utils import DIST_STEPS, assert_dist_matches, dist_baseline, dist_launch, tiny_run
+    from tests.utils import DIST_STEPS, accelerate_launch_env, assert_dist_matches, dist_baseline, dist_launch, tiny_run
 
     if torch.cuda.is_available():
         pytest.skip("the CPU (gloo) check; scripts/gpu_check.sh runs FSDP on a GPU")
-    got = dist_launch(__file__, tmp_path / "fsdp.pt")
+    _, env = accelerate_launch_env("configs/accelerate/fsdp2.yaml", "--mixed_precision", "no")  # fp32 here
+    fsdp_env = {k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_")) and k not in os.environ}
+    got = dist_launch(__file__, tmp_path / "fsdp.pt", env_extra=fsdp_env)
     ref_logs, ref_weights = dist_baseline(tiny_run(n_images=3))
     assert got["world"] == 2 and len(got["logs"]) == DIST_STEPS
     assert_dist_matches(got["logs"], got["weights"], ref_logs, ref_weights)
