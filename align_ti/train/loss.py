@@ -73,6 +73,7 @@ from align_ti.ops.branches import (
 from align_ti.ops.fused_kl import fused_linear_distill
 from align_ti.ops.heuristics import resolve_chunk_bytes
 from align_ti.ops.topk_align import topk_align
+from align_ti.train.sharding import layer_classes, vision_modules
 
 __all__ = [
     "LossSpec",
@@ -297,8 +298,20 @@ class DistillModule(nn.Module):
 
     @property
     def _no_split_modules(self):
-        """The student's layer classes: accelerate's FSDP auto-wrap makes each one a unit."""
-        return getattr(self.student, "_no_split_modules", None)
+        """The student's language-model layer classes: accelerate's FSDP auto-wrap makes each one
+        a unit (not the vision tower's: `align_ti.train.sharding.layer_classes`)."""
+        return layer_classes(self.student)
+
+    def _vision_in_every_backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """Under FSDP2, ``loss`` plus 0 x the sum of the student's vision tower and projector
+        parameters: a micro-batch without images leaves them without gradients, and the unit
+        that holds them must reduce the same gradients on every process (else it deadlocks)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(self, FSDPModule):
+            return loss
+        params = [p for m in vision_modules(self.student) for p in m.parameters() if p.requires_grad]
+        return loss + 0.0 * sum(p.sum() for p in params) if params else loss
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Accepts the wrapper's own keys (``student.*``) or a plain student state dict (what a
@@ -341,6 +354,7 @@ class DistillModule(nn.Module):
             with record_function("align_ti.tpa_loss"):
                 parts["tpa"] = self._tpa(fw)
         loss, terms = self._combine(parts, loss_divisors, fw.student.new_zeros((), dtype=torch.float32))
+        loss = self._vision_in_every_backward(loss)
         finite = {"student": all_finite(fw.student),
                   "teacher": all_finite(fw.teacher) if fw.teacher is not None
                   else fw.student.new_ones((), dtype=torch.bool)}

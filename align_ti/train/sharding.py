@@ -6,9 +6,10 @@ submodule of the trained wrapper, so no engine touches it. Replicated (the defau
 holds the whole teacher: a 7-8B teacher costs 15-16 GiB of every GPU and a 72B one fits none.
 Sharded, each process holds 1/N of its weights:
 
-- every layer class the model names in ``_no_split_modules`` (decoder layers, vision encoder
-  layers) and the base model (``teacher.model``: embeddings, projector, final norm) are FSDP2
-  units, gathered one at a time by their own forward and freed after it;
+- every decoder layer (a class the model names in ``_no_split_modules``) and the base model
+  (``teacher.model``: embeddings, vision tower, projector, final norm) are FSDP2 units,
+  gathered one at a time by their own forward and freed after it (the vision tower is no unit
+  of its own: a micro-batch without images skips it, `layer_classes`);
 - the LM head (which the fused ops read directly, not through a forward) is a DTensor sharded
   by rows; `gathered_teacher` gathers it once per step around the module's forward, and the
   autograd graph that reads it keeps it until the backward is done;
@@ -26,7 +27,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-__all__ = ["shard_teacher", "is_sharded", "gathered_teacher", "agree_on", "any_process"]
+__all__ = ["shard_teacher", "is_sharded", "gathered_teacher", "agree_on", "any_process", "vision_modules",
+           "layer_classes"]
 
 
 def _dist():
@@ -36,6 +38,23 @@ def _dist():
 def _world() -> int:
     dist = _dist()
     return dist.get_world_size() if dist is not None else 1
+
+
+def vision_modules(model: nn.Module) -> list[nn.Module]:
+    """The vision tower and projector of a transformers multimodal model (empty for a text model)."""
+    base = getattr(model, "model", model)
+    return [m for name in ("vision_tower", "visual", "multi_modal_projector")
+            if isinstance(m := getattr(base, name, None), nn.Module)]
+
+
+def layer_classes(model: nn.Module) -> list[str]:
+    """The layer classes of ``model._no_split_modules`` that FSDP makes units of: the language
+    model's, not the vision tower's. A micro-batch without images skips the vision tower, so its
+    layers must not be units of their own (their all-gathers would run on some processes only and
+    deadlock); they stay in the unit that holds the base model, gathered by every forward."""
+    names = list(getattr(model, "_no_split_modules", None) or ())
+    in_vision = {type(m).__name__ for v in vision_modules(model) for m in v.modules()}
+    return [n for n in names if n not in in_vision]
 
 
 def shard_teacher(teacher: nn.Module, device: torch.device) -> nn.Module:
@@ -52,13 +71,13 @@ def shard_teacher(teacher: nn.Module, device: torch.device) -> nn.Module:
     teacher.eval()
     teacher.requires_grad_(False)
     mesh = init_device_mesh(torch.device(device).type, (_world(),))
-    layer_classes = set(getattr(teacher, "_no_split_modules", None) or ())
+    units = set(layer_classes(teacher))
     base = getattr(teacher, "model", None)
     if base is None:
         raise TypeError(f"teacher_sharding='fsdp': {type(teacher).__name__} has no .model (expected a transformers "
                         "LLaVA or causal LM)")
     for module in list(base.modules()):
-        if module is not base and type(module).__name__ in layer_classes:
+        if module is not base and type(module).__name__ in units:
             fully_shard(module, mesh=mesh, reshard_after_forward=True)
     fully_shard(base, mesh=mesh, reshard_after_forward=True)
     head = teacher.get_output_embeddings()

@@ -17,11 +17,14 @@ Run as a script under torchrun (2 processes), this file is the worker:
 - a fresh module loads that checkpoint and runs step 3 again with the teacher sharded
   (``teacher_sharding=fsdp``): the same loss and weights as the first run's step 3;
 - the teacher's parameter bytes per process, replicated and sharded;
+- one step with images on process 0 and none on process 1 (the vision tower runs on one process):
+  no deadlock;
 - NaN images on process 1 only: both processes stop with the divergence error of the pass that
   draws TPA's candidates (one process alone would leave the other in a collective).
 """
 import copy
 import datetime
+import math
 import os
 import resource
 import sys
@@ -79,6 +82,19 @@ def _fsdp_run(run, student):
     return module, opt, update
 
 
+def _text_only_on_rank_1(run, batch) -> dict:
+    """Process 1's micro-batch without images (the same questions, text only): the vision tower
+    runs on process 0 only, which must not deadlock the processes."""
+    import torch.distributed as dist
+
+    from align_ti.train.data import DistillCollator, EncodedDataset
+
+    if dist.get_rank() != 1:
+        return batch
+    items = [{**item, "image": None} for item in run.items[:2]]
+    return DistillCollator(run.processor.tokenizer.pad_token_id)(list(EncodedDataset(items, run.processor)))
+
+
 def _diverge_on_rank_1(module, batch) -> list:
     """Every process's error when only process 1's images are NaN: the check of the pass that
     draws TPA's candidates must stop all processes, not leave process 0 in the next collective."""
@@ -110,7 +126,7 @@ def worker(out: str) -> None:
     from torch.distributed.tensor import DTensor
 
     from align_ti.train.sharding import shard_teacher
-    from tests.utils import dist_batches, dist_train, tiny_run
+    from tests.utils import DIST_STEPS, dist_batches, dist_train, tiny_run
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # a hang fails within a minute
@@ -142,6 +158,7 @@ def worker(out: str) -> None:
     set_state_dict(module2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
     resumed = dist_train(module2, update2, module2, batches[SAVE_AFTER:], first_step=SAVE_AFTER)
     resumed_weights = _full_student(module2)
+    mixed = dist_train(module2, update2, module2, [_text_only_on_rank_1(run, batches[0])], first_step=DIST_STEPS)
     diverged = _diverge_on_rank_1(module2, batches[0])
     memory = torch.tensor([replicated, sharded, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss], dtype=torch.float64)
     every = [torch.zeros_like(memory) for _ in range(world)]
@@ -149,7 +166,7 @@ def worker(out: str) -> None:
     if rank == 0:
         torch.save({"world": world, "logs": logs, "weights": weights, "resumed": resumed,
                     "resumed_weights": resumed_weights, "memory": [m.tolist() for m in every],
-                    "diverged": diverged}, out)
+                    "diverged": diverged, "mixed": mixed}, out)
     dist.destroy_process_group()
 
 
@@ -168,6 +185,7 @@ def test_fsdp2_two_processes_match_one_and_resume(tmp_path):
     assert_dist_matches(got["resumed"], got["resumed_weights"], got["logs"][SAVE_AFTER:], got["weights"])
     for replicated, sharded, _rss in got["memory"]:
         assert sharded <= 0.6 * replicated, (replicated, sharded)  # each process holds about half
+    assert len(got["mixed"]) == 1 and all(math.isfinite(v) for v in got["mixed"][0])  # and no deadlock
     for error in got["diverged"]:
         assert error is not None and "the pass that draws TPA's candidates" in error, got["diverged"]
 

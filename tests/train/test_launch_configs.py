@@ -42,7 +42,7 @@ def test_accelerate_reads_the_config_as_its_engine(name):
             assert json.load(f)["zero_optimization"]["stage"] == 3
 
 
-def test_the_fsdp2_config_makes_each_student_layer_a_unit(tiny, monkeypatch):
+def test_the_fsdp2_config_makes_each_language_model_layer_a_unit(tiny, monkeypatch):
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     from tests.utils import dist_module
@@ -55,7 +55,8 @@ def test_the_fsdp2_config_makes_each_student_layer_a_unit(tiny, monkeypatch):
     module, _ = dist_module(tiny)
     plugin.set_auto_wrap_policy(module)
     wrapped = {type(m).__name__ for m in module.modules() if plugin.auto_wrap_policy(m, False, 0)}
-    assert {"Qwen2DecoderLayer", "SiglipEncoderLayer"} <= wrapped, wrapped
+    # not the vision layers: a micro-batch without images skips them (sharding.layer_classes)
+    assert wrapped == {"Qwen2DecoderLayer"}, wrapped
 
 
 def test_the_zero3_json_is_completed_from_the_run(tiny, tmp_path):
