@@ -269,3 +269,13 @@ def accelerate_launch_env(config_file: str, *options: str) -> tuple[object, dict
         args.deepspeed_fields_from_accelerate_config = ",".join(fields)
         return args, prepare_deepspeed_cmd_env(args)[1]
     return args, prepare_multi_gpu_env(args)
+
+
+def accelerate_has_fsdp2() -> bool:
+    """Whether the installed accelerate has the FSDP2 path (fsdp_version 2, from 1.6 on; the
+    `oldest` tier's 1.3 has none)."""
+    import importlib.metadata
+
+    from packaging.version import Version
+
+    return Version(importlib.metadata.version("accelerate")) >= Version("1.6")

@@ -157,6 +157,18 @@ def _save_and_stop_on_sigterm(trainer: DistillTrainer):
         signal.signal(signal.SIGTERM, previous)
 
 
+def _unset_deepspeed_config() -> None:
+    """Forget the global DeepSpeed config that TrainingArguments made before the models are loaded
+    register under DeepSpeed ZeRO-3: with it, ``from_pretrained`` would partition every model it
+    loads (the frozen teacher included, which no DeepSpeed engine then gathers). build_trainer
+    makes its own TrainingArguments after loading the models."""
+    try:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    except ImportError:
+        return
+    unset_hf_deepspeed_config()
+
+
 def run_distill(config, resume_from_checkpoint=None, resume_anyway: bool = False) -> dict:
     """Train as configured; save the final student to ``output_dir``; return the train metrics.
 
@@ -172,8 +184,11 @@ def run_distill(config, resume_from_checkpoint=None, resume_anyway: bool = False
     args = training_arguments(config)  # sets up the processes (accelerate launch) before anything is read
     resume_from_checkpoint = resolve_resume(resume_from_checkpoint, config.output_dir, args,
                                             run=ckpt.run_identity(config, args.world_size), allow_changes=resume_anyway)
+    should_save = args.should_save
+    del args  # see _unset_deepspeed_config
+    _unset_deepspeed_config()
     os.makedirs(config.output_dir, exist_ok=True)
-    if args.should_save:
+    if should_save:
         save_config(config, os.path.join(config.output_dir, "distill_config.json"))
     trainer = build_trainer(config)
     t0 = time.time()

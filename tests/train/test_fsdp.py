@@ -171,10 +171,13 @@ def worker(out: str) -> None:
 
 
 def test_fsdp2_two_processes_match_one_and_resume(tmp_path):
-    from tests.utils import DIST_STEPS, accelerate_launch_env, assert_dist_matches, dist_baseline, dist_launch, tiny_run
+    from tests.utils import (DIST_STEPS, accelerate_has_fsdp2, accelerate_launch_env, assert_dist_matches,
+                             dist_baseline, dist_launch, tiny_run)
 
     if torch.cuda.is_available():
         pytest.skip("the CPU (gloo) check; scripts/gpu_check.sh runs FSDP on a GPU")
+    if not accelerate_has_fsdp2():
+        pytest.skip("accelerate < 1.6 has no FSDP2 (configs/accelerate/fsdp2.yaml needs 1.6)")
     _, env = accelerate_launch_env("configs/accelerate/fsdp2.yaml", "--mixed_precision", "no")  # fp32 here
     fsdp_env = {k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_")) and k not in os.environ}
     got = dist_launch(__file__, tmp_path / "fsdp.pt", env_extra=fsdp_env)

@@ -2,7 +2,7 @@
 process with the same global batch: the normalisers are global (all micro-batches, all
 processes), TPA's random numbers are keyed by sample id, and the data order is the same. The two
 processes run the Trainer (DDP) with the teacher sharded over them (``teacher_sharding=fsdp``), the
-one process with it whole: the losses agree.
+one process with it whole: the losses agree. Both run `run_distill`, what `align-ti distill` runs.
 
 After training, the same two processes check what must agree across processes:
 - a resume's checkpoint is verified (every byte read) by one process per node, not by each;
@@ -40,6 +40,7 @@ def _checks_that_must_agree(trainer) -> dict:
     from align_ti.train import checkpoint as ckpt
     from align_ti.train.trainer import CheckpointError, resolve_resume
 
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)  # a checkpoint holds their states
     trainer._save_checkpoint(trainer.model, None)
     run_dir = trainer.args.output_dir
     verified = []
@@ -73,7 +74,7 @@ def _checks_that_must_agree(trainer) -> dict:
             "save_error": save_error}
 
 
-def _irs_cache_decided_once(cfg, run, args) -> dict:
+def _irs_cache_decided_once(cfg, trainer) -> dict:
     """iva_layer=auto on the sharded teacher: IRS runs on both processes (its forwards are
     collectives) and process 0 writes the cache; then, with the cache visible to process 0 only,
     both take process 0's decision (process 1 alone running IRS would wait for process 0 forever)."""
@@ -83,44 +84,47 @@ def _irs_cache_decided_once(cfg, run, args) -> dict:
     from align_ti.train.build import resolve_iva_layer
 
     auto = dataclasses.replace(cfg, iva_layer="auto", irs_samples=2)
-    computed = resolve_iva_layer(auto, run.teacher, run.processor, run.items, args.output_dir, is_main=args.should_save)
+    args, teacher, items = trainer.args, trainer.model.teacher, trainer.train_dataset.items
+    processor = trainer.processing_class
+    computed = resolve_iva_layer(auto, teacher, processor, items, args.output_dir, is_main=args.should_save)
     calls = []
     real_scores = irs.irs_scores
     irs.irs_scores = lambda *a, **k: calls.append(1) or real_scores(*a, **k)
     try:
         cache_dir = args.output_dir if args.process_index == 0 else os.path.join(args.output_dir, "elsewhere")
-        cached = resolve_iva_layer(auto, run.teacher, run.processor, run.items, cache_dir, is_main=False)
+        cached = resolve_iva_layer(auto, teacher, processor, items, cache_dir, is_main=False)
     finally:
         irs.irs_scores = real_scores
     return {"computed": computed, "cached": cached, "irs_runs": len(calls)}
 
 
 def worker(out_json: str, per_device: int) -> None:
+    """`run_distill` (what `align-ti distill` runs), then the agreement checks on a trainer of the
+    same config."""
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    from align_ti.train.build import build_trainer
-    from tests.utils import run_config, tiny_run
+    from align_ti.train.build import build_trainer, run_distill
+    from align_ti.train.config import load_config
 
-    run = tiny_run(n_images=4)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = run_config(f"{os.path.dirname(out_json)}/run", max_steps=STEPS, per_device_train_batch_size=per_device,
-                     tpa_fraction=0.5, teacher_sharding="fsdp" if world > 1 else "replicate",
-                     training_args=json.dumps({"logging_steps": 1, "save_strategy": "no", "disable_tqdm": True}))
-    trainer = build_trainer(cfg, student=run.student, teacher=run.teacher, processor=run.processor,
-                            teacher_processor=run.processor, train_dataset=run.dataset)
-    trainer.train()
-    result = {"world_size": trainer.args.world_size, "logs": [h for h in trainer.state.log_history if "loss" in h]}
+    over = {"output_dir": f"{os.path.dirname(out_json)}/run", "max_steps": STEPS, "synthetic_images": 4,
+            "per_device_train_batch_size": per_device, "iva_layer": 1, "tpa_fraction": 0.5, "learning_rate": 1e-3,
+            "teacher_sharding": "fsdp" if world > 1 else "replicate",
+            "training_args": json.dumps({"logging_steps": 1, "save_strategy": "no", "disable_tqdm": True})}
+    cfg = load_config(overrides=[f"{k}={v}" for k, v in over.items()])
+    metrics = run_distill(cfg)
+    result = {"world_size": world, "logs": [h for h in metrics["log_history"] if "loss" in h]}
     if world > 1:
         from torch.distributed.tensor import DTensor
 
-        result["teacher_sharded"] = all(isinstance(p, DTensor) for p in run.teacher.parameters())
+        trainer = build_trainer(cfg)
+        result["teacher_sharded"] = all(isinstance(p, DTensor) for p in trainer.model.teacher.parameters())
         checks = [None] * world
-        dist.all_gather_object(checks, {**_checks_that_must_agree(trainer),
-                                        **_irs_cache_decided_once(cfg, run, trainer.args)})
+        dist.all_gather_object(checks, {**_checks_that_must_agree(trainer), **_irs_cache_decided_once(cfg, trainer)})
         result["checks"] = checks
-    if trainer.is_world_process_zero():
+    if int(os.environ.get("RANK", "0")) == 0:
         with open(out_json, "w") as f:
             json.dump(result, f)
 
@@ -154,7 +158,7 @@ def test_two_processes_match_one(tmp_path):
             assert lb[key] == pytest.approx(la[key], rel=2e-4, abs=1e-6), (la["step"], key, la[key], lb[key])
 
     first, second = b["checks"]
-    assert first["found"] == second["found"] == f"checkpoint-{STEPS}"
+    assert first["found"] == second["found"] == "checkpoint-0"
     assert (first["verified"], second["verified"]) == (2, 0)  # one process per node reads the checkpoint
     assert first["damaged"] is not None and first["damaged"] == second["damaged"]
     assert "model.safetensors is truncated" in first["damaged"] and "\n" not in first["damaged"]
