@@ -3,7 +3,11 @@
 A save writes ``<output_dir>/.staging/checkpoint-<step>``, adds a manifest, fsyncs the folder and
 renames it to ``<output_dir>/checkpoint-<step>`` (atomic): a run killed while saving leaves no
 half-written ``checkpoint-*`` (transformers' ``get_last_checkpoint`` and rotation only look at
-``checkpoint-<n>`` folders and ignore extra files in them).
+``checkpoint-<n>`` folders and ignore extra files in them). The manifest is renamed into place
+last, so a staged folder with one is complete; re-saving a step moves the older copy aside,
+renames the new one in, fsyncs and only then deletes the older one, and `clean_staging` (before
+a save or a resume) publishes a complete staged copy whose published folder is missing instead
+of deleting it.
 
 The manifest (``align_ti_manifest.json``, written last, inside the staged folder) records every
 file of the folder -- sharded subfolders and every process's RNG file included -- with its size

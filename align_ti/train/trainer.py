@@ -23,6 +23,10 @@ resume, gradient accumulation, mixed precision, DDP / FSDP / DeepSpeed through a
   the Trainer's optimizer/scheduler/RNG/state files.
 - ``request_stop()`` (SIGTERM, see `align_ti.train.build.run_distill`) ends the current step
   with a checkpoint and a clean stop.
+- Several processes: what must agree is decided once (`resolve_resume`: the checkpoint found on
+  process 0, verified by one process per node; `save_model`: a refused or failed save raises on
+  every process), and a teacher sharded with FSDP2 (`align_ti.train.sharding`) has its LM head
+  gathered around each forward.
 """
 from __future__ import annotations
 
