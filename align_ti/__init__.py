@@ -18,6 +18,7 @@ _LAZY = {
     "attention_mass": "align_ti.ops.attention_mass",
     "topk_align": "align_ti.ops.topk_align",
     "select_topk": "align_ti.ops.topk_align",
+    "topk_weights": "align_ti.ops.topk_align",
     "topk_feature_align": "align_ti.ops.topk_align",
     "FeatureProjection": "align_ti.ops.topk_align",
     "build_expanded_batch": "align_ti.ops.branches",

@@ -26,5 +26,9 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 BAD_SAMPLES = ("error", "skip")
 """What loading LLaVA data does with a sample that would not train as written."""
 
+KL_PASSES = ("single", "per_term")
+"""How the trainer runs the fused KL ops: one call over the rows of every term (SFT, KD, IVA,
+TPA), or one call per term (the same loss; a benchmark's and a test's comparison)."""
+
 TEACHER_SHARDINGS = ("replicate", "fsdp")
 """Where the frozen teacher lives with several processes: whole on each, or sharded with FSDP2."""

@@ -239,11 +239,11 @@ IVA_SECTIONS = ("align_ti.iva_mass", "align_ti.iva")  # IVA's own work in the tr
 def expected_sections(objective: str) -> tuple[str, ...]:
     """The record_function ranges of `DistillModule.forward` an align-ti step of `objective`
     must record (vanilla KD: the two forwards and SFT+KD; Align-TI: every one)."""
-    from align_ti.train.loss import SECTIONS
+    from align_ti.train.loss import SECTIONS, SINGLE_PASS_SECTIONS
 
     if objective == "Align-TI":
-        return SECTIONS
-    return ("align_ti.student_forward", "align_ti.teacher_forward", "align_ti.sft_kd")
+        return SECTIONS + SINGLE_PASS_SECTIONS
+    return ("align_ti.student_forward", "align_ti.teacher_forward") + SINGLE_PASS_SECTIONS
 
 
 def measure(way: str, objective: str, scale: str, device: torch.device, warmup: int, steps: int,
@@ -330,7 +330,9 @@ def measure_iva_share(scale: str, device: torch.device, warmup: int, steps: int,
     batch = make_batch(meta, device, next(student.parameters()).dtype)
     modules = {}
     for name, w_iva in (("vanilla-KD", 0.0), ("vanilla-KD + IVA", 1.0)):
-        spec = LossSpec(w_sft=1.0, w_kd=1.0, w_iva=w_iva, w_tpa=0.0, iva_layer=meta["iva_layer"])
+        # a fused KL call per term: IVA's rows in a range of their own (IVA_SECTIONS)
+        spec = LossSpec(w_sft=1.0, w_kd=1.0, w_iva=w_iva, w_tpa=0.0, iva_layer=meta["iva_layer"],
+                        kl_pass="per_term")
         modules[name] = _distill_module(student, teacher, meta, spec)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
     terms = {}

@@ -16,7 +16,14 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from align_ti.constants import ATTN_IMPLEMENTATIONS, BAD_SAMPLES, DIVERGENCES, TPA_FORWARDS, TPA_STRATEGIES
+from align_ti.constants import (
+    ATTN_IMPLEMENTATIONS,
+    BAD_SAMPLES,
+    DIVERGENCES,
+    KL_PASSES,
+    TPA_FORWARDS,
+    TPA_STRATEGIES,
+)
 from align_ti.constants import TEACHER_SHARDINGS
 
 BUILTIN_MODELS = ("tiny-teacher", "tiny-student")
@@ -58,6 +65,10 @@ class DistillConfig:
     iva_k: int | None = None                # top-k vision tokens; None with iva_ratio None = all
     iva_ratio: float | None = None          # or a fraction of each sample's vision tokens
     irs_samples: int = 32                   # calibration pairs for iva_layer="auto"
+    # IVA's weights over the vision tokens: attention (the teacher's instruction->vision
+    # attention at iva_layer, METHOD.md) | uniform (every vision token alike: vision KD without
+    # instruction-aware weights, a control; takes no iva_k / iva_ratio)
+    iva_weighting: str = "attention"
     # TPA
     tpa_d: int = 4                          # candidates per branched step
     tpa_strategy: str = "sample"            # sample (d distinct tokens, Gumbel-top-d) | topk
@@ -77,6 +88,9 @@ class DistillConfig:
     # (exact) or, with false, the weight's own dtype (one rounding per chunk, as Liger-Kernel
     # does; less memory and time)
     kl_chunk_bytes: Union[int, str, None] = None
+    # single: SFT, KD, IVA and TPA from one fused KL call (one pass over both LM heads, one
+    # weight-gradient accumulator); per_term: a call per term (the same loss and gradient)
+    kl_pass: str = "single"
     fp32_weight_grad: bool = True
     # optimisation (passed on to transformers.TrainingArguments)
     learning_rate: float = 2e-5
@@ -97,9 +111,11 @@ class DistillConfig:
             "divergence": DIVERGENCES,
             "tpa_strategy": TPA_STRATEGIES,
             "tpa_forward": TPA_FORWARDS,
+            "kl_pass": KL_PASSES,
             "tiny_text_model": ("qwen2", "qwen3"),
             "attn_implementation": ATTN_IMPLEMENTATIONS,
             "bad_samples": BAD_SAMPLES,
+            "iva_weighting": ("attention", "uniform"),
             "teacher_sharding": TEACHER_SHARDINGS,
         }
         for name, allowed in choices.items():
@@ -132,6 +148,9 @@ class DistillConfig:
             raise ValueError(f"config iva_k must be a positive int or null, got {self.iva_k}")
         if self.iva_k is not None and self.iva_ratio is not None:
             raise ValueError("config: give iva_k or iva_ratio, not both")
+        if self.iva_weighting == "uniform" and (self.iva_k is not None or self.iva_ratio is not None):
+            raise ValueError("config iva_weighting=uniform weighs every vision token alike; iva_k / iva_ratio "
+                             "(a top-k by attention) do not apply: leave them null")
         if self.iva_ratio is not None and not 0 < self.iva_ratio <= 1:
             raise ValueError(f"config iva_ratio must be in (0, 1], got {self.iva_ratio}")
         if self.kl_chunk_bytes is not None:

@@ -70,9 +70,9 @@ from align_ti.ops.branches import (
     select_branch_steps,
     tpa_loss,
 )
-from align_ti.ops.fused_kl import fused_linear_distill
+from align_ti.ops.fused_kl import fused_linear_distill, fused_linear_kl
 from align_ti.ops.heuristics import resolve_chunk_bytes
-from align_ti.ops.topk_align import topk_align
+from align_ti.ops.topk_align import topk_align, topk_weights
 from align_ti.train.sharding import layer_classes, vision_modules
 
 __all__ = [
@@ -86,11 +86,14 @@ __all__ = [
 ]
 
 TERMS = ("sft", "kd", "iva", "tpa")
+IVA_WEIGHTINGS = ("attention", "uniform")  # LossSpec.iva_weighting (config iva_weighting)
 NORMALIZERS = ("tokens", "images", "candidates")  # the entries of count_normalizers / loss_divisors
 _DIVISOR_OF = {"sft": 0, "kd": 0, "iva": 1, "tpa": 2}  # term -> its entry of NORMALIZERS
-# the record_function ranges of DistillModule.forward (the train-step benchmark reads them)
-SECTIONS = ("align_ti.tpa_sample", "align_ti.student_forward", "align_ti.teacher_forward", "align_ti.iva_mass",
-            "align_ti.sft_kd", "align_ti.iva", "align_ti.tpa_loss")
+# the record_function ranges of DistillModule.forward (the train-step benchmark reads them):
+# common to both kl_pass settings, then the single pass's one range, then per_term's three
+SECTIONS = ("align_ti.tpa_sample", "align_ti.student_forward", "align_ti.teacher_forward", "align_ti.iva_mass")
+SINGLE_PASS_SECTIONS = ("align_ti.kl",)
+PER_TERM_SECTIONS = ("align_ti.sft_kd", "align_ti.iva", "align_ti.tpa_loss")
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,6 +172,10 @@ class LossSpec:
     iva_layer: Optional[int] = None
     iva_k: Optional[int] = None
     iva_ratio: Optional[float] = None
+    # "attention": IVA weights the vision tokens by the teacher's instruction->vision attention
+    # at iva_layer (METHOD.md); "uniform": every vision token of a sample weighs the same, the
+    # control without instruction-aware weights (no attention capture, no iva_layer needed)
+    iva_weighting: str = "attention"
     tpa_d: int = 4
     tpa_strategy: str = "sample"
     tpa_exclude_ground_truth: bool = True
@@ -176,6 +183,7 @@ class LossSpec:
     tpa_temperature: float = 1.0
     tpa_max_per_sample: Optional[int] = None
     tpa_forward: str = "auto"          # "prefix_cache" | "expanded" | "auto" (see DistillConfig)
+    kl_pass: str = "single"            # "single": one fused KL call for every term; "per_term"
     seed: int = 0
     chunk_bytes: Optional[int] = None  # row-chunk budget of the fused KL ops and TPA sampling
     fp32_weight_grad: bool = True      # False: the LM head's grad accumulates in its dtype
@@ -193,11 +201,13 @@ class LossSpec:
             w_sft=config.w_sft, w_kd=config.w_kd, w_iva=config.w_iva, w_tpa=config.w_tpa,
             divergence=config.divergence, beta=config.beta, temperature=config.temperature,
             iva_layer=iva_layer, iva_k=config.iva_k, iva_ratio=config.iva_ratio,
+            iva_weighting=getattr(config, "iva_weighting", "attention"),
             tpa_d=config.tpa_d, tpa_strategy=config.tpa_strategy, tpa_fraction=config.tpa_fraction,
             tpa_temperature=config.tpa_temperature,
             tpa_exclude_ground_truth=getattr(config, "tpa_exclude_ground_truth", True),
             tpa_max_per_sample=getattr(config, "tpa_max_per_sample", None),
-            tpa_forward=getattr(config, "tpa_forward", "auto"), seed=config.seed,
+            tpa_forward=getattr(config, "tpa_forward", "auto"), kl_pass=getattr(config, "kl_pass", "single"),
+            seed=config.seed,
             chunk_bytes=resolve_chunk_bytes(getattr(config, "kl_chunk_bytes", None), "config kl_chunk_bytes"),
             fp32_weight_grad=getattr(config, "fp32_weight_grad", True),
         )
@@ -286,7 +296,9 @@ class DistillModule(nn.Module):
         self.impl = impl
         if spec.needs_teacher and teacher is None:
             raise ValueError("a teacher is needed for w_kd, w_iva or w_tpa > 0")
-        if spec.w_iva > 0 and spec.iva_layer is None:
+        if spec.iva_weighting not in IVA_WEIGHTINGS:
+            raise ValueError(f"spec.iva_weighting must be one of {list(IVA_WEIGHTINGS)}, got {spec.iva_weighting!r}")
+        if spec.w_iva > 0 and spec.iva_weighting == "attention" and spec.iva_layer is None:
             raise ValueError("w_iva > 0 needs spec.iva_layer (an int; resolve 'auto' with resolve_iva_layer)")
         if teacher is not None:
             teacher.eval()
@@ -343,17 +355,22 @@ class DistillModule(nn.Module):
         else:
             fw = self._prefix_cached_forwards(input_ids, attention_mask, labels, pixel_values, instruction_mask,
                                               sample_ids, epoch, step)
-        parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # term -> (sum, count)
-        if spec.w_sft > 0 or spec.w_kd > 0:
-            with record_function("align_ti.sft_kd"):
-                parts.update(self._sft_kd(fw))
-        if spec.w_iva > 0:
-            with record_function("align_ti.iva"):
-                parts["iva"] = self._iva(fw, input_ids == self.image_token_id)
-        if spec.w_tpa > 0:
-            with record_function("align_ti.tpa_loss"):
-                parts["tpa"] = self._tpa(fw)
-        loss, terms = self._combine(parts, loss_divisors, fw.student.new_zeros((), dtype=torch.float32))
+        vision_mask = input_ids == self.image_token_id
+        if spec.kl_pass == "single" and spec.needs_teacher:
+            with record_function("align_ti.kl"):
+                loss, terms = self._single_kl_pass(fw, vision_mask, loss_divisors)
+        else:
+            parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # term -> (sum, count)
+            if spec.w_sft > 0 or spec.w_kd > 0:
+                with record_function("align_ti.sft_kd"):
+                    parts.update(self._sft_kd(fw))
+            if spec.w_iva > 0:
+                with record_function("align_ti.iva"):
+                    parts["iva"] = self._iva(fw, vision_mask)
+            if spec.w_tpa > 0:
+                with record_function("align_ti.tpa_loss"):
+                    parts["tpa"] = self._tpa(fw)
+            loss, terms = self._combine(parts, loss_divisors, fw.student.new_zeros((), dtype=torch.float32))
         loss = self._vision_in_every_backward(loss)
         finite = {"student": all_finite(fw.student),
                   "teacher": all_finite(fw.teacher) if fw.teacher is not None
@@ -435,12 +452,15 @@ class DistillModule(nn.Module):
                 return ground_truth_pass(teacher, input_ids, attention_mask, positions, pixels_for(teacher))
 
             mass = None
-            if self.spec.w_iva > 0:  # the IRS layer's q/k of the ground-truth pass only
+            if self.spec.w_iva > 0 and self.spec.iva_weighting == "attention":
+                # the IRS layer's q/k of the ground-truth pass only
                 t_prefix, mass = self._teacher_with_mass(teacher_prefix, instruction_mask, attention_mask)
                 mass = _pad_slots(mass, expanded.total_length)
             else:
                 t_prefix = teacher_prefix()
             ht = torch.cat([t_prefix.hidden, candidate_hidden_states(teacher, expanded, t_prefix)], 1)
+        if self.spec.w_iva > 0 and self.spec.iva_weighting == "uniform":
+            mass = _uniform_mass(input_ids == self.image_token_id, instruction_mask, expanded.total_length)
         return _Forwards(student=hs.to(lm_head(student)[0].dtype), teacher=ht.to(lm_head(teacher)[0].dtype),
                          targets=expanded.targets, expanded=expanded, mass=mass)
 
@@ -464,10 +484,12 @@ class DistillModule(nn.Module):
         if self.spec.needs_teacher:
             real = expanded.attention_mask if expanded is not None else attention_mask
             with torch.no_grad(), record_function("align_ti.teacher_forward"):
-                if self.spec.w_iva > 0:
+                if self.spec.w_iva > 0 and self.spec.iva_weighting == "attention":
                     ht, mass = self._teacher_with_mass(lambda: run(teacher), instruction_mask, real)
                 else:
                     ht = run(teacher)
+            if self.spec.w_iva > 0 and self.spec.iva_weighting == "uniform":
+                mass = _uniform_mass(input_ids == self.image_token_id, instruction_mask, real.shape[1])
         # under autocast (bf16/fp16 mixed precision) the final hidden states may come out in a
         # lower dtype than the fp32 head; each hidden/weight pair must share one dtype
         hs = hs.to(lm_head(student)[0].dtype)
@@ -537,6 +559,57 @@ class DistillModule(nn.Module):
                          teacher_bias=bt, impl=self.impl, **self.spec.divergence_options)
         return total, fw.expanded.candidate_valid.sum()
 
+    def _single_kl_pass(self, fw: _Forwards, vision_mask: torch.Tensor, loss_divisors):
+        """Every term from one fused KL call over all their rows (one pass over both LM heads, one
+        weight-gradient accumulator): each row's weight folds in its term's weight and
+        normaliser, so the call's KL is ``w_kd L_KD + w_iva L_IVA + w_tpa L_TPA`` and its CE gives
+        SFT; the per-row divergences it also returns give each term's value for the logs. The
+        same terms and gradient as `per_term` (`_sft_kd`, `_iva`, `_tpa`), in one call."""
+        spec = self.spec
+        ws, bs = lm_head(self.student)
+        wt, bt = lm_head(self.teacher)
+        b_size, total = fw.targets.shape
+        targets = fw.targets.reshape(-1)
+        token_rows = targets != IGNORE_INDEX
+        within = {}  # KL term -> its own fp32 weight of every row [B * T] (0 off its rows)
+        counts = {"sft": token_rows.sum()}
+        if spec.w_kd > 0:
+            within["kd"], counts["kd"] = token_rows.float(), counts["sft"]
+        if spec.w_iva > 0:
+            vision = _pad_slots(vision_mask, total)
+            within["iva"] = topk_weights(fw.mass, vision, k=spec.iva_k, ratio=spec.iva_ratio).reshape(-1)
+            counts["iva"] = ((fw.mass * vision).sum(1) > 0).sum()
+        if spec.w_tpa > 0:
+            slots = fw.expanded.steps >= 0  # [B, C]: the filled candidate slots
+            within["tpa"] = torch.cat([slots.new_zeros(b_size, fw.expanded.length), slots], 1).reshape(-1).float()
+            counts["tpa"] = slots.sum()
+
+        def divisor(term):
+            if loss_divisors is None:
+                return counts[term].to(torch.float32).clamp(min=1)
+            return loss_divisors[_DIVISOR_OF[term]].to(torch.float32)
+
+        denom = {term: divisor(term) for term in counts}
+        weights = sum(w * (spec.weight(term) / denom[term]) for term, w in within.items())
+        rows = token_rows if spec.w_sft > 0 else torch.zeros_like(token_rows)  # SFT reads its rows' CE
+        for w in within.values():
+            rows = rows | (w > 0)
+        hs = fw.student.reshape(-1, fw.student.shape[-1])
+        ht = fw.teacher.reshape(-1, fw.teacher.shape[-1])
+        common = dict(rows=rows, weights=weights, reduction="sum", student_bias=bs, teacher_bias=bt,
+                      impl=self.impl, row_divergence=True, **spec.divergence_options)
+        terms = {}
+        if spec.w_sft > 0:
+            kl, ce, d = fused_linear_distill(hs, ws, ht, wt, labels=targets, **common)
+            terms["sft"] = ce * counts["sft"] / denom["sft"]
+            loss = kl + spec.w_sft * terms["sft"]
+        else:
+            loss, d = fused_linear_kl(hs, ws, ht, wt, **common)
+        zero = torch.zeros((), dtype=d.dtype, device=d.device)
+        for term, w in within.items():  # where, not w * d: a row outside the term may hold D = +inf
+            terms[term] = torch.where(w > 0, w * d, zero).sum() / denom[term]
+        return loss, {name: value.detach() for name, value in terms.items()}
+
     def _combine(self, parts: dict, loss_divisors, loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Each term's sum over its normaliser (the step's global count, or this micro-batch's
         own count), and the weighted total added to ``loss`` (a zero)."""
@@ -549,6 +622,16 @@ class DistillModule(nn.Module):
             terms[name] = total / denom
             loss = loss + self.spec.weight(name) * terms[name]
         return loss, {name: value.detach() for name, value in terms.items()}
+
+
+def _uniform_mass(vision_mask: torch.Tensor, instruction_mask, total_length: int) -> torch.Tensor:
+    """IVA's weights with ``iva_weighting="uniform"``: 1 on every vision token of a sample that
+    has an instruction (the samples the attention weights cover too, so the normaliser is the
+    same), 0 elsewhere, [B, T] fp32."""
+    if instruction_mask is None:
+        raise ValueError("IVA needs the batch's instruction_mask (encode_example(..., return_instruction_mask=True))")
+    mass = vision_mask & instruction_mask.bool().any(1, keepdim=True)
+    return _pad_slots(mass, total_length).float()
 
 
 def _pad_slots(mask: torch.Tensor, total_length: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from torch.profiler import record_function
 
 from align_ti.benchmarks import harness
 from align_ti.train.data import DistillCollator
-from align_ti.train.loss import SECTIONS, DistillModule, LossSpec
+from align_ti.train.loss import PER_TERM_SECTIONS, SECTIONS, SINGLE_PASS_SECTIONS, DistillModule, LossSpec
 
 CPU = torch.device("cpu")
 
@@ -29,14 +29,15 @@ def test_section_times_reads_ranges_and_refuses_an_empty_one():
         harness.section_times(step, CPU, ("outer", "renamed"))
 
 
-def test_the_trainer_step_records_every_section(tiny):
+@pytest.mark.parametrize("kl_pass, kl_sections", [("single", SINGLE_PASS_SECTIONS), ("per_term", PER_TERM_SECTIONS)])
+def test_the_trainer_step_records_every_section(tiny, kl_pass, kl_sections):
     """What the benchmark reads: DistillModule.forward with all four terms enters every range
-    of align_ti.train.loss.SECTIONS, and each takes time."""
-    spec = LossSpec(w_sft=1.0, w_kd=1.0, w_iva=1.0, w_tpa=1.0, iva_layer=1, tpa_fraction=0.5)
+    of align_ti.train.loss.SECTIONS and those of its kl_pass setting, and each takes time."""
+    spec = LossSpec(w_sft=1.0, w_kd=1.0, w_iva=1.0, w_tpa=1.0, iva_layer=1, tpa_fraction=0.5, kl_pass=kl_pass)
     module = DistillModule(tiny.student, tiny.teacher, spec, image_token_id=tiny.student.config.image_token_index,
                            pad_token_id=0, forbidden_ids=(0, tiny.student.config.image_token_index), vocab_limit=1200)
     batch = DistillCollator(0)([tiny.dataset[i] for i in range(4)])
-    got = harness.section_times(lambda: module(**batch), CPU, SECTIONS)
+    got = harness.section_times(lambda: module(**batch), CPU, SECTIONS + kl_sections)
     assert all(seconds > 0 for seconds in got["sections_s"].values())
 
 
@@ -81,9 +82,10 @@ def test_train_step_reports_the_sections_of_the_align_ti_way(tmp_path):
                               "--steps", "1", "--out", str(tmp_path)])
     by_objective = {r["objective"]: r for r in report["results"]}
     assert {r["status"] for r in report["results"]} == {"ok"}
-    assert set(by_objective["Align-TI"]["sections_s"]) == set(SECTIONS)
+    assert set(by_objective["Align-TI"]["sections_s"]) == set(SECTIONS + SINGLE_PASS_SECTIONS)
     assert set(by_objective["vanilla-KD"]["sections_s"]) == set(train_step.expected_sections("vanilla-KD"))
     assert all(s > 0 for r in report["results"] for s in r["sections_s"].values())
     md = (tmp_path / "train_step.md").read_text()
-    header = "| way | objective | profiled step | " + " | ".join(n.removeprefix("align_ti.") for n in SECTIONS) + " |"
+    header = "| way | objective | profiled step | " + " | ".join(
+        n.removeprefix("align_ti.") for n in SECTIONS + SINGLE_PASS_SECTIONS) + " |"
     assert header in md and "| align-ti | Align-TI |" in md

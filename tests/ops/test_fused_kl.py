@@ -109,6 +109,50 @@ def mask_inside_op(monkeypatch):
 # CPU tier: impl="torch"
 # ============================================================================================
 
+@pytest.mark.parametrize("in_op", [False, True])
+@pytest.mark.parametrize("rows_kind", [None, "index", "mask"])
+def test_row_divergence_reports_each_rows_divergence(rows_kind, in_op, monkeypatch):
+    """row_divergence=True adds D_i of every row (unweighted, no gradient) in the caller's
+    layout, and leaves the loss, the CE and the gradients as they were: what lets one call serve
+    the rows of several losses and still report each."""
+    if in_op:
+        monkeypatch.setattr(fkl_rows, "MASK_AS_INDICES_DEVICES", ())
+    t = make()
+    labels = torch.randint(0, VS, (N,), generator=torch.Generator().manual_seed(2))
+    labels[::4] = -100
+    rows = {None: None, "index": torch.tensor([5, 0, 5, 62, 17]),
+            "mask": torch.rand(N, generator=torch.Generator().manual_seed(4)) > 0.5}[rows_kind]
+    n_rows = N if rows is None or rows.dtype == torch.bool else rows.shape[0]
+    w = rand_weights(n_rows)
+    lab = labels if rows is None or rows.dtype == torch.bool else labels[rows]
+    kw = dict(rows=rows, weights=w, divergence="jsd", temperature=1.5, reduction="sum", labels=lab)
+    kl, ce, d = align_ti.fused_linear_distill(**t, row_divergence=True, **kw)
+    assert not d.requires_grad and d.dtype == torch.float32
+    (kl + 0.5 * ce).backward()
+    grads = [t[k].grad.clone() for k in STUDENT]
+    for k in STUDENT:
+        t[k].grad = None
+    kl2, ce2 = align_ti.fused_linear_distill(**t, **kw)
+    (kl2 + 0.5 * ce2).backward()
+    assert torch.equal(kl, kl2) and torch.equal(ce, ce2)
+    for a, k in zip(grads, STUDENT):
+        assert torch.equal(a, t[k].grad), k
+    per_row = fused_linear_kl_reference(**{k: x.detach() for k, x in t.items()}, rows=rows, divergence="jsd",
+                                        temperature=1.5, reduction="none")
+    if rows is not None and rows.dtype == torch.bool:  # [N], 0 at the rows not selected
+        assert d.shape == (N,) and (d[~rows] == 0).all()
+        assert_close(d[rows], per_row, atol=1e-6, rtol=1e-5)
+    else:
+        assert d.shape == (n_rows,)
+        assert_close(d, per_row, atol=1e-6, rtol=1e-5)
+    weighted = (w * d)[rows] if rows is not None and rows.dtype == torch.bool else w * d
+    assert_close(weighted.sum(), kl, atol=1e-5, rtol=1e-5)
+    loss, d_kl = align_ti.fused_linear_kl(**t, rows=rows, divergence="jsd", temperature=1.5, row_divergence=True)
+    assert_close(d_kl, d, atol=0, rtol=0)
+    with pytest.raises(TypeError, match="row_divergence"):
+        align_ti.fused_linear_kl(**t, row_divergence="yes")
+
+
 @pytest.mark.parametrize("rows_kind", [None, "index", "mask"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])

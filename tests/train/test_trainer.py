@@ -176,6 +176,38 @@ def test_tpa_ways_give_the_same_terms_and_gradients(tiny, attn):
             torch.testing.assert_close(grads_p[name], g, rtol=0, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("weights", [dict(), dict(w_sft=0.0), dict(w_kd=0.0, w_iva=0.5), dict(w_tpa=0.0, w_sft=2.0)],
+                         ids=["all", "no-sft", "no-kd", "no-tpa"])
+@pytest.mark.parametrize("divisors", [False, True])
+def test_one_kl_pass_gives_the_per_term_terms_and_gradient(tiny, weights, divisors):
+    """kl_pass='single' (SFT, KD, IVA and TPA rows in one fused_linear_distill call, each row
+    weighted by its term's weight and normaliser) gives every term's value and the gradient of
+    kl_pass='per_term' (one call per term), with the micro-batch's own counts or the step's
+    divisors (top-k IVA, JSD)."""
+    batch = _batch(tiny)
+    base = {**dict(w_sft=1.0, w_kd=1.0, w_iva=1.0, w_tpa=1.0, iva_layer=1, iva_k=5, tpa_fraction=0.5,
+                   divergence="jsd", beta=0.3), **weights}
+    divisors = torch.tensor([40.0, 3.0, 20.0], dtype=torch.float64) if divisors else None
+    results = {}
+    for kl_pass in ("per_term", "single"):
+        student = copy.deepcopy(tiny.student)
+        module = _module(tiny, LossSpec(kl_pass=kl_pass, **base), forbidden_ids=(0, 3), vocab_limit=1200)
+        module.student = student
+        out = module(**batch, loss_divisors=divisors)
+        out["loss"].backward()
+        results[kl_pass] = out, {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+    (per_term, g_ref), (single, g) = results["per_term"], results["single"]
+    assert single["terms"].keys() == per_term["terms"].keys()
+    for name, value in per_term["terms"].items():
+        torch.testing.assert_close(single["terms"][name], value, rtol=1e-5, atol=1e-7, msg=name)
+    torch.testing.assert_close(single["loss"], per_term["loss"], rtol=1e-5, atol=1e-7)
+    assert g.keys() == g_ref.keys()
+    for name, ref in g_ref.items():
+        scale = ref.abs().max().item()
+        if scale > 1e-5:
+            torch.testing.assert_close(g[name], ref, rtol=0, atol=2e-5 * scale, msg=name)
+
+
 def test_tpa_forward_auto_falls_back_where_the_cache_cannot_serve(tiny):
     """Under gradient checkpointing (transformers keeps no cache in a checkpointed training
     forward) 'auto' runs the expanded forward, and an explicit 'prefix_cache' says why it can't."""

@@ -29,8 +29,8 @@ def _detached(t):
 
 def _linear(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, rows, weights,
             divergence, beta, temperature, vocab_size, reduction, student_bias, teacher_bias, impl,
-            chunk_bytes, fp32_weight_grad):
-    """`fused_linear_kl` and `fused_linear_distill`: (kl, ce or None)."""
+            chunk_bytes, fp32_weight_grad, row_divergence=False):
+    """`fused_linear_kl` and `fused_linear_distill`: (kl, ce or None, per-row D or None)."""
     kl_opts = KLOptions(divergence, beta, temperature, reduction)
     check_bool("fp32_weight_grad", fp32_weight_grad)
     check_head("student", student_hidden, student_weight, student_bias, None)
@@ -50,14 +50,25 @@ def _linear(student_hidden, student_weight, teacher_hidden, teacher_weight, labe
         check_labels(labels, rows, n, vs, device)
     plan = plan_rows(rows, weights, labels, n, device, reduction)
     opts = FusedKLOptions(kl_opts, v, impl, _heur.resolve_chunk_bytes(chunk_bytes) or 0)
-    kl, ce, *_ = torch.ops.align_ti.fused_linear_kl(
+    check_bool("row_divergence", row_divergence)
+    kl, ce, *_, row_d = torch.ops.align_ti.fused_linear_kl(
         student_hidden, student_weight, student_bias,
         teacher_hidden.detach(), teacher_weight.detach(), _detached(teacher_bias),
         plan.idx, plan.mask, plan.weights, plan.labels,
         need_dh=_needs_grad(student_hidden), need_dw=_needs_grad(student_weight),
         need_db=_needs_grad(student_bias), fp32_weight_grad=fp32_weight_grad, **opts.op_kwargs(),
     )
-    return kl, (ce if labels is not None else None)
+    return kl, (ce if labels is not None else None), (_rows_layout(row_d, rows, plan, n) if row_divergence else None)
+
+
+def _rows_layout(row_d, rows, plan, n: int):
+    """The per-processed-row divergence in the caller's layout: [M] for index rows, [N] (0 at
+    unselected rows) for None or a bool mask, whichever way the plan processed them."""
+    if rows is None or rows.dtype != torch.bool:
+        return row_d
+    if plan.mask is not None:  # processed every row; the unselected ones on zeroed states
+        return torch.where(plan.mask, row_d, torch.zeros((), dtype=row_d.dtype, device=row_d.device))
+    return torch.zeros(n, dtype=row_d.dtype, device=row_d.device).index_copy_(0, plan.idx, row_d)
 
 
 def fused_linear_kl(
@@ -77,6 +88,7 @@ def fused_linear_kl(
     impl="auto",
     chunk_bytes=None,
     fp32_weight_grad=True,
+    row_divergence=False,
 ):
     """Vocabulary divergence between teacher and student at selected rows, fused with both LM heads.
 
@@ -106,9 +118,14 @@ def fused_linear_kl(
         fp32_weight_grad: False accumulates the weight's gradient over the row chunks in its
             own dtype (one rounding per chunk, as Liger-Kernel does) instead of an fp32
             ``[Vs, Hs]`` buffer (890 MiB at Vs=151936, Hs=1536). No effect for fp32 weights.
+        row_divergence: also return each row's unweighted divergence ``D_i`` (fp32, no
+            gradient): ``[M]`` for index ``rows``, ``[N]`` (0 at unselected rows) for None or a
+            bool mask. One call over the rows of several losses (each its own row weights) then
+            still reports every loss on its own, at no extra pass.
 
     Returns:
-        fp32 scalar, or ``[M]`` for ``reduction="none"``.
+        fp32 scalar, or ``[M]`` for ``reduction="none"``; with ``row_divergence``, the pair
+        ``(loss, D)``.
 
     Gradients: for "mean"/"sum" they are computed in the forward and the backward only scales
     them in place, so a second backward through one graph raises RuntimeError (as does double
@@ -130,12 +147,12 @@ def fused_linear_kl(
         ``align_ti.set_value_checks``), a width or dtype mismatch within a model, tensors on
         different devices.
     """
-    kl, _ = _linear(
+    kl, _, row_d = _linear(
         student_hidden, student_weight, teacher_hidden, teacher_weight, None, rows, weights,
         divergence, beta, temperature, vocab_size, reduction, student_bias, teacher_bias,
-        impl, chunk_bytes, fp32_weight_grad,
+        impl, chunk_bytes, fp32_weight_grad, row_divergence,
     )
-    return kl
+    return (kl, row_d) if row_divergence else kl
 
 
 def fused_linear_distill(
@@ -156,6 +173,7 @@ def fused_linear_distill(
     impl="auto",
     chunk_bytes=None,
     fp32_weight_grad=True,
+    row_divergence=False,
 ):
     """``(kl, ce)``: the divergence of `fused_linear_kl` and the student's SFT cross-entropy,
     from one pass over the student head.
@@ -171,7 +189,8 @@ def fused_linear_distill(
             id in ``[0, Vs)``, or -100 for no CE.
 
     Returns:
-        ``(kl, ce)``: kl fp32 scalar or ``[M]`` (``reduction="none"``), ce fp32 scalar.
+        ``(kl, ce)``: kl fp32 scalar or ``[M]`` (``reduction="none"``), ce fp32 scalar; with
+        ``row_divergence``, ``(kl, ce, D)`` (see `fused_linear_kl`).
 
     Gradients: for "mean"/"sum" the forward computes the gradients of kl and ce apart (their
     upstream scalars are not known yet): one more weight-gradient accumulator and two more
@@ -184,11 +203,12 @@ def fused_linear_distill(
     """
     if labels is None:
         raise TypeError("labels must be an int64 tensor of target ids (-100 = no CE), got None")
-    return _linear(
+    kl, ce, row_d = _linear(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, rows, weights,
         divergence, beta, temperature, vocab_size, reduction, student_bias, teacher_bias,
-        impl, chunk_bytes, fp32_weight_grad,
+        impl, chunk_bytes, fp32_weight_grad, row_divergence,
     )
+    return (kl, ce, row_d) if row_divergence else (kl, ce)
 
 
 def fused_kl(

@@ -69,10 +69,11 @@ def _fused_linear_kl_op(
     divergence: str, beta: float, temperature: float, reduction: str, vocab_size: int,
     impl: str, chunk_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(kl, ce, dh, dw, db, dh_ce, dw_ce, db_ce). The gradients (for a unit upstream gradient
-    of kl, and of ce apart when labels are given) are computed only for scalar reductions and
-    only where need_* is set; otherwise they are empty."""
+           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kl, ce, dh, dw, db, dh_ce, dw_ce, db_ce, row_d). The gradients (for a unit upstream
+    gradient of kl, and of ce apart when labels are given) are computed only for scalar
+    reductions and only where need_* is set; otherwise they are empty. row_d: the unweighted
+    divergence D_i of every processed row (M with idx, else N; no gradient)."""
     opts = FusedKLOptions.from_op_args(divergence, beta, temperature, reduction, vocab_size, impl,
                                        chunk_bytes)
     in_fwd = grads_in_forward(reduction, hs.dtype)
@@ -82,6 +83,8 @@ def _fused_linear_kl_op(
     out = [res.kl, res.ce if res.ce is not None else torch.zeros((), dtype=_F32, device=hs.device)]
     for grads in (res.grads, res.grads_ce):
         out += _cast(grads or StudentGrads(), hs, ws, bs)
+    # with reduction="none" and no weights, kl *is* the per-row divergence: a copy, not an alias
+    out.append(res.row_d.clone() if reduction == "none" else res.row_d)
     # every output must be its own tensor for torch.library
     return tuple(t.clone() if t.numel() == 0 else t for t in out)
 
@@ -96,7 +99,8 @@ def _(hs, ws, bs, ht, wt, bt, idx, mask, w, labels, need_dh, need_dw, need_db, f
     in_fwd = grads_in_forward(reduction, hs.dtype)
     needed = (need_dh and in_fwd, need_dw and in_fwd, need_db and in_fwd)
     needed_ce = needed if labels is not None else (False,) * 3  # the CE's apart
-    return (kl, ce, *fake_grads(hs, ws, bs, needed), *fake_grads(hs, ws, bs, needed_ce))
+    row_d = hs.new_empty((m,), dtype=_F32)
+    return (kl, ce, *fake_grads(hs, ws, bs, needed), *fake_grads(hs, ws, bs, needed_ce), row_d)
 
 
 @torch.library.custom_op("align_ti::fused_linear_kl_backward", mutates_args=())
@@ -140,7 +144,7 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.saved_mode = grads_in_forward(FusedKLOptions.from_op_args(*flags[4:]).kl.reduction,
                                       tensors[0].dtype)
     if ctx.saved_mode:
-        ctx.save_for_backward(*output[2:])
+        ctx.save_for_backward(*output[2:8])  # the gradients; not row_d
     else:
         save_inputs(ctx, tensors)
 

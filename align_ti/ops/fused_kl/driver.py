@@ -65,6 +65,7 @@ class LinearResult(NamedTuple):
     ce: Optional[torch.Tensor]             # fp32 scalar with labels, else None
     grads: Optional[StudentGrads]          # fp32 accumulators (dw: see fp32_weight_grad)
     grads_ce: Optional[StudentGrads]       # the CE's, with split_ce
+    row_d: torch.Tensor                    # fp32 [n_proc]: D_i of every processed row, unweighted
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,7 +199,7 @@ def linear_driver(student: Head, teacher: Head, rows: RowPlan, opts: FusedKLOpti
 
     kl = _rows.reduce_kl(d_all, w_eff, rows.mask, opts.kl.reduction, n_proc, device)
     ce = _rows.reduce_ce(nll_all, rows.labels, rows.mask) if has_ce else None
-    return LinearResult(kl, ce, grads, grads_ce)
+    return LinearResult(kl, ce, grads, grads_ce, d_all)
 
 
 def _chunk_hidden(hs, ht, rows: RowPlan, s: int, e: int):

@@ -10,6 +10,6 @@ selected rows.
 """
 from align_ti.ops.topk_align.api import topk_align
 from align_ti.ops.topk_align.feature import FeatureProjection, topk_feature_align
-from align_ti.ops.topk_align.selection import select_topk
+from align_ti.ops.topk_align.selection import select_topk, topk_weights
 
-__all__ = ["select_topk", "topk_align", "topk_feature_align", "FeatureProjection"]
+__all__ = ["select_topk", "topk_weights", "topk_align", "topk_feature_align", "FeatureProjection"]

@@ -111,6 +111,15 @@ def selected_rows(mass, vision_mask, k, ratio, normalize: str):
     return _compact(keep, w)
 
 
+def topk_weights(mass, vision_mask, k=None, ratio=None) -> torch.Tensor:
+    """IVA's weight of every position, fp32 ``[B, L]``: `select_topk`'s renormalised weight at
+    the kept vision tokens, 0 elsewhere. No host sync: a dense row-weight vector for
+    `fused_linear_kl` (e.g. IVA's rows in one call with other losses' rows). Arguments and
+    errors as `select_topk`."""
+    check_selection_args(mass, vision_mask, k, ratio)
+    return _select_dense(mass.detach(), vision_mask, k, ratio)[1]
+
+
 def select_topk(mass, vision_mask, k=None, ratio=None, pad=False):
     """IVA's visual-token selection: per sample, the top-k vision tokens by teacher attention mass.
 
