@@ -2,13 +2,14 @@
 working tree), taking turns on one machine: is a change free of slowdown?
 
     python -m benchmarks.compare_trees --base /tmp/base --new . [--op fused_kl] [--case SUBSTR]
-        [--provider align_ti --provider align_ti_native] [--rounds 5] [--reps 3] [--out DIR]
+        [--provider align_ti --provider align_ti_native] [--rounds 5] [--reps 3] [--clock wall|cpu]
+        [--out DIR]
 
 Both trees are measured with this tree's harness and benchmark modules (the same cases, inputs
 and timing code); only `align_ti`, `kernels/` and the native sources come from each tree. Every
-measurement is a fresh interpreter (`runner.py --worker`: the agreement check against the
-reference, then `harness.measure`) whose `sys.path` starts with a folder of links to that
-tree. Per round every provider runs once for each tree, the trees alternating (base first in
+measurement is a fresh interpreter (the agreement check against the reference, then
+`harness.measure`, with the wall clock or, `--clock cpu`, the process's CPU time) whose
+`sys.path` starts with a folder of links to that tree. Per round every provider runs once for each tree, the trees alternating (base first in
 even rounds, new first in odd ones), so a slow spell of the shared machine lands on both.
 Reported per provider: the median of each tree's round medians of forward+backward, their
 ratio new / base, and the median of the per-round ratios (each from two runs minutes apart at
@@ -62,10 +63,30 @@ def _identify(folder: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _measure(folder: str, op: str, case: str, provider: str, reps: int) -> dict:
+def _worker(op: str, case: str, provider: str, reps: int, clock: str) -> dict:
+    """One provider in this (fresh) process: the agreement check, then `harness.measure` with
+    the wall clock or this process's CPU time (less skewed by other work on a shared machine:
+    time spent waiting for a core is not counted)."""
+    import time
+
+    import torch
+
+    from .runner import _find_case, measure_provider
+
+    bench, c = _find_case(op, case)
+    if clock == "wall":
+        return measure_provider(bench, c, provider, torch.device("cpu"), reps)
+    ok, err = harness.agreement(bench, provider, c.check or c.params, torch.device("cpu"))
+    if not ok:
+        return {"provider": provider, "status": f"refused: max error {err:.3g}"}
+    r = harness.measure(bench, provider, c.params, torch.device("cpu"), reps, clock=time.process_time)
+    return {**r, "status": "ok", "max_error": err}
+
+
+def _measure(folder: str, op: str, case: str, provider: str, reps: int, clock: str) -> dict:
     env = dict(os.environ, PYTHONPATH=folder)
-    cmd = [sys.executable, "-m", "benchmarks.runner", "--worker", "--op", op, "--case", case,
-           "--provider", provider, "--device", "cpu", "--reps", str(reps)]
+    cmd = [sys.executable, "-m", "benchmarks.compare_trees", "--worker", op, case, provider,
+           str(reps), clock]
     load = os.getloadavg()[0]
     proc = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -75,9 +96,10 @@ def _measure(folder: str, op: str, case: str, provider: str, reps: int) -> dict:
     return {**json.loads(lines[-1][len("RESULT "):]), "load_1min": load}
 
 
-def compare(base: str, new: str, op: str, cases: list, providers: list, rounds: int, reps: int) -> dict:
+def compare(base: str, new: str, op: str, cases: list, providers: list, rounds: int, reps: int,
+            clock: str = "wall") -> dict:
     trees = {"base": base, "new": new}
-    report = {"benchmark": "compare_trees", "op": op, "rounds": rounds, "reps": reps,
+    report = {"benchmark": "compare_trees", "op": op, "rounds": rounds, "reps": reps, "clock": clock,
               "commits": {k: _commit(v) for k, v in trees.items()},
               "provenance": harness.provenance("cpu"),
               "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "cases": []}
@@ -91,7 +113,7 @@ def compare(base: str, new: str, op: str, cases: list, providers: list, rounds: 
                 order = ("base", "new") if rnd % 2 == 0 else ("new", "base")
                 for p in providers:
                     for k in order:
-                        r = _measure(folders[k], op, case.name, p, reps)
+                        r = _measure(folders[k], op, case.name, p, reps, clock)
                         runs[p][k].append(r)
                         t = r["fwd_bwd"]["median_s"] if r.get("status") == "ok" else float("nan")
                         print(f"{case.name} | {p:16s} | round {rnd + 1}/{rounds} | {k:4s} | "
@@ -124,7 +146,8 @@ def markdown(report: dict) -> str:
              f"{prov.get('device', 'cpu')}; {report['rounds']} rounds, the trees alternating, "
              f"{report['reps']} timed repetitions per run, each run a fresh process; load average "
              f"{report['load_average_at_start']} at the start, {report['load_average_at_end']} at the end.",
-             "Times: median over rounds of each run's forward+backward median."]
+             f"Times ({'process CPU time' if report['clock'] == 'cpu' else 'wall clock'}): median over "
+             "rounds of each run's forward+backward median."]
     for case in report["cases"]:
         lines += ["", f"## {case['name']}", "",
                   "| provider | base s | new s | new / base | median of per-round ratios | "
@@ -153,14 +176,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(harness.ROOT, "benchmarks", "results", "cpu"))
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall clock, or the measuring process's CPU time (all its threads)")
     ap.add_argument("--stem", default=None, help="file name stem (default <op>-refactor)")
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--worker"]:  # one measurement, in a fresh process of one staged tree
+        op, case, provider, reps, clock = argv[1:]
+        print("RESULT " + json.dumps(_worker(op, case, provider, int(reps), clock)), flush=True)
+        return {}
     args = ap.parse_args(argv)
     _, all_cases = load_op(args.op)
     cases = [c for c in all_cases if args.case in c.name and "cpu" in c.devices]
     if not cases:
         raise SystemExit(f"compare_trees: no CPU case of {args.op} contains {args.case!r}")
     report = compare(args.base, args.new, args.op, cases, args.provider or ["align_ti", "align_ti_native"],
-                     args.rounds, args.reps)
+                     args.rounds, args.reps, args.clock)
     md = markdown(report)
     harness.write_json_md(report, md, args.out, args.stem or f"{args.op}-refactor")
     print(md)
