@@ -23,11 +23,12 @@ from align_ti.train.data import (
     EncodedDataset,
     check_image_expansion,
     check_tokenizers,
+    language_model_attention,
     load_items,
     load_model_and_processor,
 )
 from align_ti.train.loss import DistillModule, LossSpec, NonFiniteLossError, lm_head
-from align_ti.train.sharding import agree_on, gathered_teacher, shard_teacher
+from align_ti.train.sharding import agree_on, any_process, gathered_teacher, shard_teacher
 from align_ti.train.trainer import CheckpointError, DistillTrainer, resolve_resume
 
 __all__ = ["resolve_iva_layer", "training_arguments", "build_module", "build_trainer", "run_distill"]
@@ -76,6 +77,50 @@ def training_arguments(config, **extra) -> TrainingArguments:
         raise ValueError(f"config training_args: {e}") from e
 
 
+def _load_teacher_for_sharding(config, dtype: torch.dtype, attn: str):
+    """``(teacher, processor)`` for ``teacher_sharding=fsdp``: process 0 loads the weights, the
+    others build the model on the meta device (a 72B teacher would otherwise take 146 GB of host
+    memory in every process); `shard_teacher` then scatters process 0's weights. An error loading
+    it on process 0 is raised on every process (the others would wait in the scatter)."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # the processes of accelerate launch
+    if state.num_processes <= 1:
+        raise ValueError("config teacher_sharding='fsdp' needs several processes (accelerate launch); with one "
+                         "process use teacher_sharding='replicate'")
+    loaded, error = None, None
+    try:
+        if state.is_main_process:
+            loaded = load_model_and_processor(config.teacher, config.tiny_text_model, seed=config.seed + 1,
+                                              dtype=dtype, attn_implementation=attn)
+        else:
+            loaded = _teacher_on_meta(config, dtype, attn)
+    except Exception as e:  # noqa: BLE001 -- every process must hear of it, then it is raised
+        error = e
+    message = any_process(None if error is None else f"{type(error).__name__}: {error}")
+    if message is not None:
+        raise error if error is not None else RuntimeError(f"process 0 could not load the teacher: {message}")
+    return loaded
+
+
+def _teacher_on_meta(config, dtype: torch.dtype, attn: str):
+    """The teacher's structure without its weights (meta device) and its processor."""
+    if config.teacher in ("tiny-teacher", "tiny-student"):
+        with torch.device("meta"):
+            model, _ = load_model_and_processor(config.teacher, config.tiny_text_model, seed=config.seed + 1,
+                                                dtype=dtype, attn_implementation=attn)
+        from align_ti.models.tiny import build_processor
+
+        return model, build_processor(config=model.config)
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+    model_config = AutoConfig.from_pretrained(config.teacher, local_files_only=True)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration._from_config(model_config, dtype=dtype,
+                                                           attn_implementation=language_model_attention(attn))
+    return model, AutoProcessor.from_pretrained(config.teacher, local_files_only=True)
+
+
 def build_module(config, student, teacher, processor, iva_layer=None) -> DistillModule:
     """The `DistillModule` of a config: its `LossSpec` (``iva_layer`` resolved), and for TPA the
     tokens candidates never take (special tokens, padding rows of the heads)."""
@@ -105,7 +150,9 @@ def build_trainer(config, student=None, teacher=None, processor=None, teacher_pr
     if processor is None:
         raise ValueError("build_trainer: a student passed in needs its processor")
     if spec_probe.needs_teacher:
-        if teacher is None:
+        if teacher is None and config.teacher_sharding == "fsdp":
+            teacher, teacher_processor = _load_teacher_for_sharding(config, t_dtype, attn)
+        elif teacher is None:
             teacher, teacher_processor = load_model_and_processor(config.teacher, config.tiny_text_model,
                                                                   seed=config.seed + 1, dtype=t_dtype,
                                                                   attn_implementation=attn)

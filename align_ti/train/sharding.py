@@ -59,34 +59,50 @@ def layer_classes(model: nn.Module) -> list[str]:
 
 def shard_teacher(teacher: nn.Module, device: torch.device) -> nn.Module:
     """Shard a frozen transformers teacher over all processes of the default group with FSDP2 (in
-    place; its local shards move to ``device``). Load it on the CPU first: only the shards reach
-    the accelerator."""
+    place; its local shards move to ``device``). Either every process holds the whole teacher (on
+    the CPU: only the shards reach the accelerator), or process 0 does and the others hold it on
+    the meta device (`build_trainer`'s way: one copy in host memory, not one per process), in which
+    case process 0's weights and buffers are scattered to the others."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-    if _dist() is None:
+    dist = _dist()
+    if dist is None:
         raise ValueError("teacher_sharding='fsdp' needs several processes (accelerate launch / torchrun); "
                          "with one process use teacher_sharding='replicate'")
-    teacher.eval()
-    teacher.requires_grad_(False)
-    mesh = init_device_mesh(torch.device(device).type, (_world(),))
-    units = set(layer_classes(teacher))
     base = getattr(teacher, "model", None)
     if base is None:
         raise TypeError(f"teacher_sharding='fsdp': {type(teacher).__name__} has no .model (expected a transformers "
                         "LLaVA or causal LM)")
+    on_meta = any(p.is_meta for p in teacher.parameters())
+    from_process_0 = any_process("meta" if on_meta else None) is not None
+    if from_process_0 and dist.get_rank() == 0 and on_meta:
+        raise ValueError("shard_teacher: process 0 must hold the teacher's weights (the others may hold it on meta)")
+    full = teacher.state_dict() if from_process_0 and not on_meta else {}  # process 0's weights, kept for the scatter
+    teacher.eval()
+    teacher.requires_grad_(False)
+    mesh = init_device_mesh(torch.device(device).type, (_world(),))
+    units = set(layer_classes(teacher))
     for module in list(base.modules()):
         if module is not base and type(module).__name__ in units:
             fully_shard(module, mesh=mesh, reshard_after_forward=True)
     fully_shard(base, mesh=mesh, reshard_after_forward=True)
     head = teacher.get_output_embeddings()
-    if not isinstance(head.weight, DTensor):  # an untied head (a tied one is the embedding's, in `base`)
-        head.weight = nn.Parameter(distribute_tensor(head.weight.detach().to(device), mesh, [Shard(0)]),
-                                   requires_grad=False)
-    bias = getattr(head, "bias", None)
-    if bias is not None and not isinstance(bias, DTensor):
-        head.bias = nn.Parameter(distribute_tensor(bias.detach().to(device), mesh, [Shard(0)]), requires_grad=False)
+    for name in ("weight", "bias"):  # an untied head (a tied one is the embedding's, in `base`)
+        value = getattr(head, name, None)
+        if value is not None and not isinstance(value, DTensor):
+            local = value.detach() if value.is_meta else value.detach().to(device)
+            # src_data_rank=None: each process cuts its own rows, no communication (a meta one has none)
+            setattr(head, name, nn.Parameter(distribute_tensor(local, mesh, [Shard(0)], src_data_rank=None),
+                                             requires_grad=False))
+    if on_meta:
+        teacher.to_empty(device=device)
+    if from_process_0:
+        set_model_state_dict(teacher, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in teacher.buffers():  # non-persistent ones (rotary frequencies) are in no state dict
+            dist.broadcast(buffer, src=0)
     return teacher
 
 

@@ -1,8 +1,9 @@
 """Two processes (`accelerate launch --multi_gpu --num_processes 2` on CPU: torchrun, gloo) give the loss curve of one
 process with the same global batch: the normalisers are global (all micro-batches, all
 processes), TPA's random numbers are keyed by sample id, and the data order is the same. The two
-processes run the Trainer (DDP) with the teacher sharded over them (``teacher_sharding=fsdp``), the
-one process with it whole: the losses agree. Both run `run_distill`, what `align-ti distill` runs.
+processes run the Trainer (DDP) with the teacher sharded over them (``teacher_sharding=fsdp``:
+process 0 loads the teacher's checkpoint folder, process 1 builds it on the meta device and gets
+its shard from process 0), the one process with it whole: the losses agree. Both run `run_distill`, what `align-ti distill` runs.
 
 After training, the same two processes check what must agree across processes:
 - a resume's checkpoint is verified (every byte read) by one process per node, not by each;
@@ -98,7 +99,7 @@ def _irs_cache_decided_once(cfg, trainer) -> dict:
     return {"computed": computed, "cached": cached, "irs_runs": len(calls)}
 
 
-def worker(out_json: str, per_device: int) -> None:
+def worker(out_json: str, per_device: int, teacher: str) -> None:
     """`run_distill` (what `align-ti distill` runs), then the agreement checks on a trainer of the
     same config."""
     import torch
@@ -109,7 +110,7 @@ def worker(out_json: str, per_device: int) -> None:
     from align_ti.train.config import load_config
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    over = {"output_dir": f"{os.path.dirname(out_json)}/run", "max_steps": STEPS, "synthetic_images": 4,
+    over = {"output_dir": f"{os.path.dirname(out_json)}/run", "teacher": teacher, "max_steps": STEPS, "synthetic_images": 4,
             "per_device_train_batch_size": per_device, "iva_layer": 1, "tpa_fraction": 0.5, "learning_rate": 1e-3,
             "teacher_sharding": "fsdp" if world > 1 else "replicate",
             "training_args": json.dumps({"logging_steps": 1, "save_strategy": "no", "disable_tqdm": True})}
@@ -139,14 +140,21 @@ def test_two_processes_match_one(tmp_path):
     if accelerate is None:
         pytest.skip("accelerate CLI not found")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    from align_ti.models.tiny import build_processor, build_tiny_llava
+
+    teacher = tmp_path / "teacher"  # a checkpoint folder: process 0 loads it, process 1 builds it on meta
+    model = build_tiny_llava("teacher", seed=1)
+    model.save_pretrained(teacher)
+    build_processor(config=model.config).save_pretrained(teacher)
     one = tmp_path / "one" / "logs.json"
     two = tmp_path / "two" / "logs.json"
     one.parent.mkdir()
     two.parent.mkdir()
-    subprocess.run([sys.executable, __file__, str(one), str(GLOBAL_BATCH)], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, __file__, str(one), str(GLOBAL_BATCH), str(teacher)], check=True, env=env,
+                   timeout=300)
     proc = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", __file__, str(two), str(GLOBAL_BATCH // 2)],
+         "--dynamo_backend", "no", __file__, str(two), str(GLOBAL_BATCH // 2), str(teacher)],
         env=env, timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
@@ -169,4 +177,4 @@ def test_two_processes_match_one(tmp_path):
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1], int(sys.argv[2]))
+    worker(sys.argv[1], int(sys.argv[2]), sys.argv[3])
