@@ -376,6 +376,9 @@ void kl_row(const TS* s, const TT* t, G* gd, float* gce, float* lm, const Opts& 
   const float cc = valid ? c : 0.f;
   float gk_scale = o.div == 2 ? 1.f - o.beta : 1.f;
   const Vec vk(a * (inv_t * gk_scale)), vcc(cc), vinv(inv_t), vlce(lse_ce);
+  // a row of weight 0 gets exactly 0 from the divergence, also where its terms are NaN (a row
+  // without a distribution: 0 * NaN would be NaN), as in the Triton kernel and the PyTorch path
+  const bool kl_grad = a != 0.f;
   const Vec vss(lse_s.shift), vgs(lse_s.log_sum), vst(lse_t.shift), vgt(lse_t.log_sum);
   // log p_S and log p_T of raw logits z (see Lse)
   auto log_ps = [&](const Vec& z) { return at::vec::fmsub(z, vinv, vss) - vgs; };
@@ -405,7 +408,7 @@ void kl_row(const TS* s, const TT* t, G* gd, float* gce, float* lm, const Opts& 
       acc.add(keep(pt * where_pos(pt, lt - ls), cnt));
       if (grad) {
         const Vec ps = fexp(ls);
-        Vec g = (ps - pt) * vk;
+        Vec g = kl_grad ? (ps - pt) * vk : Vec(0.f);
         if (ce_grad) {
           const Vec ce = ce_shared ? ps * vcc : ce_term(zs);
           if (o.split) st(ce, gce + j, cnt);
@@ -435,7 +438,7 @@ void kl_row(const TS* s, const TT* t, G* gd, float* gce, float* lm, const Opts& 
         const Vec ls = log_ps(zs);
         const Vec lt = log_pt(ld(t + j, cnt));
         const Vec ps = fexp(ls);
-        Vec g = ps * ((where_pos(ps, ls - lt) & (lt != ninf)) - vd) * vk;
+        Vec g = kl_grad ? ps * ((where_pos(ps, ls - lt) & (lt != ninf)) - vd) * vk : Vec(0.f);
         if (ce_grad) {
           const Vec ce = ce_shared ? ps * vcc : ce_term(zs);
           if (o.split) st(ce, gce + j, cnt);
@@ -468,7 +471,7 @@ void kl_row(const TS* s, const TT* t, G* gd, float* gce, float* lm, const Opts& 
         const Vec zs = ld(s + j, cnt);
         const Vec ls = log_ps(zs);
         const Vec ps = fexp(ls);
-        Vec g = ps * (where_pos(ps, ls - ld(lm + j, cnt)) - vkls) * vk;
+        Vec g = kl_grad ? ps * (where_pos(ps, ls - ld(lm + j, cnt)) - vkls) * vk : Vec(0.f);
         if (ce_grad) {
           const Vec ce = ce_shared ? ps * vcc : ce_term(zs);
           if (o.split) st(ce, gce + j, cnt);

@@ -3,6 +3,10 @@ refusal of double backward (the gradients come from fused kernels, not different
 the policy of gradients computed in the forward and scaled in the backward."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+
 import torch
 
 
@@ -61,3 +65,22 @@ def scale_(t: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
     (within 0.2%: exact for the usual 1, 0.5, 0.25, ...); scaling in fp32 would take three more
     passes over t, ~1 ms (2%) of the fused KL on an H200 by a bandwidth estimate."""
     return t.zero_() if s is None else t.mul_(s.to(t.dtype))
+
+
+def without_autocast(body):
+    """An op body that computes in its own documented precision inside any autocast region:
+    the fused ops keep fp32 logits and fp32 gradient accumulators, which autocast would break
+    by running their inner matmuls in bf16/fp16 (and mixing dtypes in the accumulators).
+    Apply below ``@torch.library.custom_op`` (the schema comes from the wrapped signature)."""
+    @functools.wraps(body)
+    def run(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for device in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device):
+                    stack.enter_context(torch.autocast(device, enabled=False))
+            return body(*args, **kwargs)
+
+    # the schema is read off the signature: with its annotations evaluated in the body's module
+    # (under `from __future__ import annotations` they are strings naming that module's types)
+    run.__signature__ = inspect.signature(body, eval_str=True)
+    return run

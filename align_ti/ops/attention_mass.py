@@ -30,9 +30,18 @@ from typing import Optional
 import torch
 
 from align_ti.ops import heuristics as _heur
-from align_ti.ops._autograd import refuse_double_backward, save_inputs, saved_inputs
+from align_ti.ops._autograd import (
+    refuse_double_backward,
+    save_inputs,
+    saved_inputs,
+    without_autocast,
+)
 from align_ti.ops.dispatch import cdiv, interpret_mode
-from align_ti.ops.heuristics import ATTENTION_MASS_CHUNK_BYTES, attention_mass_config, resolve_chunk_bytes
+from align_ti.ops.heuristics import (
+    ATTENTION_MASS_CHUNK_BYTES,
+    attention_mass_config,
+    resolve_chunk_bytes,
+)
 from align_ti.validation import (
     check_bool,
     check_choice,
@@ -363,7 +372,10 @@ def _device_rows(selected, real):
 
 
 def _triton_forward(q, k, selected, real, lse, opts):
-    from align_ti.kernels.attention_mass import attention_mass_fwd_kernel, attention_mass_lse_kernel
+    from align_ti.kernels.attention_mass import (
+        attention_mass_fwd_kernel,
+        attention_mass_lse_kernel,
+    )
 
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
@@ -386,7 +398,10 @@ def _triton_forward(q, k, selected, real, lse, opts):
 
 
 def _triton_backward(q, k, grad, selected, real, lse_buf, opts):
-    from align_ti.kernels.attention_mass import attention_mass_bwd_dk_kernel, attention_mass_bwd_dq_kernel
+    from align_ti.kernels.attention_mass import (
+        attention_mass_bwd_dk_kernel,
+        attention_mass_bwd_dq_kernel,
+    )
 
     order, n_sel32, real_i8 = _device_rows(selected, real)
     B, Hq, L, D = q.shape
@@ -442,6 +457,7 @@ def _options(scale, impl, chunk_bytes, block_m, block_n) -> AttentionMassOptions
 
 
 @torch.library.custom_op("align_ti::attention_mass", mutates_args=())
+@without_autocast
 def _attention_mass_op(
     q: torch.Tensor, k: torch.Tensor, selected: torch.Tensor, real: torch.Tensor,
     lse: Optional[torch.Tensor], scale: float, impl: str, chunk_bytes: int,
@@ -464,6 +480,7 @@ def _(q, k, selected, real, lse, scale, impl, chunk_bytes, block_m, block_n, nee
 
 
 @torch.library.custom_op("align_ti::attention_mass_backward", mutates_args=())
+@without_autocast
 def _attention_mass_backward_op(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, selected: torch.Tensor,
     real: torch.Tensor, lse: torch.Tensor, scale: float, impl: str, chunk_bytes: int,

@@ -388,6 +388,21 @@ def test_compile_aot_eager_fullgraph():
         assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+def test_autocast_changes_nothing():
+    """Inside torch.autocast (bf16 on CPU) the mass and its gradients of fp32 q/k are those
+    computed outside it: the op keeps its fp32 logits."""
+    q, k, qm, am = _inputs(2, 4, 2, 13, 8)
+    g = torch.randn(2, 13)
+    want = attention_mass(q, k, qm, am)
+    gw = _grads(want, q, k, g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attention_mass(q, k, qm, am)
+    assert got.dtype == torch.float32
+    assert_close(got, want, atol=0, rtol=0)
+    for a, b in zip(_grads(got, q, k, g), gw):
+        assert_close(a, b, atol=0, rtol=0)
+
+
 def test_double_backward_is_refused():
     q, k, qm, am = _inputs(2, 4, 2, 13, 8)
     (dq,) = torch.autograd.grad(attention_mass(q, k, qm, am).sum(), (q,), create_graph=False)

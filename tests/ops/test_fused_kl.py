@@ -756,6 +756,66 @@ def test_zero_weight_rows_with_infinite_divergence_add_zero(torch_chunk_path, di
         assert (g == 0).all(), k
 
 
+def check_weightless_rows_without_distribution(impl, device="cpu"):
+    """A row of weight 0 whose teacher has no distribution (all -inf, or NaN) adds 0 to the loss
+    and gets exactly 0 gradient, on every path (0 * NaN is NaN: the gradient must not be
+    formed as weight * term there); the other rows keep the reference's gradients."""
+    for fill in (float("-inf"), float("nan")):
+        for reduction in ("mean", "sum", "none"):
+            g = torch.Generator().manual_seed(5)
+            zs = torch.randn(4, 300, generator=g).to(device).requires_grad_()
+            zt = torch.randn(4, 300, generator=g).to(device)
+            zt[1] = fill
+            w = torch.tensor([1.0, 0.0, 0.5, 2.0], device=device)
+            kw = dict(weights=w, divergence="jsd", temperature=1.5, reduction=reduction)
+            loss = align_ti.fused_kl(zs, zt, impl=impl, **kw)
+            loss.sum().backward()
+            assert torch.isfinite(loss).all(), (fill, reduction)
+            assert (zs.grad[1] == 0).all() and torch.isfinite(zs.grad).all(), (fill, reduction)
+            keep = torch.tensor([0, 2, 3])
+            ref = torch.zeros_like(zs, requires_grad=True)
+            with torch.no_grad():
+                ref[keep] = zs[keep]
+            want = fused_kl_reference(ref, zt, rows=keep.to(device), **{**kw, "weights": w[keep]})
+            want.sum().backward()
+            assert_close(loss.sum(), want.sum(), atol=1e-5, rtol=1e-5)
+            assert_close(zs.grad[keep], ref.grad[keep], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fn", ["kl", "distill", "logits"])
+def test_autocast_changes_nothing(fn):
+    """Inside torch.autocast (bf16 on CPU: a user's mixed-precision trainer) the ops compute in
+    their own precision: the loss and gradients of fp32 inputs are those outside it (the inner
+    matmuls ran in bf16 and the weight-gradient accumulator mixed dtypes before)."""
+    rows = torch.tensor([1, 3, 5, 7, 60])
+    labels = torch.randint(0, VS, (5,), generator=torch.Generator().manual_seed(1))
+    results = []
+    for autocast in (False, True):
+        t = make()
+        zs = (t["student_hidden"] @ t["student_weight"].t()).detach().requires_grad_()
+        zt = (t["teacher_hidden"] @ t["teacher_weight"][:VS].t()).detach()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fn == "logits":
+                loss, grads = align_ti.fused_kl(zs, zt, rows=rows, impl="torch"), [zs]
+            elif fn == "kl":
+                loss, grads = align_ti.fused_linear_kl(**t, rows=rows, impl="torch"), list(t.values())
+            else:
+                kl, ce = align_ti.fused_linear_distill(**t, labels=labels, rows=rows, impl="torch")
+                loss, grads = kl + ce, list(t.values())
+        loss.backward()
+        results.append((loss.detach(), [g.grad.clone() for g in grads if g.grad is not None]))
+    (want, gw), (got, gg) = results
+    assert got.dtype == torch.float32
+    assert_close(got, want, atol=1e-6, rtol=1e-6)
+    for a, b in zip(gg, gw):
+        assert a.dtype == b.dtype
+        assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_weightless_rows_without_distribution_get_zero_gradient(torch_chunk_path):
+    check_weightless_rows_without_distribution("torch")
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("fn", ["kl", "distill", "logits"])
 def test_no_rows_at_all_give_zero_gradients_of_the_input_shape(fn, reduction):
@@ -962,6 +1022,11 @@ def test_triton_mask_inside_op(mask_inside_op, quiet_interpreter):
     compare(align_ti.fused_linear_distill, fused_linear_distill_reference, t, labels=labels,
             rows=mask, weights=rand_weights(IN), divergence="jsd", impl="triton",
             chunk_bytes=ICHUNK)
+
+
+@pytest.mark.interpret
+def test_triton_weightless_rows_without_distribution(quiet_interpreter):
+    check_weightless_rows_without_distribution("triton", "cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.interpret

@@ -41,6 +41,7 @@ from tests.ops.test_fused_kl import (  # the same seeded heads, hidden states an
     MASK_CASES,
     check_masked_label_ce,
     check_masked_logits,
+    check_weightless_rows_without_distribution,
     make,
     mask_columns,
     masked_heads,
@@ -858,3 +859,9 @@ def test_kernel_divergence_keeps_its_precision_at_large_logits(native_lib, div):
     truth = (lt.exp() * (lt - ls) if div == 0 else ls.exp() * (ls - lt)).sum(-1)
     plain = (lt32.exp() * (lt32 - ls32) if div == 0 else ls32.exp() * (ls32 - lt32)).sum(-1)
     assert_three_way(d, plain, truth.float(), atol=1e-7)
+
+
+def test_native_weightless_rows_without_distribution(use_native):
+    """A weight-0 row whose teacher has no distribution gets exactly 0 gradient from the native
+    kernel too (the Triton kernel and the PyTorch path do; 0 * NaN was NaN)."""
+    check_weightless_rows_without_distribution("torch")

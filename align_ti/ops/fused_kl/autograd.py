@@ -22,6 +22,7 @@ from align_ti.ops._autograd import (
     save_inputs,
     saved_inputs,
     scale_,
+    without_autocast,
 )
 from align_ti.ops.fused_kl.driver import GradRequest, Head, linear_driver, logits_driver
 from align_ti.ops.fused_kl.matmuls import StudentGrads
@@ -60,6 +61,7 @@ def _heads_and_rows(hs, ws, bs, ht, wt, bt, idx, mask, w, labels):
 
 
 @torch.library.custom_op("align_ti::fused_linear_kl", mutates_args=())
+@without_autocast
 def _fused_linear_kl_op(
     hs: torch.Tensor, ws: torch.Tensor, bs: Optional[torch.Tensor],
     ht: torch.Tensor, wt: torch.Tensor, bt: Optional[torch.Tensor],
@@ -104,6 +106,7 @@ def _(hs, ws, bs, ht, wt, bt, idx, mask, w, labels, need_dh, need_dw, need_db, f
 
 
 @torch.library.custom_op("align_ti::fused_linear_kl_backward", mutates_args=())
+@without_autocast
 def _fused_linear_kl_backward_op(
     grad_kl: torch.Tensor, grad_ce: Optional[torch.Tensor],
     hs: torch.Tensor, ws: torch.Tensor, bs: Optional[torch.Tensor],
@@ -188,6 +191,7 @@ torch.library.register_autograd("align_ti::fused_linear_kl", _linear_backward,
 # --------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("align_ti::fused_kl", mutates_args=())
+@without_autocast
 def _fused_kl_op(
     zs: torch.Tensor, zt: torch.Tensor, idx: Optional[torch.Tensor], mask: Optional[torch.Tensor],
     w: Optional[torch.Tensor], need_grad: bool,
@@ -212,6 +216,7 @@ def _(zs, zt, idx, mask, w, need_grad, divergence, beta, temperature, reduction,
 
 
 @torch.library.custom_op("align_ti::fused_kl_backward", mutates_args=())
+@without_autocast
 def _fused_kl_backward_op(
     grad: torch.Tensor, zs: torch.Tensor, zt: torch.Tensor, idx: Optional[torch.Tensor],
     mask: Optional[torch.Tensor], w: Optional[torch.Tensor],

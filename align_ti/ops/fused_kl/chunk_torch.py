@@ -133,6 +133,20 @@ def _ce_block(zs, labels, c, need_grad, lp):
     return nll, gce.mul_(cc[:, None])
 
 
+def _zero_weightless_rows(g: torch.Tensor, a: torch.Tensor, no_dist: torch.Tensor) -> None:
+    """A row of weight 0 gets exactly 0 from the divergence, also where it has no distribution
+    (its terms are NaN, and 0 * NaN is NaN), as in the Triton and native kernels. Only such rows
+    are touched: on CPU found by nonzero (no host sync there); on other devices a masked fill,
+    which needs none."""
+    bad = no_dist & (a == 0)
+    if g.device.type == "cpu":
+        idx = bad.nonzero().squeeze(1)
+        if idx.numel():
+            g.index_fill_(0, idx, 0.0)
+    else:
+        g.masked_fill_(bad[:, None], 0.0)
+
+
 def _block(zs, zt, spec: ChunkSpec, labels, a, c, scratch):
     """`chunk_torch` on one block of rows, in a fixed set of buffers from `scratch` ("s", "x":
     [>= r, V'], "ce": [>= r, ns])."""
@@ -188,6 +202,7 @@ def _block(zs, zt, spec: ChunkSpec, labels, a, c, scratch):
     if not need_grad:
         return d, nll, None, None
     torch.mul(ls, (a * (spec.inv_t * gk_scale))[:, None], out=us)  # gradient over the V' columns
+    _zero_weightless_rows(us, a, no_dist)
     if zs.shape[1] > v:
         zs[:, v:].zero_()
     if gce is not None and not spec.split:

@@ -21,6 +21,7 @@ from align_ti.ops._autograd import (
     save_inputs,
     saved_inputs,
     scale_,
+    without_autocast,
 )
 from align_ti.ops.fused_kl.autograd import fake_grads
 from align_ti.ops.fused_kl.driver import GradRequest, Head, linear_driver
@@ -62,6 +63,7 @@ def _outputs(grads: StudentGrads, hs, ws, bs) -> list:
 
 
 @torch.library.custom_op("align_ti::topk_align", mutates_args=())
+@without_autocast
 def _topk_align_op(
     hs: torch.Tensor, ws: torch.Tensor, bs: Optional[torch.Tensor],
     ht: torch.Tensor, wt: torch.Tensor, bt: Optional[torch.Tensor],
@@ -93,6 +95,7 @@ def _(hs, ws, bs, ht, wt, bt, mass, vision_mask, k, ratio, normalize, need_dh, n
 
 
 @torch.library.custom_op("align_ti::topk_align_backward", mutates_args=())
+@without_autocast
 def _topk_align_backward_op(
     grad: torch.Tensor, hs: torch.Tensor, ws: torch.Tensor, bs: Optional[torch.Tensor],
     ht: torch.Tensor, wt: torch.Tensor, bt: Optional[torch.Tensor],
