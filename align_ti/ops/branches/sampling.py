@@ -74,6 +74,10 @@ def forbidden_list(forbidden_ids) -> list[int]:
     return sorted({int(v) for v in ids})
 
 
+def _nan_or_pos_inf(x: torch.Tensor) -> bool:
+    return bool(torch.isnan(x) | (x == float("inf")))
+
+
 def _banned_columns(ids: list[int], vlim: int, device) -> torch.Tensor:
     """bool [vlim]: True at `ids` (token ids in [0, vlim); built on the host: a short list)."""
     banned = torch.zeros(vlim, dtype=torch.bool)
@@ -220,7 +224,8 @@ def sample_candidates(
         h = flat.index_select(0, rows[s:e])
         z = torch.empty(e - s, vlim, dtype=torch.float32, device=device)
         head_logits(h, student_weight, student_bias, vlim, z)
-        if value_checks_enabled() and bool((torch.isnan(z) | (z == float("inf"))).any()):
+        # one reduction finds both: max propagates NaN, and +inf is the max (an all -inf row: masked)
+        if value_checks_enabled() and _nan_or_pos_inf(z.max()):
             raise ValueError("student_hidden, student_weight or student_bias hold NaN or inf: the "
                              "student's logits at a branched row are NaN or +inf (-inf masks a token)")
         if strategy == "sample":
