@@ -109,12 +109,10 @@ stage fused_kl_full 150 python3 -m align_ti.benchmarks.runner --device cuda --op
 # the Trainer under accelerate's FSDP2 (configs/accelerate/fsdp2.yaml) on one GPU, the path the CPU
 # tests cannot take (accelerate turns FSDP on only for GPUs): 3 steps with a sharded checkpoint at
 # step 2, --resume from it to step 4; the checkpoint must hold the sharded model and optimizer
-# (not a DDP fallback's files) and the final student must load with from_pretrained. fp32: under
-# bf16 autocast the fused KL's CPU weight-gradient path fails (index_add_ of a bf16 product into
-# its fp32 accumulator; seen on CPU, not yet checked on CUDA)
+# (not a DDP fallback's files) and the final student must load with from_pretrained
 fsdp_out="$work/fsdp-run"
 fsdp_launch="python3 -m accelerate.commands.launch --config_file configs/accelerate/fsdp2.yaml --num_processes 1 \
-  --mixed_precision no -m align_ti.cli distill output_dir=$fsdp_out synthetic_images=2 per_device_train_batch_size=4 iva_layer=1 \
+  -m align_ti.cli distill output_dir=$fsdp_out synthetic_images=2 per_device_train_batch_size=4 iva_layer=1 bf16=true \
   training_args='{\"save_steps\": 2, \"logging_steps\": 1, \"disable_tqdm\": true}'"
 stage fsdp 150 bash -c "set -e; $fsdp_launch max_steps=3; test -d $fsdp_out/checkpoint-2/pytorch_model_fsdp_0; \
   test -d $fsdp_out/checkpoint-2/optimizer_0; $fsdp_launch max_steps=4 --resume; \
