@@ -151,12 +151,12 @@ def agree_on(value: Any) -> Any:
     return box[0]
 
 
-def any_process(messages: Optional[str]) -> Optional[str]:
-    """The first non-None of every process's ``messages`` (an all-gather), None when all are None:
+def any_process(message: Optional[str]) -> Optional[str]:
+    """The first non-None of every process's ``message`` (an all-gather), None when all are None:
     an error seen on one process, raised on all of them."""
     dist = _dist()
     if dist is None or _world() == 1:
-        return messages
+        return message
     gathered: list = [None] * _world()
-    dist.all_gather_object(gathered, messages)
+    dist.all_gather_object(gathered, message)
     return next((m for m in gathered if m is not None), None)
