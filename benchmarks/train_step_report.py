@@ -29,39 +29,75 @@ def sections_markdown(results: list[dict]) -> list[str]:
     return lines
 
 
+def _results_table(results: list[dict], cpu: bool) -> list[str]:
+    cpu_head, cpu_rule = ("process CPU time (s) | ", "---|") if cpu else ("", "")
+    lines = [f"| way | objective | attention | step time (s) | {cpu_head}peak memory (GiB) | FLOP model (TFLOP) | status |",
+             f"|---|---|---|---|{cpu_rule}---|---|---|"]
+    for r in results:
+        model = r.get("model_flops")
+        cpu_cell = f"{fmt(r.get('cpu_s_median'))} | " if cpu else ""
+        lines.append(f"| {r['way']} | {r['objective']} | {r['attn_implementation']} | {fmt(r.get('step_s_median'))} | "
+                     f"{cpu_cell}{fmt(r.get('peak_mem_gib'), '{:.3f}')} | "
+                     f"{fmt(model and model['flops'] / 1e12, '{:.3f}')} | {r['status']}"
+                     f"{': ' + r['error'][:160] if r.get('error') else ''} |")
+    return lines
+
+
+def _summary_table(summary: dict, cpu: bool) -> list[str]:
+    cpu_head, cpu_rule = ("CPU time ratio | ", "---|") if cpu else ("", "")
+    lines = [f"| comparison | time ratio | {cpu_head}FLOP model ratio | unavoidable FLOP ratio | memory ratio | "
+             "extra memory (GiB) |", f"|---|---|{cpu_rule}---|---|---|---|"]
+    for k, v in summary.items():
+        cpu_cell = f"{fmt(v.get('cpu_time_ratio'), '{:.3f}x')} | " if cpu else ""
+        lines.append(f"| {k} | {fmt(v.get('time_ratio'), '{:.3f}x')} | {cpu_cell}"
+                     f"{fmt(v.get('flop_ratio'), '{:.3f}x')} | {fmt(v.get('unavoidable_flop_ratio'), '{:.3f}x')} | "
+                     f"{fmt(v.get('mem_ratio'), '{:.3f}x')} | {fmt(v.get('extra_mem_gib'), '{:+.3f}')} |")
+    return lines
+
+
+def _shape_line(results: list[dict]) -> list[str]:
+    ok = next((r for r in results if r.get("response_tokens")), None)
+    if not ok:
+        return []
+    resp = ok["response_tokens"]
+    cands = 4 * math.ceil(0.25 * resp)
+    return ["", f"Per sample: L = {ok['length']} ({ok['n_vision']} vision, {ok['n_instruction']} instruction, "
+            f"{resp} response tokens). TPA (d = 4 candidates at 25% of the response positions) adds {cands} "
+            f"candidate tokens, {cands / ok['length']:.0%} of the sequence: the Align-TI / vanilla-KD ratio "
+            "grows with the response's share of it."]
+
+
 def markdown(report: dict) -> str:
     prov = report["provenance"]
+    cpu = report.get("device_type") == "cpu"  # process CPU time: a column where it measures the step
+    rounds = report.get("rounds", 1)
     lines = [f"# Distillation training step ({report['scale']} scale, {prov['device']})", "",
              f"torch {prov['versions'].get('torch')}, transformers {prov['versions'].get('transformers')}, "
-             f"commit {prov.get('git_commit')}, {prov.get('date')}. Median of {report['steps']} steps after "
-             f"{report['warmup']} warm-up; memory = {report['memory_metric']}.", "",
-             "| way | objective | attention | step time (s) | peak memory (GiB) | status |",
-             "|---|---|---|---|---|---|"]
-    for r in report["results"]:
-        lines.append(f"| {r['way']} | {r['objective']} | {r['attn_implementation']} | "
-                     f"{fmt(r.get('step_s_median'))} | {fmt(r.get('peak_mem_gib'), '{:.3f}')} | {r['status']}"
-                     f"{': ' + r['error'][:160] if r.get('error') else ''} |")
-    lines += ["", "| comparison | time ratio | memory ratio | extra memory (GiB) |", "|---|---|---|---|"]
-    for k, v in report["summary"].items():
-        lines.append(f"| {k} | {fmt(v.get('time_ratio'), '{:.3f}x')} | {fmt(v.get('mem_ratio'), '{:.3f}x')} | "
-                     f"{fmt(v.get('extra_mem_gib'), '{:+.3f}')} |")
-    lines += sections_markdown(report["results"])
-    for r in report["results"]:
-        if r.get("profile_top"):
-            lines += ["", f"Where the GPU time of one {r['way']} {r['objective']} step goes (torch.profiler, "
-                      "top ops and kernels by self device time):", ""]
-            lines += harness.profile_markdown(r["profile_top"])
-        if r.get("host_syncs") is not None:
-            lines += harness.host_syncs_markdown(r["host_syncs"], f"one {r['way']} {r['objective']} step")
-    ok = next((r for r in report["results"] if r.get("response_tokens")), None)
-    if ok:
-        resp = ok["response_tokens"]
-        cands = 4 * math.ceil(0.25 * resp)
-        lines += ["", f"Response: {resp} tokens per sample. TPA (d = 4 candidates at 25% of the response "
-                  f"positions) appends about {cands} candidate tokens per sample, so the align-ti way's "
-                  f"expanded sequence is about {(ok['length'] + cands) / ok['length']:.2f}x as long; the "
-                  "Align-TI / vanilla-KD ratio grows with the response length."]
-    lines += ["", "The paper reports Align-TI / vanilla KD = 1.43x step time and +5 GiB (paper code).",
+             f"commit {prov.get('git_commit')}, {prov.get('date')}. "
+             + (f"{rounds} rounds of {report['steps']} steps per (way, objective), taking turns, after "
+                f"{report['warmup']} warm-up; a time is the median of the round medians" if rounds > 1 else
+                f"Median of {report['steps']} steps after {report['warmup']} warm-up")
+             + f"; memory = {report['memory_metric']}. Torch threads: {report.get('torch_threads')}. "
+             f"Load average (1, 5, 15 min) at start: {prov.get('load_average_at_start')}, at end: "
+             f"{report.get('load_average_at_end')}.", ""]
+    for entry in report["cases"]:
+        lines += [f"## {entry['case']}", ""] + _results_table(entry["results"], cpu)
+        lines += ["", *_summary_table(entry.get("summary", {}), cpu)]
+        lines += _shape_line(entry["results"])
+        lines += sections_markdown(entry["results"])
+        for r in entry["results"]:
+            if r.get("profile_top"):
+                lines += ["", f"Where the GPU time of one {r['way']} {r['objective']} step goes (torch.profiler, "
+                          "top ops and kernels by self device time):", ""]
+                lines += harness.profile_markdown(r["profile_top"])
+            if r.get("host_syncs") is not None:
+                lines += harness.host_syncs_markdown(r["host_syncs"], f"one {r['way']} {r['objective']} step")
+        lines.append("")
+    lines += ["FLOP model: `align_ti.benchmarks.flops` (matrix products of the step as computed: causal "
+              "attention counts its lower triangle, a dense-masked one its full square; validated against "
+              "FlopCounterMode); unavoidable: Align-TI's own work (the candidates' pass through both models, "
+              "their attention to their prefix, their KL rows, IVA) over vanilla KD's.",
+              "The paper reports Align-TI / vanilla KD = 1.43x step time and +5 GiB (paper code).",
               "See the module docstring of align_ti.benchmarks.train_step for what is approximated.", ""]
     return "\n".join(lines)
 

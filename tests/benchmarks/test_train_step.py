@@ -41,11 +41,12 @@ def test_the_trainer_step_records_every_section(tiny, kl_pass, kl_sections):
     assert all(seconds > 0 for seconds in got["sections_s"].values())
 
 
-def test_train_step_reduced_scale_keeps_the_full_scale_proportions():
+@pytest.mark.parametrize("case", ["long-response", "llava-665k"])
+def test_train_step_reduced_scale_keeps_the_full_scale_proportions(case):
     from align_ti.benchmarks.train_step import REDUCED_DIVISOR, _full_configs
 
-    fs, ft, fm = _full_configs(1)
-    rs, rt, rm = _full_configs(REDUCED_DIVISOR)
+    fs, ft, fm = _full_configs(1, case)
+    rs, rt, rm = _full_configs(REDUCED_DIVISOR, case)
     for full, red in ((fs.text_config, rs.text_config), (ft.text_config, rt.text_config)):
         assert red.num_hidden_layers == full.num_hidden_layers
         assert red.num_attention_heads == full.num_attention_heads
@@ -57,6 +58,86 @@ def test_train_step_reduced_scale_keeps_the_full_scale_proportions():
     assert rm["n_vision"] / rm["length"] == pytest.approx(fm["n_vision"] / fm["length"], rel=0.02)
     assert rm["n_vision"] == rs.image_seq_length == (rm["image_size"] // 14) ** 2
     assert max(rm["image_token_id"], rm["pad_id"]) < min(rs.text_config.vocab_size, rt.text_config.vocab_size)
+    for m in (fm, rm):
+        assert m["length"] == 2 + m["n_vision"] + m["n_instruction"] + m["n_response"]
+
+
+def test_train_step_cases_have_the_issues_shapes():
+    """long-response: 1285 response tokens in L = 2048 (the reduced scale as before: L = 228);
+    llava-665k: one 729-token image, 64 instruction and 192 response tokens."""
+    from align_ti.benchmarks.train_step import case_lengths
+
+    assert case_lengths("long-response", 729) == {"n_instruction": 32, "n_response": 1285, "length": 2048}
+    assert case_lengths("llava-665k", 729) == {"n_instruction": 64, "n_response": 192, "length": 987}
+    assert case_lengths("long-response", 81) == {"n_instruction": 4, "n_response": 141, "length": 228}
+    assert case_lengths("llava-665k", 81) == {"n_instruction": 7, "n_response": 20, "length": 110}
+    with pytest.raises(ValueError, match="case must be one of"):
+        case_lengths("short", 729)
+
+
+def _record(way, objective, step, cpu, flops, unavoidable, mem=1.0):
+    return {"way": way, "objective": objective, "status": "ok", "step_s_median": step, "cpu_s_median": cpu,
+            "peak_mem_bytes": int(mem * 2 ** 30), "peak_mem_gib": mem,
+            "model_flops": None if flops is None else {"flops": flops, "unavoidable_flops": unavoidable}}
+
+
+def test_summary_puts_the_flop_models_ratio_next_to_each_measured_one():
+    from align_ti.benchmarks.train_step import BEFORE, summarize
+
+    results = [_record("align-ti", "vanilla-KD", 1.0, 2.0, 10.0, 9.0),
+               _record("align-ti", "Align-TI", 1.5, 3.2, 17.0, 15.3, mem=1.5),
+               _record(BEFORE, "vanilla-KD", 1.0, 2.0, 10.0, 9.0),
+               _record(BEFORE, "Align-TI", 2.0, 4.0, 19.0, 15.3),
+               _record("paper-code", "vanilla-KD", 3.0, 6.0, None, None)]
+    got = summarize(results)
+    ti = got["align-ti: Align-TI / vanilla-KD"]
+    assert ti["time_ratio"] == 1.5 and ti["cpu_time_ratio"] == 1.6
+    assert ti["flop_ratio"] == 1.7 and ti["unavoidable_flop_ratio"] == pytest.approx(1.7)
+    assert ti["extra_mem_gib"] == 0.5
+    after_before = got[f"Align-TI: align-ti / {BEFORE}"]
+    assert after_before["time_ratio"] == 0.75 and after_before["flop_ratio"] == pytest.approx(17 / 19)
+    # the paper-code way has no FLOP model, and a pair not measured is left out
+    assert got["vanilla-KD: align-ti / paper-code"]["flop_ratio"] is None
+    assert "Align-TI: align-ti / paper-code" not in got
+
+
+def test_ways_take_turns_in_rounds_on_one_pair_of_models(monkeypatch):
+    """measure_group: warm-up for each (way, objective), then rounds in alternating order; a
+    step that fails is reported and leaves the others running; ways grouped by attention."""
+    from align_ti.benchmarks import train_step
+
+    assert train_step.attention_groups(["align-ti", "paper-code", train_step.BEFORE]) == [
+        ["align-ti", train_step.BEFORE], ["paper-code"]]
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(train_step, "build_setup", lambda *a, **k: (model, model, {"case": "c", "batch": 1,
+                                                                                  "length": 4, "n_vision": 1,
+                                                                                  "n_instruction": 1,
+                                                                                  "n_response": 1}))
+    monkeypatch.setattr(train_step, "make_batch", lambda *a, **k: {})
+    calls = []
+
+    def fake_steps(ways, *args):
+        items = []
+        for way in ways:
+            for objective in train_step.OBJECTIVES:
+                def fn(name=(way, objective)):
+                    calls.append(name)
+                    if name == ("align-ti", "Align-TI") and len(calls) > 4:
+                        raise RuntimeError("boom")
+                    return torch.zeros(())
+                items.append(train_step._Timed(way, objective, fn))
+        return items
+
+    monkeypatch.setattr(train_step, "_group_steps", fake_steps)
+    records = train_step.measure_group(["align-ti", train_step.BEFORE], "tiny", "c", CPU, warmup=1, steps=1,
+                                       rounds=2, log=lambda *a: None)
+    a, b, c, d = (("align-ti", "vanilla-KD"), ("align-ti", "Align-TI"),
+                  (train_step.BEFORE, "vanilla-KD"), (train_step.BEFORE, "Align-TI"))
+    assert calls == [a, b, c, d, a, b, c, d, d, c, a]  # warm-up, round 1, round 2 reversed (b failed)
+    status = {(r["way"], r["objective"]): r["status"] for r in records}
+    assert status == {a: "ok", b: "failed: RuntimeError", c: "ok", d: "ok"}
+    ok = next(r for r in records if (r["way"], r["objective"]) == a)
+    assert len(ok["step_s_round_medians"]) == 2 and ok["cpu_s_median"] >= 0
 
 
 @pytest.mark.e2e
@@ -75,17 +156,23 @@ def test_train_step_iva_share_variant_runs_the_trainer_step(tmp_path):
 
 
 @pytest.mark.e2e
-def test_train_step_reports_the_sections_of_the_align_ti_way(tmp_path):
+def test_train_step_reports_sections_and_flop_ratios_of_both_cases(tmp_path):
     from align_ti.benchmarks import train_step
 
-    report = train_step.main(["--device", "cpu", "--scale", "tiny", "--ways", "align-ti", "--warmup", "0",
-                              "--steps", "1", "--out", str(tmp_path)])
-    by_objective = {r["objective"]: r for r in report["results"]}
-    assert {r["status"] for r in report["results"]} == {"ok"}
-    assert set(by_objective["Align-TI"]["sections_s"]) == set(SECTIONS + SINGLE_PASS_SECTIONS)
-    assert set(by_objective["vanilla-KD"]["sections_s"]) == set(train_step.expected_sections("vanilla-KD"))
-    assert all(s > 0 for r in report["results"] for s in r["sections_s"].values())
+    report = train_step.main(["--device", "cpu", "--scale", "tiny", "--ways", f"align-ti,{train_step.BEFORE}",
+                              "--warmup", "0", "--steps", "1", "--rounds", "2", "--out", str(tmp_path)])
+    assert [e["case"] for e in report["cases"]] == ["long-response", "llava-665k"]
+    for entry in report["cases"]:
+        results = {(r["way"], r["objective"]): r for r in entry["results"]}
+        assert {r["status"] for r in results.values()} == {"ok"}
+        assert set(results[("align-ti", "Align-TI")]["sections_s"]) == set(SECTIONS + SINGLE_PASS_SECTIONS)
+        assert set(results[(train_step.BEFORE, "Align-TI")]["sections_s"]) == set(SECTIONS + PER_TERM_SECTIONS)
+        assert set(results[("align-ti", "vanilla-KD")]["sections_s"]) == set(train_step.expected_sections("vanilla-KD"))
+        assert all(s > 0 for r in results.values() for s in r["sections_s"].values())
+        assert results[("align-ti", "Align-TI")]["model_flops"]["tpa_forward"] == "prefix_cache"
+        assert results[(train_step.BEFORE, "Align-TI")]["model_flops"]["tpa_forward"] == "expanded"
+        summary = entry["summary"]["align-ti: Align-TI / vanilla-KD"]
+        assert summary["time_ratio"] > 0 and summary["flop_ratio"] > summary["unavoidable_flop_ratio"] > 1
     md = (tmp_path / "train_step.md").read_text()
-    header = "| way | objective | profiled step | " + " | ".join(
-        n.removeprefix("align_ti.") for n in SECTIONS + SINGLE_PASS_SECTIONS) + " |"
-    assert header in md and "| align-ti | Align-TI |" in md
+    assert "## llava-665k" in md and "| FLOP model ratio |" in md and "| align-ti | Align-TI |" in md
+    assert json.loads((tmp_path / "train_step.json").read_text())["provenance"]["git_commit"]
