@@ -7,6 +7,10 @@ Providers (each returns a forward function; the runner differentiates its scalar
 - align_ti_dw_in_weight_dtype: the same with fp32_weight_grad=False (the weight gradient
                      accumulated in bf16 over row chunks, as Liger does; CUDA only: the CPU
                      cases are fp32, where the option changes nothing)
+- align_ti[_dw_in_weight_dtype]_chunk<M>M: the same at a row-chunk budget of M MiB (chunk_bytes;
+                     the default is 1 GiB on CUDA, 192 MiB on CPU): the memory/time trade-off,
+                     from which the report's equal-memory comparison picks, for each peer, the
+                     fastest align_ti variant whose peak is at or below the peer's
 - materialized:      plain PyTorch with [N, V] fp32 logits of both heads (TRL, LLaVA-KD)
 - torch_compile:     torch.compile of the materialized path
 - torchtune_chunked: torchtune-style chunked forward KL (8 row chunks; autograd keeps each
@@ -49,16 +53,17 @@ def _heads(x):
     return x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"]
 
 
-def provider_align_ti(x, native: bool = False, fp32_weight_grad: bool = True):
+def provider_align_ti(x, native: bool = False, fp32_weight_grad: bool = True, chunk_bytes: int | None = None):
     """align_ti as installed by pip (native=False: the chunked PyTorch path on CPU, even when
-    the native kernel is built), or with the native CPU kernel (`align-ti build-native`)."""
+    the native kernel is built), or with the native CPU kernel (`align-ti build-native`);
+    chunk_bytes: the row-chunk budget (None: the device's default)."""
     import align_ti
     from align_ti import native as _native
 
     def fwd():
         _native.set_enabled(native)
         try:
-            return align_ti.fused_linear_kl(*_heads(x), fp32_weight_grad=fp32_weight_grad)
+            return align_ti.fused_linear_kl(*_heads(x), fp32_weight_grad=fp32_weight_grad, chunk_bytes=chunk_bytes)
         finally:
             _native.set_enabled(None)
     return fwd
@@ -104,10 +109,17 @@ def provider_liger(x, chunk_size: int):
 
 
 LIGER_CHUNKS = (128, 256, 512, 1024)  # "at its best chunk size": 8, 4, 2 or 1 chunks at N=1024
+CHUNK_BUDGETS_MIB = (128, 256, 512)    # align_ti's row-chunk budgets below the default (equal memory)
+BUDGET_PROVIDERS = {
+    **{f"align_ti_chunk{m}M": (lambda x, m=m: provider_align_ti(x, chunk_bytes=m << 20)) for m in CHUNK_BUDGETS_MIB},
+    **{f"align_ti_dw_in_weight_dtype_chunk{m}M":
+       (lambda x, m=m: provider_align_ti(x, fp32_weight_grad=False, chunk_bytes=m << 20)) for m in CHUNK_BUDGETS_MIB},
+}
 PROVIDERS = {
     "align_ti": provider_align_ti,
     "align_ti_native": lambda x: provider_align_ti(x, native=True),
     "align_ti_dw_in_weight_dtype": lambda x: provider_align_ti(x, fp32_weight_grad=False),
+    **BUDGET_PROVIDERS,
     "materialized": provider_materialized,
     "torch_compile": provider_torch_compile,
     "torchtune_chunked": provider_torchtune_chunked,
@@ -128,7 +140,7 @@ def _available(provider: str) -> bool:
         from align_ti import native
 
         return native.native_available()
-    if provider == "align_ti_dw_in_weight_dtype":  # the bf16 cases are CUDA's
+    if provider.startswith("align_ti_dw_in_weight_dtype"):  # the bf16 cases are CUDA's
         return torch.cuda.is_available()
     return True
 
@@ -148,8 +160,8 @@ BENCH = OpBench(
     tolerance=_tolerance,
     available=_available,
     # --quick leaves out the providers whose compile time dominates a small case
-    quick_providers=("align_ti", "align_ti_native", "align_ti_dw_in_weight_dtype", "materialized",
-                     "torchtune_chunked", *(f"liger_c{c}" for c in LIGER_CHUNKS)),
+    quick_providers=("align_ti", "align_ti_native", "align_ti_dw_in_weight_dtype", *BUDGET_PROVIDERS,
+                     "materialized", "torchtune_chunked", *(f"liger_c{c}" for c in LIGER_CHUNKS)),
 )
 
 _CHECK32 = dict(N=64, Hs=32, Ht=48, V=1300, dtype="float32")

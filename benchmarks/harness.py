@@ -513,9 +513,32 @@ def markdown(report: dict) -> str:
             )
         if case.get("summary"):
             lines += ["", "Summary: " + ", ".join(f"{k} = {_fmt(v) if isinstance(v, float) else v}"
-                                                   for k, v in case["summary"].items())]
+                                                   for k, v in case["summary"].items() if k != "equal_memory")]
+            lines += _equal_memory_markdown(case["summary"].get("equal_memory"), case["results"], timed)
         lines.append("")
     return "\n".join(lines)
+
+
+def _equal_memory_markdown(rows: dict | None, results: list[dict], timed: str) -> list[str]:
+    """The runner's equal-memory comparison (runner.equal_memory) as a table."""
+    if not rows:
+        return []
+    by = {r["provider"]: r for r in results}
+    lines = ["", "At equal memory: each peer against the fastest align_ti variant (row-chunk budget, weight-"
+             "gradient dtype) whose peak is at or below the peer's:", "",
+             f"| peer | peer {timed} (s) | peer peak (MiB) | align_ti variant | its {timed} (s) | its peak (MiB) "
+             "| time ratio | memory ratio |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for peer, row in rows.items():
+        p = by[peer]
+        if row["ours"] is None:
+            lines.append(f"| {peer} | {_fmt(p['fwd_bwd']['median_s'])} | {_fmt(p['peak_extra_mib'])} "
+                         "| none fits | | | | |")
+            continue
+        o = by[row["ours"]]
+        lines.append(f"| {peer} | {_fmt(p['fwd_bwd']['median_s'])} | {_fmt(p['peak_extra_mib'])} | {row['ours']} "
+                     f"| {_fmt(o['fwd_bwd']['median_s'])} | {_fmt(o['peak_extra_mib'])} | {row['time_ratio']:.3f}x "
+                     f"| {row['memory_ratio']:.3f}x |")
+    return lines
 
 
 def plot(report: dict, path: str) -> str | None:

@@ -168,9 +168,27 @@ def measure_provider(bench, case, provider, device, reps: int) -> dict:
     return result
 
 
+def equal_memory(ours: dict[str, dict], peers: dict[str, dict]) -> dict[str, dict]:
+    """Each peer against the fastest of our variants whose peak memory is at or below the
+    peer's: ``{peer: {"ours": name, "time_ratio": ours / peer, "memory_ratio": ours / peer}}``,
+    ``"ours": None`` where none of them fits the peer's memory."""
+    out = {}
+    for name, peer in sorted(peers.items(), key=lambda kv: kv[1]["peak_extra_mib"]):
+        fits = [r for r in ours.values() if r["peak_extra_mib"] <= peer["peak_extra_mib"]]
+        if not fits:
+            out[name] = {"ours": None}
+            continue
+        best = min(fits, key=lambda r: r["fwd_bwd"]["median_s"])
+        out[name] = {"ours": best["provider"],
+                     "time_ratio": best["fwd_bwd"]["median_s"] / peer["fwd_bwd"]["median_s"],
+                     "memory_ratio": best["peak_extra_mib"] / max(peer["peak_extra_mib"], 1e-9)}
+    return out
+
+
 def summarize(results: list[dict], baseline: str = "align_ti") -> dict:
-    """Our variants against the fastest and (separately) the leanest peer that ran ok; a peer
-    that failed or was refused is in the table but not here."""
+    """Our variants against the fastest and (separately) the leanest peer that ran ok, and each
+    peer at equal memory (`equal_memory`); a peer that failed or was refused is in the table but
+    not here."""
     ok = {r["provider"]: r for r in results if r.get("status") == "ok"}
     if baseline not in ok:
         return {}
@@ -178,6 +196,7 @@ def summarize(results: list[dict], baseline: str = "align_ti") -> dict:
     peers = {k: v for k, v in ok.items() if not k.startswith(baseline)}
     out = {}
     if peers:
+        out["equal_memory"] = equal_memory({k: v for k, v in ok.items() if k.startswith(baseline)}, peers)
         fastest = min(peers.values(), key=lambda r: r["fwd_bwd"]["median_s"])
         leanest = min(peers.values(), key=lambda r: r["peak_extra_mib"])
         out["fastest_peer"] = fastest["provider"]

@@ -186,3 +186,51 @@ def test_host_syncs_counts_the_warnings_of_cudas_sync_debug_mode_by_line(monkeyp
     assert modes == ["warn", 0]
     assert [r["count"] for r in rows] == [3, 1]
     assert all(r["where"].startswith("benchmarks/test_runner.py:") for r in rows)
+
+
+# ---- fused_kl at equal memory ------------------------------------------------------------------
+
+def _timed(provider, seconds, mib):
+    st = {"median_s": seconds, "min_s": seconds, "max_s": seconds, "iqr_s": 0.0, "reps": 1}
+    return {"provider": provider, "fwd": st, "fwd_bwd": st, "peak_extra_mib": mib, "status": "ok"}
+
+
+def test_equal_memory_compares_each_peer_with_our_fastest_variant_within_its_peak(tmp_path):
+    results = [_timed("align_ti", 1.0, 2000.0), _timed("align_ti_chunk512M", 1.2, 1400.0),
+               _timed("align_ti_chunk256M", 1.5, 1100.0), _timed("align_ti_dw_in_weight_dtype_chunk256M", 1.3, 700.0),
+               _timed("liger_c1024", 1.4, 1650.0), _timed("liger_c256", 1.8, 990.0), _timed("liger_c128", 2.0, 600.0),
+               {"provider": "materialized", "status": "failed: OOM"}]
+    summary = runner.summarize(results)
+    eq = summary["equal_memory"]
+    assert list(eq) == ["liger_c128", "liger_c256", "liger_c1024"]  # leanest first; failed peers left out
+    assert eq["liger_c128"] == {"ours": None}
+    assert eq["liger_c256"]["ours"] == "align_ti_dw_in_weight_dtype_chunk256M"
+    assert eq["liger_c256"]["time_ratio"] == pytest.approx(1.3 / 1.8)
+    assert eq["liger_c1024"]["ours"] == "align_ti_chunk512M"  # the default (2000 MiB) does not fit 1650
+    assert eq["liger_c1024"]["memory_ratio"] == pytest.approx(1400 / 1650)
+    assert summary["time_vs_fastest_peer"] == pytest.approx(1.0 / 1.4)  # the default-budget headline stays
+    report = {"op": "fused_kl", "device_type": "cuda", "provenance": harness.provenance("cpu"),
+              "memory_metric": "m", "cases": [{"name": "c", "params": {}, "results": results, "summary": summary}]}
+    md = harness.markdown(report)
+    assert "At equal memory" in md and "| liger_c128 | 2 | 600 | none fits |" in md
+    assert "| liger_c256 | 1.8 | 990 | align_ti_dw_in_weight_dtype_chunk256M | 1.3 | 700 | 0.722x | 0.707x |" in md
+    assert "equal_memory =" not in md
+
+
+def test_fused_kl_budget_providers_pass_their_budget_and_agree(monkeypatch):
+    import align_ti
+    from align_ti.benchmarks import fused_kl
+
+    bench, _ = runner.load_op("fused_kl")
+    check = dict(N=64, Hs=32, Ht=48, V=1300, dtype="float32")
+    assert harness.agreement(bench, "align_ti_chunk128M", check, torch.device("cpu"))[0]
+    seen = []
+    real = align_ti.fused_linear_kl
+    monkeypatch.setattr(align_ti, "fused_linear_kl", lambda *a, **k: seen.append(k) or real(*a, **k))
+    x = fused_kl.make_inputs(check, torch.device("cpu"))
+    for name, budget, fp32_dw in (("align_ti", None, True), ("align_ti_chunk256M", 256 << 20, True),
+                                  ("align_ti_dw_in_weight_dtype_chunk512M", 512 << 20, False)):
+        fused_kl.PROVIDERS[name](x)()
+        assert (seen[-1]["chunk_bytes"], seen[-1]["fp32_weight_grad"]) == (budget, fp32_dw)
+    assert bench.available("align_ti_chunk128M")
+    assert bench.available("align_ti_dw_in_weight_dtype_chunk128M") == torch.cuda.is_available()
