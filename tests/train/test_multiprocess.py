@@ -110,7 +110,8 @@ def worker(out_json: str, per_device: int, teacher: str) -> None:
     from align_ti.train.config import load_config
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    over = {"output_dir": f"{os.path.dirname(out_json)}/run", "teacher": teacher, "max_steps": STEPS, "synthetic_images": 4,
+    over = {"output_dir": f"{os.path.dirname(out_json)}/run", "teacher": teacher,
+            "student": os.path.join(os.path.dirname(teacher), "student"), "max_steps": STEPS, "synthetic_images": 4,
             "per_device_train_batch_size": per_device, "iva_layer": 1, "tpa_fraction": 0.5, "learning_rate": 1e-3,
             "teacher_sharding": "fsdp" if world > 1 else "replicate",
             "training_args": json.dumps({"logging_steps": 1, "save_strategy": "no", "disable_tqdm": True})}
@@ -130,6 +131,16 @@ def worker(out_json: str, per_device: int, teacher: str) -> None:
             json.dump(result, f)
 
 
+def _free_port() -> int:
+    """A free TCP port for the processes' rendezvous (accelerate's default, 29500, collides with
+    another multi-process run on the same machine)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.e2e
 def test_two_processes_match_one(tmp_path):
     import torch
@@ -142,10 +153,13 @@ def test_two_processes_match_one(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
     from align_ti.models.tiny import build_processor, build_tiny_llava
 
-    teacher = tmp_path / "teacher"  # a checkpoint folder: process 0 loads it, process 1 builds it on meta
-    model = build_tiny_llava("teacher", seed=1)
-    model.save_pretrained(teacher)
-    build_processor(config=model.config).save_pretrained(teacher)
+    # checkpoint folders (process 0 loads the teacher's, process 1 builds it on meta); the student's
+    # too, so that both processors come from saved files alike
+    for role, seed in (("teacher", 1), ("student", 0)):
+        model = build_tiny_llava(role, seed=seed)
+        model.save_pretrained(tmp_path / role)
+        build_processor(config=model.config).save_pretrained(tmp_path / role)
+    teacher = tmp_path / "teacher"
     one = tmp_path / "one" / "logs.json"
     two = tmp_path / "two" / "logs.json"
     one.parent.mkdir()
@@ -154,7 +168,8 @@ def test_two_processes_match_one(tmp_path):
                    timeout=300)
     proc = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", __file__, str(two), str(GLOBAL_BATCH // 2), str(teacher)],
+         "--dynamo_backend", "no", "--main_process_port", str(_free_port()), __file__, str(two), str(GLOBAL_BATCH // 2),
+         str(teacher)],
         env=env, timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
