@@ -9,7 +9,8 @@
 # goes, so a stage stopped by its limit still leaves the cases it finished, and the archive in
 # $OUT is rewritten after every stage, so a run cut short still brings back what it did.
 # GPU_CHECK_STAGES picks stages (space-separated names, default all):
-#   tests compat profile fused_kl train_step attention_mass topk_align iva train_flex fused_kl_full fsdp branches
+#   tests train_step train_variants fused_kl compat profile train_paper attention_mass topk_align iva
+#   fused_kl_full fsdp branches
 #
 # Wheels the machine lacks (liger-kernel, for comparison) travel in .whl/ (ignored by git):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -21,7 +22,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu-results}
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
-STAGES=${GPU_CHECK_STAGES:-tests compat profile fused_kl train_step attention_mass topk_align iva train_flex fused_kl_full fsdp branches}
+STAGES=${GPU_CHECK_STAGES:-tests train_step train_variants fused_kl compat profile train_paper attention_mass topk_align iva fused_kl_full fsdp branches}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 work=$(mktemp -d)
@@ -89,21 +90,33 @@ python3 -m align_ti.cli env >"$work/env.txt" 2>&1
 timeout_flag=""
 python3 -c "import pytest_timeout" 2>/dev/null && timeout_flag="--timeout=60"
 
-# in order of importance: correctness, the fused KL target, the end-to-end step, the rest
+# in order of importance (issue 20): correctness; Align-TI / vanilla-KD at both shapes with
+# prefix-cached TPA, beside the design before it (expanded + a KL call per term), with the FLOP
+# model's ratios; the bf16 weight-gradient mode and FlexAttention; the fused KL at equal memory
+# against Liger's chunks; then the rest
 stage tests 150 python3 -m pytest -m gpu -v -rfE --tb=short -p no:cacheprovider $timeout_flag --durations=10 tests
+stage train_step 120 python3 -m align_ti.benchmarks.train_step --device cuda --scale full \
+  --case long-response,llava-665k --ways "align-ti,align-ti expanded+per_term" --warmup 1 --rounds 2 --steps 2 \
+  --out "$res"
+# the bf16 weight-gradient mode, and the step on FlexAttention (TPA's expanded sequence block-sparse)
+# against SDPA, same run (recompiles logged: past dynamo's limit flex falls back to an unfused, slow,
+# memory-hungry path)
+stage train_variants 150 env TORCH_LOGS=recompiles python3 -m align_ti.benchmarks.train_step --device cuda \
+  --scale full --case long-response --ways "align-ti,align-ti bf16-dw,align-ti flex" --steps 2 \
+  --stem train_step-variants --out "$res"
+# the quick case (N=8192, the Qwen2.5-1.5B / Qwen2-7B heads): align_ti at its default and smaller
+# row-chunk budgets, Liger-Kernel at chunks 128-1024; the report compares each peer at equal memory
+stage fused_kl 90 python3 -m align_ti.benchmarks.runner --device cuda --quick --op fused_kl --out "$res"
 # the image's transformers is older than CI's: the trainer's loss scaling under accumulation
 stage compat 60 python3 -m pytest -q -p no:cacheprovider tests/train/test_trainer.py \
   -k "gradient_accumulation or terms_match or kernel_options"
 stage profile 60 python3 -m align_ti.benchmarks.profile_cuda --out "$res"
-stage fused_kl 70 python3 -m align_ti.benchmarks.runner --device cuda --quick --op fused_kl --out "$res"
-stage train_step 150 python3 -m align_ti.benchmarks.train_step --device cuda --scale full --steps 2 --profile --out "$res"
+# the paper-code way (eager, materialised logits), and where each way's GPU time goes
+stage train_paper 150 python3 -m align_ti.benchmarks.train_step --device cuda --scale full --case long-response \
+  --ways "paper-code,align-ti,align-ti expanded+per_term" --steps 2 --profile --stem train_step-paper --out "$res"
 stage attention_mass 40 python3 -m align_ti.benchmarks.runner --device cuda --op attention_mass --out "$res"
 stage topk_align 40 python3 -m align_ti.benchmarks.runner --device cuda --quick --op topk_align --out "$res"
 stage iva 45 python3 -m align_ti.benchmarks.train_step --device cuda --scale full --iva-share --steps 3 --out "$res"
-# the training step on FlexAttention (TPA's expanded sequence block-sparse) against SDPA, same run
-# (recompiles logged: past dynamo's limit flex falls back to an unfused, slow, memory-hungry path)
-stage train_flex 120 env TORCH_LOGS=recompiles python3 -m align_ti.benchmarks.train_step --device cuda \
-  --scale full --steps 2 --ways "align-ti,align-ti flex" --stem train_step-flex --out "$res"
 # the whole fused_kl registry: the sweep over N (the plot) and torch.compile of the plain path
 stage fused_kl_full 150 python3 -m align_ti.benchmarks.runner --device cuda --op fused_kl --out "$res"
 # the Trainer under accelerate's FSDP2 (configs/accelerate/fsdp2.yaml) on one GPU, the path the CPU

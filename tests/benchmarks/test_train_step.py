@@ -176,3 +176,20 @@ def test_train_step_reports_sections_and_flop_ratios_of_both_cases(tmp_path):
     md = (tmp_path / "train_step.md").read_text()
     assert "## llava-665k" in md and "| FLOP model ratio |" in md and "| align-ti | Align-TI |" in md
     assert json.loads((tmp_path / "train_step.json").read_text())["provenance"]["git_commit"]
+
+
+def test_gpu_check_names_only_ways_and_cases_the_benchmark_knows():
+    """scripts/gpu_check.sh runs on a lent GPU that this machine cannot try: its train-step stages
+    must at least name ways and cases that exist (a typo would cost a lent machine's stage)."""
+    import os
+    import re
+
+    from align_ti.benchmarks.train_step import CASES, WAYS
+
+    script = open(os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "gpu_check.sh")).read()
+    calls = re.findall(r"align_ti\.benchmarks\.train_step((?:[^\n]*\\\n)*[^\n]*)", script)
+    assert len(calls) >= 3
+    ways = [w for call in calls for group in re.findall(r'--ways "([^"]+)"', call) for w in group.split(",")]
+    cases = [c for call in calls for group in re.findall(r"--case (\S+)", call) for c in group.split(",")]
+    assert "align-ti expanded+per_term" in ways and set(cases) == set(CASES)
+    assert set(ways) <= set(WAYS) and set(cases) <= set(CASES)
