@@ -225,8 +225,9 @@ def test_tpa_forward_auto_falls_back_where_the_cache_cannot_serve(tiny):
 
 
 def test_kernel_options_reach_every_fused_op(tiny, monkeypatch):
-    """kl_chunk_bytes / fp32_weight_grad of the config reach the SFT+KD, IVA and TPA ops (and
-    TPA's candidate sampling gets the chunk budget, the ground-truth rule and the padding).
+    """kl_chunk_bytes / fp32_weight_grad of the config reach the SFT+KD, IVA and TPA ops (the one
+    call of kl_pass=single, the three of per_term; and TPA's candidate sampling gets the chunk
+    budget, the ground-truth rule and the padding).
     The spies replace the names align_ti.train.loss calls (monkeypatch refuses a name that
     module no longer has, so the test cannot silently spy on nothing)."""
     import align_ti.train.loss as loss
@@ -239,12 +240,15 @@ def test_kernel_options_reach_every_fused_op(tiny, monkeypatch):
                 seen["sampling"] = (kw["exclude_ground_truth"], kw["attention_mask"] is not None)
             return _op(*args, **kw)
         monkeypatch.setattr(loss, name, spy)
-    cfg = load_config(overrides=["kl_chunk_bytes=1M", "fp32_weight_grad=false", "iva_layer=1",
-                                 "tpa_exclude_ground_truth=false"])
-    _module(tiny, LossSpec.from_config(cfg, iva_layer=1))(**_batch(tiny))
-    assert seen == {**{n: (1 << 20, False) for n in ("fused_linear_distill", "topk_align", "tpa_loss")},
-                    "sample_candidates": (1 << 20, None),  # sampling has no weight gradient
-                    "sampling": (False, True)}
+    for kl_pass, ops in (("per_term", ("fused_linear_distill", "topk_align", "tpa_loss")),
+                         ("single", ("fused_linear_distill",))):  # one call for every term
+        seen.clear()
+        cfg = load_config(overrides=["kl_chunk_bytes=1M", "fp32_weight_grad=false", "iva_layer=1",
+                                     "tpa_exclude_ground_truth=false", f"kl_pass={kl_pass}"])
+        _module(tiny, LossSpec.from_config(cfg, iva_layer=1))(**_batch(tiny))
+        assert seen == {**{n: (1 << 20, False) for n in ops},
+                        "sample_candidates": (1 << 20, None),  # sampling has no weight gradient
+                        "sampling": (False, True)}, kl_pass
 
 
 def test_attn_implementation_reaches_both_models(tmp_path):
