@@ -14,7 +14,8 @@ What a step computes (`step_flops`), per component:
 - each decoder's linear layers (q, k, v, o, the gated MLP) over its tokens: forward, and for the
   student a backward of twice that (input and weight gradients); "ground truth" (the L tokens of
   a sequence) and "candidates" (TPA's C tokens) apart;
-- attention: 4 h d FLOPs per (query, key) pair forward, twice that backward. A causal pass over
+- attention: 4 h d FLOPs per (query, key) pair forward, 2.5 times that backward (the scores
+  recomputed, then four products: flash, cuDNN and the CPU's flash kernel). A causal pass over
   the ground truth computes L (L + 1) / 2 pairs with a causal kernel (``causal="computed"``:
   flash/cuDNN and the CPU's flash kernel skip the blocks above the diagonal); a dense-masked SDPA
   computes every pair of its mask's square whatever the mask allows: the expanded forward's
@@ -27,8 +28,11 @@ What a step computes (`step_flops`), per component:
   returns the decoder's states (``logits_to_keep=1``), unused;
 - the fused KL rows: per row the student head (2 Hs Vs), the teacher head (2 Ht V'), and the
   student's input and weight gradients (2 x 2 Hs Vs); Vs = the student's columns when the call
-  also computes SFT's cross-entropy, else V'. Rows: SFT+KD at the response rows, IVA at the kept
-  vision rows, TPA at the candidate rows;
+  also computes SFT's cross-entropy, else V'; with the cross-entropy, its own input and weight
+  gradients again (2 x 2 Hs Vs: the op's forward computes gradients before it knows the upstream
+  ones of its two outputs, so it keeps them apart). Rows: SFT+KD at the response rows, IVA at the
+  kept vision rows, TPA at the candidate rows: one call for all with ``kl_pass="single"`` (the
+  cross-entropy's gradients at every row), a call per term with "per_term";
 - IVA's attention mass: one teacher layer's logits of the instruction queries over the keys up to
   the last instruction token.
 
@@ -36,9 +40,11 @@ What Align-TI cannot avoid (`unavoidable_flops`): vanilla KD's own work (both to
 decoders over the ground truth with causal attention, the SFT+KD rows), plus the candidates'
 own pass through both models (their linear layers, the student's backward), their attention to
 their own prefix (candidate k of step t sees the t ground-truth keys before it and itself: t + 1
-pairs, averaged over uniformly drawn steps), their KL rows, and IVA's rows and attention mass.
-Everything else a step computes is overhead: the dense masks' extra pairs, the sampling pass
-and head, the unused LM-head rows.
+pairs, averaged over uniformly drawn steps), their KL rows, and IVA's rows and attention mass;
+a KL row with one set of gradients (the cross-entropy's folded into the KL's, as one call with
+known term weights could). Everything else a step computes is overhead: the dense masks' extra
+pairs, the sampling pass and head, the unused LM-head rows, the cross-entropy's gradients kept
+apart.
 """
 from __future__ import annotations
 
