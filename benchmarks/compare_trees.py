@@ -146,7 +146,7 @@ def markdown(report: dict) -> str:
              f"{prov.get('device', 'cpu')}; {report['rounds']} rounds, the trees alternating, "
              f"{report['reps']} timed repetitions per run, each run a fresh process; load average "
              f"{report['load_average_at_start']} at the start, {report['load_average_at_end']} at the end.",
-             f"Times ({'process CPU time' if report['clock'] == 'cpu' else 'wall clock'}): median over "
+             f"Times ({'process CPU time' if report.get('clock') == 'cpu' else 'wall clock'}): median over "
              "rounds of each run's forward+backward median."]
     for case in report["cases"]:
         lines += ["", f"## {case['name']}", "",
