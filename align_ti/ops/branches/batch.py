@@ -48,7 +48,8 @@ class ExpandedBatch:
 
     Tensors (all on the device of input_ids):
       input_ids [B, T]: ground truth, then the candidates (pad_id in empty slots).
-      position_ids [B, T]: ground-truth position ids, then those of each slot's step (0 if empty).
+      position_ids [B, T] (or [R, B, T] for multimodal RoPE): ground-truth position ids, then
+        those of each slot's step in every component (0 if empty).
       attention_mask [B, T] int64: 1 = real ground-truth token or filled candidate slot (the
         2-D real-token mask; never hand it to the model, hand it the 4-D mask).
       targets [B, T] int64 or None: ground-truth row i -> labels[i + 1] (the next token, or
@@ -288,6 +289,8 @@ def build_expanded_batch(
             be a response position, and ``targets`` are returned.
         pad_id: token id of empty slots.
         position_ids: [B, L] ground-truth position ids; default ``cumsum(attention_mask) - 1``.
+            Multimodal RoPE (Qwen-VL): [R, B, L], one row per component (temporal, height,
+            width); a candidate of step t takes y_t's ids in every component.
         max_expanded_len: upper bound on T = L + C. Branches are dropped deterministically to
             fit: per sample, whole steps are dropped latest first (a sample keeps its earliest
             steps with all their candidates, as many as fit in ``max_expanded_len - L`` slots).
@@ -319,10 +322,10 @@ def build_expanded_batch(
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {list(input_ids.shape)}, got {describe(labels)}")
     if position_ids is not None:
-        check_tensor("position_ids", position_ids, ndim=2, dtypes=INDEX_DTYPES)
-        if position_ids.shape != input_ids.shape:
-            raise ValueError(f"position_ids must have the shape of input_ids {list(input_ids.shape)}, "
-                             f"got {describe(position_ids)}")
+        check_tensor("position_ids", position_ids, ndim=(2, 3), dtypes=INDEX_DTYPES)
+        if position_ids.shape[-2:] != input_ids.shape:
+            raise ValueError(f"position_ids must be [B, L] like input_ids {list(input_ids.shape)} or [R, B, L] "
+                             f"(one row per RoPE component), got {describe(position_ids)}")
     if max_expanded_len is not None and (isinstance(max_expanded_len, bool) or not isinstance(max_expanded_len, int)
                                          or max_expanded_len < 1):
         raise ValueError(f"max_expanded_len must be None or an int >= 1, got {max_expanded_len!r}")
@@ -352,7 +355,9 @@ def build_expanded_batch(
     safe = slot_steps.clamp(min=0)
     zero = torch.zeros((), dtype=torch.int64, device=device)
     ids = torch.cat([input_ids.long(), torch.where(filled, slot_cands, torch.full((), pad_id, device=device))], 1)
-    pos = torch.cat([position_ids, torch.where(filled, position_ids.gather(1, safe), zero)], 1)
+    # a candidate takes y_t's position id, in every RoPE component ([R, B, L] ids: one gather per row)
+    slot_pos = position_ids.gather(-1, safe.expand(*position_ids.shape[:-2], *safe.shape))
+    pos = torch.cat([position_ids, torch.where(filled, slot_pos, zero)], -1)
     real = torch.cat([mask.long(), filled.long()], 1)
     targets = None
     if labels is not None:

@@ -64,15 +64,17 @@ def expanded_hidden_states(
 ) -> torch.Tensor:
     """Final (normed) hidden states [B, T, H] of a transformers model on an expanded batch.
 
-    Works for decoder-only causal LMs (Qwen2/Qwen3/Llama-like) and LlavaForConditionalGeneration
-    without copying model code: the model is called as usual (through any DDP/FSDP wrapper, so
-    gradient synchronisation and sharding hooks run) with ``input_ids``, the 4-D mask form of
-    its attention implementation (:meth:`ExpandedBatch.attention_mask_for`; transformers uses a
-    4-D mask or a BlockMask as given), ``position_ids``, ``use_cache=False`` and
-    ``logits_to_keep=1`` (so no [B, T, V] logits are made); a forward hook on the decoder
-    captures its last hidden state. For Llava pass ``pixel_values``: image splicing replaces
+    Works for decoder-only causal LMs (Qwen2/Qwen3/Llama-like) and the vision-language models of
+    `align_ti.models.families` without copying model code: the model is called as usual
+    (through any DDP/FSDP wrapper, so gradient synchronisation and sharding hooks run) with
+    ``input_ids``, the 4-D mask form of its attention implementation
+    (:meth:`ExpandedBatch.attention_mask_for`; transformers uses a 4-D mask or a BlockMask as
+    given), ``position_ids``, ``use_cache=False`` and ``logits_to_keep=1`` (so no [B, T, V]
+    logits are made); a forward hook on the decoder captures its last hidden state. For a vision-language model pass ``pixel_values`` (and the
+    family's other image inputs, e.g. ``image_grid_thw``, as keywords): image splicing replaces
     the image-token positions of ``input_ids``, which are in the untouched ground-truth stream
-    (candidates are never image tokens: see :func:`forbidden_token_ids`).
+    (candidates are never image tokens: see :func:`forbidden_token_ids`). Multimodal RoPE
+    (Qwen-VL) takes the batch's [3, B, T] position ids as they are.
 
     attn_implementation: the mask form follows the implementation read from the model's
     decoder config ("sdpa" | "eager" | "flex_attention"); when given, it must name that same
@@ -106,7 +108,8 @@ class PrefixPass:
     hidden: [B, L, H] final hidden states (with grad when the pass had it); cache: the
     transformers ``DynamicCache`` of every decoder layer's keys and values at the L positions
     (the graph is kept: gradients from the candidates' pass reach them); position_ids: the
-    [B, L] position ids the pass used, which the expanded batch must carry too."""
+    [B, L] (or [3, B, L], multimodal RoPE) position ids the pass used, which the expanded batch
+    must carry too."""
 
     hidden: torch.Tensor
     cache: object
@@ -202,5 +205,5 @@ def candidate_hidden_states(model, batch: ExpandedBatch, prefix: PrefixPass) -> 
     dtype = next(_unwrap(model).get_decoder().parameters()).dtype
     mask = batch.attention_mask_for(impl, dtype, first_query=length)  # [B, 1, C, L + C]
     return _decoder_hidden_states(model, "candidate_hidden_states", input_ids=batch.input_ids[:, length:],
-                                  position_ids=batch.position_ids[:, length:], attention_mask=mask,
+                                  position_ids=batch.position_ids[..., length:], attention_mask=mask,
                                   use_cache=True, **{_cache_keyword(model): prefix.cache})
