@@ -45,11 +45,18 @@ __all__ = ["capture_qk", "QKCapture", "decoder_attention_modules"]
 
 
 def decoder_attention_modules(model) -> list:
-    """The self-attention module of every decoder layer of a causal LM or LLaVA model, in order.
+    """The self-attention module of every decoder layer of a causal LM or of a supported
+    vision-language model's language model, in order. The vision tower is never included.
 
-    Looks for the language model (``get_decoder()`` or ``model.model`` / ``language_model``)
-    and its ``layers``; each layer's ``self_attn``. The vision tower is never included.
+    A model of a registered family (`align_ti.models.families`: LLaVA, LLaVA-OneVision,
+    Qwen-VL, InternVL) names its language model's layers itself; any other model is searched for
+    a decoder (``get_decoder()`` or ``model.model`` / ``language_model``) with ``layers``.
     """
+    from align_ti.models.families import find_family
+
+    family = find_family(model)
+    if family is not None:
+        return [layer.self_attn for layer in family.decoder_layers(model)]
     candidates = []
     get_decoder = getattr(model, "get_decoder", None)
     if callable(get_decoder):
@@ -229,8 +236,9 @@ def capture_qk(model, layers=None, detach: bool = False):
     """Record the post-RoPE q and k of the chosen decoder layers while the block runs.
 
     Args:
-        model: a transformers causal LM (Qwen2 / Qwen3 / Llama-style) or
-            ``LlavaForConditionalGeneration``; its configured attention implementation
+        model: a transformers causal LM (Qwen2 / Qwen3 / Llama-style) or a vision-language
+            model of a supported family (LLaVA, LLaVA-OneVision, Qwen2-VL / 2.5-VL / 3-VL,
+            InternVL: its language model's layers); its configured attention implementation
             (sdpa, eager, flash_attention_2/3/4, flex_attention) is used and left as is.
         layers: decoder layer indices (negative counts from the end), one int, or None for
             every layer. Out-of-range indices raise ``ValueError``.

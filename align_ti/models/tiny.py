@@ -1,4 +1,11 @@
-"""Tiny random-weight LLaVA models (SigLIP vision tower + Qwen2/Qwen3 text model) and processor.
+"""Tiny random-weight models of every supported family, their processors, and checkpoint folders.
+
+`build_tiny(family, size)` / `build_tiny_processor(config)` build a teacher or student of any
+family (`align_ti.models.families`: LLaVA, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+InternVL), modelled on transformers' default config and processor of that family at tiny widths;
+`write_tiny_checkpoints` saves a teacher/student pair as local checkpoint folders (what
+`align-ti synth-models` writes). The LLaVA builders below are the original ones (SigLIP vision
+tower + Qwen2/Qwen3 text model), which the demo and most tests use.
 
 Tests, the `align-ti demo` CLI and the CPU benchmarks need real transformers architectures
 that build in milliseconds and train in minutes on two CPU cores. The shapes mimic a real
@@ -60,9 +67,11 @@ def _check(size: str, text: str) -> None:
         raise ValueError(f"text must be one of {sorted(_TEXT_CLASSES)}, got {text!r}")
 
 
-def tiny_text_config(size: str = "student", text: str = "qwen2", **overrides):
-    """Qwen2Config / Qwen3Config for a named size; any config field can be overridden."""
-    _check(size, text)
+def text_kwargs(size: str = "student", **overrides) -> dict:
+    """The text-model fields of a named size (a Qwen2/Qwen3 config's keyword arguments): widths,
+    depth, the padded vocabulary, pad/eos ids and plain RoPE; any field can be overridden. Every
+    family's tiny language model starts from these."""
+    _check(size, "qwen2")
     kw = dict(TEXT_SIZES[size])
     kw.update(
         max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
@@ -70,6 +79,13 @@ def tiny_text_config(size: str = "student", text: str = "qwen2", **overrides):
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
     kw.update(overrides)
+    return kw
+
+
+def tiny_text_config(size: str = "student", text: str = "qwen2", **overrides):
+    """Qwen2Config / Qwen3Config for a named size; any config field can be overridden."""
+    _check(size, text)
+    kw = text_kwargs(size, **overrides)
     # Qwen3 defaults head_dim to 128; keep hidden = heads * head_dim unless told otherwise.
     kw.setdefault("head_dim", kw["hidden_size"] // kw["num_attention_heads"])
     if text == "qwen2":
@@ -180,3 +196,49 @@ def build_processor(tokenizer=None, config: LlavaConfig | None = None) -> LlavaP
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=0,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# every family
+# ------------------------------------------------------------------------------------------------
+
+def build_tiny(family: str = "llava", size: str = "student", seed: int = 0, attn_implementation="sdpa",
+               dtype: torch.dtype = torch.float32, **overrides):
+    """A random-weight teacher or student (``size``) of a registered ``family``: its
+    ``tiny_config(size, **overrides)`` (text-model fields by name), built with weights from ``seed``."""
+    from align_ti.models.families import get_family
+
+    fam = get_family(family)
+    _check(size, "qwen2")
+    return _seeded_build(fam.model_class(), fam.tiny_config(size, **overrides), seed, attn_implementation, dtype)
+
+
+def build_tiny_processor(config, **image_processor_args):
+    """The local processor of a tiny model's ``config`` (any family): tokenizer with the family's
+    special tokens, image processor, chat template. ``image_processor_args`` override the image
+    processor's settings (e.g. Qwen-VL's ``min_pixels`` / ``max_pixels``). Families whose
+    processor needs torchvision raise ImportError naming the extra without it."""
+    from align_ti.models.families import family_of, require_torchvision
+
+    fam = family_of(config)
+    require_torchvision(fam, f"family {fam.name}")
+    return fam.tiny_processor(config, **image_processor_args)
+
+
+def write_tiny_checkpoints(family: str, out, seed: int = 0) -> tuple[str, str]:
+    """Save a tiny teacher (seed ``seed + 1``) and student (seed ``seed``) of ``family``, each with
+    its processor, as ``<out>/teacher`` and ``<out>/student`` checkpoint folders that
+    ``from_pretrained`` / ``AutoProcessor`` load with ``local_files_only``; returns the two paths."""
+    import os
+
+    from align_ti.models.families import get_family, require_torchvision
+
+    require_torchvision(get_family(family), f"family {family}")
+    paths = []
+    for size, model_seed in (("teacher", seed + 1), ("student", seed)):
+        model = build_tiny(family, size, seed=model_seed)
+        path = os.path.join(str(out), size)
+        model.save_pretrained(path)
+        build_tiny_processor(model.config).save_pretrained(path)
+        paths.append(path)
+    return paths[0], paths[1]
