@@ -1,6 +1,8 @@
-"""LLaVA-format data: encoding (labels, instruction mask, text-only items), padding and the
-collator, and reading LLaVA JSON (general entries, missing or unreadable images)."""
+"""LLaVA-format data: encoding (labels, instruction mask, text-only items, multi-turn), padding
+and the collator, and reading LLaVA JSON (general entries, multi-turn, video and multi-image
+samples refused, missing or unreadable images)."""
 import json
+import re
 
 import pytest
 import torch
@@ -24,7 +26,7 @@ def test_encode_labels_mask(processor):
     assert (labels[:-n_target] == IGNORE_INDEX).all()  # the answer is the contiguous tail
     assert tok.decode(ids[ex["instruction_mask"]]) == item["question"]
     assert (ids == tok.image_token_id).sum() == 36
-    assert ex["pixel_values"].shape == (3, 48, 48) and ex["attention_mask"].eq(1).all()
+    assert ex["pixel_values"].shape == (1, 3, 48, 48) and ex["attention_mask"].eq(1).all()
     # Same ids as tokenizing prompt + answer + eos in one go.
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item["question"]}]}],
@@ -72,8 +74,9 @@ def test_load_llava_json_general_entries(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps(records))
     items = load_llava_json(tmp_path / "d.json", tmp_path)
     assert [(x["id"], x["question"], x["answer"]) for x in items] == [
-        ("7-0", "Describe.", "A box."), ("7-1", "Colour?", "blue"), ("txt", "Hi", "Hello")]
-    assert items[0]["image"].size == (20, 10) and items[2]["image"] is None
+        ("7", "Describe.", "A box."), ("txt", "Hi", "Hello")]
+    assert items[0]["turns"] == [("Describe.", "A box."), ("Colour?", "blue")] and items[0]["image_turn"] == 0
+    assert items[0]["image"].size == (20, 10) and items[1]["image"] is None
 
 
 def test_pad_batch_mixes_image_and_text_only_examples(processor):
@@ -103,3 +106,53 @@ def test_load_llava_json_missing_or_unreadable_image_names_file_and_sample(tmp_p
     (tmp_path / "d.json").write_text(json.dumps(records))
     with pytest.raises(ValueError, match=r"sample 1 \(id 'b'\): cannot read image file .*folder.png"):
         load_llava_json(tmp_path / "d.json", tmp_path)
+
+
+def test_multi_turn_labels_every_answer_and_marks_every_question(processor):
+    item = dict(synthetic_vqa("train", 1, seed=0)[0], turns=[("What colour is it?", "red"), ("Where is it?", "top left")],
+                image_turn=1)
+    ex = encode_example(processor, item, return_instruction_mask=True)
+    tok = processor.tokenizer
+    ids, labels = ex["input_ids"], ex["labels"]
+    assert tok.decode(ids[labels != IGNORE_INDEX]) == "red<|im_end|>top left<|im_end|>"
+    assert tok.decode(ids[ex["instruction_mask"]]) == "What colour is it?Where is it?"
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "What colour is it?"}]},
+         {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is it?"}]},
+         {"role": "assistant", "content": [{"type": "text", "text": "top left"}]}], tokenize=False)
+    whole = processor(images=[item["image"]], text=[text.removesuffix("\n")], return_tensors="pt")
+    assert torch.equal(whole["input_ids"][0], ids)  # the image in the second turn, the tail cut after the eos
+    first_answer = int(torch.nonzero(labels != IGNORE_INDEX)[0])
+    assert (ids[:first_answer] == tok.image_token_id).sum() == 0  # the image comes after the first answer
+
+
+def test_pad_batch_concatenates_image_inputs_padding_tiles():
+    a = {"input_ids": torch.tensor([5, 6, 7]), "pixel_values": torch.ones(1, 2, 3), "image_sizes": torch.tensor([[4, 4]])}
+    b = {"input_ids": torch.tensor([5])}
+    c = {"input_ids": torch.tensor([5, 6]), "pixel_values": torch.full((1, 4, 3), 2.0),
+         "image_sizes": torch.tensor([[8, 4]])}
+    batch = pad_batch([a, b, c], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0], [5, 6, 0]]
+    assert batch["pixel_values"].shape == (2, 4, 3)  # the examples with an image; tiles padded to the most
+    assert batch["pixel_values"][0, 2:].eq(0).all() and batch["pixel_values"][0, :2].eq(1).all()
+    assert batch["image_sizes"].tolist() == [[4, 4], [8, 4]]
+
+
+@pytest.mark.parametrize("record, problem", [
+    ({"video": "v.mp4", "conversations": [{"from": "human", "value": "<video>\nQ?"}, {"from": "gpt", "value": "A."}]},
+     "a video sample (video is not supported yet)"),
+    ({"image": ["a.png", "a.png"], "conversations": [{"from": "human", "value": "<image><image>\nQ?"},
+                                                     {"from": "gpt", "value": "A."}]},
+     "a multi-image sample (2 images; one image per sample is supported for now)"),
+])
+def test_video_and_multi_image_samples_are_refused(tmp_path, record, problem):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    ok = {"id": "ok", "image": ["a.png"], "conversations": [{"from": "human", "value": "<image>\nQ?"},
+                                                             {"from": "gpt", "value": "A."}]}
+    (tmp_path / "d.json").write_text(json.dumps([ok, {"id": "x", **record}]))
+    with pytest.raises(ValueError, match=rf"1 bad sample\(s\): sample 1 \(id 'x'\): {re.escape(problem)}"):
+        load_llava_json(tmp_path / "d.json", tmp_path)
+    skipped = []
+    items = load_llava_json(tmp_path / "d.json", tmp_path, bad_samples="skip", skipped=skipped)
+    assert [it["id"] for it in items] == ["ok"] and skipped == ["x"]  # a one-image list is one image

@@ -521,9 +521,9 @@ def test_end_to_end_tiny_llava():
     items = synthetic_vqa(n_images=2, questions_per_image=1, seed=3)
     encoded = [encode_example(processor, it, return_instruction_mask=True) for it in items]
     encoded.append(encode_example(processor, dict(items[0], image=None), return_instruction_mask=True))
-    # pad_batch stacks pixel_values of every example; the image-less one has none, and LLaVA
-    # takes one image per <image> span in batch order, so stack the others' by hand
-    pixels = torch.stack([e.pop("pixel_values") for e in encoded if "pixel_values" in e])
+    # pad_batch concatenates pixel_values of every example; the image-less one has none, and LLaVA
+    # takes one image per <image> span in batch order, so concatenate the others' by hand
+    pixels = torch.cat([e.pop("pixel_values") for e in encoded if "pixel_values" in e])
     batch = pad_batch(encoded, processor.tokenizer.pad_token_id)
     batch["pixel_values"] = pixels
     instruction = batch.pop("instruction_mask")
