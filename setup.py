@@ -66,6 +66,10 @@ class build_py(_build_py):
         return outs
 
 
+# torchvision pins the torch it was built for (0.26 <-> torch 2.11, the floor; 0.29 <-> 2.14): the
+# cap keeps pip from pulling a newer torch in through a newer torchvision
+VLM = "torchvision>=0.26,<0.30"
+
 PACKAGES = [
     "align_ti",
     "align_ti.reference",
@@ -73,6 +77,7 @@ PACKAGES = [
     "align_ti.ops.fused_kl",
     "align_ti.ops.topk_align",
     "align_ti.models",
+    "align_ti.models.families",
     "align_ti.data",
     "align_ti.train",
     "align_ti.kernels",
@@ -102,7 +107,10 @@ setup(
         "PyYAML",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "cmake>=3.18", "ninja"],
+        "test": ["pytest>=8", "pytest-timeout", "cmake>=3.18", "ninja", VLM],
+        # the processors of LLaVA-OneVision, Qwen2-VL / 2.5-VL / 3-VL and InternVL (their video
+        # processors import torchvision); LLaVA's runs without it
+        "vlm": [VLM],
         "bench": ["liger-kernel"],
         "flash": ["flash-attn"],
         # DeepSpeed ZeRO as the student's engine (configs/accelerate/zero3.yaml); its CPU test runs

@@ -67,10 +67,38 @@ def _cmd_synth(args) -> int:
     return 0
 
 
+def _cmd_synth_models(args) -> int:
+    """Write a tiny random-weight teacher and student of one model family, each with its local
+    processor, as checkpoint folders <out>/teacher and <out>/student: try a family end to end
+    (`align-ti distill teacher=<out>/teacher student=<out>/student ...`, `align-ti irs --model
+    <out>/teacher`) before downloading anything. The models are modelled on transformers' default
+    configs and processors of the family, at tiny widths."""
+    from align_ti.paths import ensure_writable_dir
+
+    try:
+        from align_ti.models.families import get_family
+
+        get_family(args.family)
+        ensure_writable_dir(args.out, "--out")
+        from align_ti.models.tiny import write_tiny_checkpoints
+
+        teacher, student = write_tiny_checkpoints(args.family, args.out, seed=args.seed)
+    except (ValueError, ImportError) as e:  # ImportError: a family whose processor needs torchvision
+        print(f"align-ti synth-models: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the folder checked out writable, then a write failed (a full disk)
+        print(f"align-ti synth-models: error: --out {args.out!r}: writing {e.filename or 'a file'} failed: "
+              f"{e.strerror or e}", file=sys.stderr)
+        return 2
+    print(f"wrote {teacher} and {student} ({args.family})")
+    return 0
+
+
 def _cmd_irs(args) -> int:
-    """Compute IRS (instruction relevance score) for every decoder layer of a LLaVA-style
-    teacher over calibration pairs (same image, different instructions); write irs.json and
-    irs.png and print the chosen layer argmax_l IRS(l)."""
+    """Compute IRS (instruction relevance score) for every decoder layer of a vision-language
+    teacher (a local checkpoint of any supported family) over calibration pairs (same image,
+    different instructions); write irs.json and irs.png and print the chosen layer
+    argmax_l IRS(l)."""
     from align_ti.paths import ensure_writable_dir
 
     try:
@@ -79,7 +107,7 @@ def _cmd_irs(args) -> int:
 
         result = run_irs(model=args.model, data=args.data, samples=args.samples, out=args.out,
                          batch_size=args.batch_size, seed=args.seed)
-    except (ValueError, FileNotFoundError) as e:  # FileNotFoundError: an image of --data
+    except (ValueError, FileNotFoundError, ImportError) as e:  # an image of --data; torchvision
         print(f"align-ti irs: error: {e}", file=sys.stderr)
         return 2
     width = max(len(str(len(result.scores) - 1)), 5)
@@ -168,7 +196,8 @@ def _cmd_distill(args) -> int:
         print(f"align-ti distill: resuming from {resume}", file=sys.stderr)
     try:
         metrics = run_distill(config, resume_from_checkpoint=resume, resume_anyway=args.resume_anyway)
-    except (ValueError, FileNotFoundError, TokenizerMismatchError, NonFiniteLossError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, ImportError, TokenizerMismatchError, NonFiniteLossError,
+            CheckpointError) as e:  # ImportError: a family whose processor needs torchvision
         print(f"align-ti distill: error: {e}", file=sys.stderr)
         return 2
     if metrics.get("stopped_by"):  # a preempted job: saved, exits 0 (README "Distillation runs")
@@ -213,10 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="generation seed")
     p.set_defaults(parser=p, func=_cmd_synth)
 
+    p = sub.add_parser("synth-models", help="write a tiny teacher/student of one model family as checkpoint folders",
+                       description=_cmd_synth_models.__doc__)
+    p.add_argument("--family", required=True,
+                   help="llava, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl or internvl")
+    p.add_argument("--out", required=True, help="output folder: <out>/teacher and <out>/student (created if missing)")
+    p.add_argument("--seed", type=int, default=0, help="weights of the student; the teacher's use seed + 1")
+    p.set_defaults(parser=p, func=_cmd_synth_models)
+
     p = sub.add_parser("irs", help="score every teacher layer by IRS and pick the IVA layer",
                        description=_cmd_irs.__doc__)
     p.add_argument("--model", default=None,
-                   help="local LLaVA checkpoint folder (default: the built-in tiny teacher)")
+                   help="local checkpoint folder of a supported family (LLaVA, LLaVA-OneVision, Qwen2-VL, "
+                        "Qwen2.5-VL, Qwen3-VL, InternVL; default: the built-in tiny teacher)")
     p.add_argument("--data", default=None,
                    help="calibration .jsonl ({'image': path, 'instructions': [...]}) or a "
                         "LLaVA-format .json (samples sharing an image are paired); "

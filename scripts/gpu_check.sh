@@ -90,11 +90,19 @@ python3 -m align_ti.cli env >"$work/env.txt" 2>&1
 timeout_flag=""
 python3 -c "import pytest_timeout" 2>/dev/null && timeout_flag="--timeout=60"
 
+# the model families' GPU tests build processors that need torchvision (the [vlm] extra)
+families_flag=""
+if ! python3 -c "import torchvision" 2>/dev/null; then
+  log "tests: the image has no torchvision: the model families' GPU tests are skipped (pip install 'align-ti[vlm]')"
+  families_flag="--deselect tests/models/test_families.py"
+fi
+
 # in order of importance (issue 20): correctness; Align-TI / vanilla-KD at both shapes with
 # prefix-cached TPA, beside the design before it (expanded + a KL call per term), with the FLOP
 # model's ratios; the bf16 weight-gradient mode and FlexAttention; the fused KL at equal memory
 # against Liger's chunks; then the rest
-stage tests 150 python3 -m pytest -m gpu -v -rfE --tb=short -p no:cacheprovider $timeout_flag --durations=10 tests
+stage tests 150 python3 -m pytest -m gpu -v -rfE --tb=short -p no:cacheprovider $timeout_flag --durations=10 \
+  $families_flag tests
 stage train_step 120 python3 -m align_ti.benchmarks.train_step --device cuda --scale full \
   --case long-response,llava-665k --ways "align-ti,align-ti expanded+per_term" --warmup 1 --rounds 2 --steps 2 \
   --out "$res"

@@ -177,21 +177,14 @@ def _encode(processor, item: dict) -> dict:
     return enc
 
 
-def _image_token_id(model, processor) -> int:
-    tid = getattr(model.config, "image_token_index", None)
-    if tid is None:
-        tid = getattr(model.config, "image_token_id", None)
-    if tid is None:
-        tid = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
-    return int(tid)
-
-
 @torch.no_grad()
 def irs_scores(model, processor, pairs, batch_size: int = 4, impl: str = "auto") -> IRSResult:
     """IRS(l) of every decoder layer of a LLaVA-style ``model`` over calibration ``pairs``.
 
     Args:
-        model: ``LlavaForConditionalGeneration`` (any attention implementation; not changed).
+        model: a vision-language model of a supported family (`align_ti.models.families`: LLaVA,
+            LLaVA-OneVision, Qwen2-VL / 2.5-VL / 3-VL, InternVL; any attention implementation,
+            not changed). Its family gives the vision tokens, the image inputs and the position ids.
         processor: its processor (chat template + image processor), e.g. ``build_processor``.
         pairs: ``[(item_1, item_2), ...]``, items ``{"image": PIL image, "question": str}``;
             both items of a pair share the image (same number of vision tokens).
@@ -206,6 +199,7 @@ def irs_scores(model, processor, pairs, batch_size: int = 4, impl: str = "auto")
     """
     from align_ti.data.llava import pad_batch
     from align_ti.models.capture import capture_qk
+    from align_ti.models.families import family_of
     from align_ti.ops.attention_mass import attention_mass
 
     pairs = list(pairs)
@@ -217,7 +211,7 @@ def irs_scores(model, processor, pairs, batch_size: int = 4, impl: str = "auto")
     model.eval()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    image_id = _image_token_id(model, processor)
+    family = family_of(model)
     pad_id = processor.tokenizer.pad_token_id or 0
     cosines = []  # [n_layers, P] per batch
     try:
@@ -227,16 +221,22 @@ def irs_scores(model, processor, pairs, batch_size: int = 4, impl: str = "auto")
             batch = pad_batch(examples, pad_id)
             qmask = batch.pop("instruction_mask").to(device)
             batch = {k: v.to(device) for k, v in batch.items()}
-            batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            vision = batch["input_ids"] == image_id
+            ids, real = batch["input_ids"], batch["attention_mask"]
+            images = family.model_images(batch, dtype)
+            vision = family.vision_mask(model.config, ids)
+            positions = family.position_ids(model, ids, real, images)
             with capture_qk(model, layers=None, detach=True) as cap:
-                model(**batch, use_cache=False)
+                model(input_ids=ids, attention_mask=real, position_ids=positions, use_cache=False, logits_to_keep=1,
+                      **images)
             masses = torch.stack([
                 attention_mass(*cap[l], qmask, batch["attention_mask"], impl=impl) for l in cap.layers
             ])  # [n_layers, 2P, L]
             del cap
-            alpha = select_vision_mass(masses.float(), vision)  # [n_layers, 2P, Nv]
-            cosines.append(pair_cosines(alpha[:, 0::2], alpha[:, 1::2]).cpu())
+            # pair by pair: the two items of a pair share their image, but images of other pairs may
+            # have other token counts (dynamic resolution, tiling)
+            for p in range(len(chunk)):
+                alpha = select_vision_mass(masses[:, 2 * p:2 * p + 2].float(), vision[2 * p:2 * p + 2])  # [n_l, 2, Nv]
+                cosines.append(pair_cosines(alpha[:, :1], alpha[:, 1:]).cpu())  # [n_layers, 1]
     finally:
         model.train(was_training)
     cos = torch.cat(cosines, dim=1)  # [n_layers, P]
@@ -336,7 +336,8 @@ def plot_irs(result: IRSResult, path, title: str = "IRS per layer") -> Path:
 
 
 def _load_model(model_path):
-    """A local checkpoint (model + processor) or, for None, the built-in tiny teacher."""
+    """A local checkpoint of any supported family (model + processor) or, for None, the built-in
+    tiny teacher."""
     if model_path is None:
         from align_ti.models.tiny import build_processor, build_tiny_llava
 
@@ -345,13 +346,12 @@ def _load_model(model_path):
     path = Path(model_path)
     if not path.exists():
         raise ValueError(f"model: no such local checkpoint {path} (nothing is downloaded)")
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from align_ti.train.data import load_model_and_processor
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
+    model, processor = load_model_and_processor(str(path), dtype=dtype)
     if torch.cuda.is_available():
         model = model.cuda()
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     return model, processor, str(path)
 
 

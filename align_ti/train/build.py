@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
+from align_ti.models.families import family_of, set_trainable
 from align_ti.models.irs import cached_irs_layer
 from align_ti.ops.branches import forbidden_token_ids
 from align_ti.train import checkpoint as ckpt
@@ -22,6 +23,8 @@ from align_ti.train.data import (
     DistillCollator,
     EncodedDataset,
     check_image_expansion,
+    check_same_encoding,
+    check_same_positions,
     check_tokenizers,
     language_model_attention,
     load_items,
@@ -92,7 +95,8 @@ def _load_teacher_for_sharding(config, dtype: torch.dtype, attn: str):
     try:
         if state.is_main_process:
             loaded = load_model_and_processor(config.teacher, config.tiny_text_model, seed=config.seed + 1,
-                                              dtype=dtype, attn_implementation=attn)
+                                              dtype=dtype, attn_implementation=attn,
+                                              processor_args=config.processor_args)
         else:
             loaded = _teacher_on_meta(config, dtype, attn)
     except Exception as e:  # noqa: BLE001 -- every process must hear of it, then it is raised
@@ -112,13 +116,15 @@ def _teacher_on_meta(config, dtype: torch.dtype, attn: str):
         from align_ti.models.tiny import build_processor
 
         return model, build_processor(config=model.config)
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor
+
+    from align_ti.models.families import family_of
 
     model_config = AutoConfig.from_pretrained(config.teacher, local_files_only=True)
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration._from_config(model_config, dtype=dtype,
-                                                           attn_implementation=language_model_attention(attn))
-    return model, AutoProcessor.from_pretrained(config.teacher, local_files_only=True)
+        model = family_of(model_config, f"model {config.teacher!r}").model_class()._from_config(
+            model_config, dtype=dtype, attn_implementation=language_model_attention(attn))
+    return model, AutoProcessor.from_pretrained(config.teacher, local_files_only=True, **config.processor_args)
 
 
 def build_module(config, student, teacher, processor, iva_layer=None) -> DistillModule:
@@ -130,7 +136,8 @@ def build_module(config, student, teacher, processor, iva_layer=None) -> Distill
     if spec.w_tpa > 0:
         forbidden, vocab_limit = forbidden_token_ids(student, tok)
         vocab_limit = min(vocab_limit, lm_head(student)[0].shape[0], lm_head(teacher)[0].shape[0])
-    return DistillModule(student, teacher, spec, image_token_id=student.config.image_token_index,
+    image_token_id = family_of(student, "student").image_token_id(student.config)
+    return DistillModule(student, teacher, spec, image_token_id=image_token_id,
                          pad_token_id=tok.pad_token_id, forbidden_ids=forbidden, vocab_limit=vocab_limit)
 
 
@@ -146,7 +153,8 @@ def build_trainer(config, student=None, teacher=None, processor=None, teacher_pr
                          "has no backward on CPU); use 'sdpa' here")
     if student is None:
         student, processor = load_model_and_processor(config.student, config.tiny_text_model, seed=config.seed,
-                                                      attn_implementation=attn)
+                                                      attn_implementation=attn, processor_args=config.processor_args)
+        set_trainable(student, vision_tower=config.train_vision_tower, projector=config.train_projector)
     if processor is None:
         raise ValueError("build_trainer: a student passed in needs its processor")
     if spec_probe.needs_teacher:
@@ -155,7 +163,8 @@ def build_trainer(config, student=None, teacher=None, processor=None, teacher_pr
         elif teacher is None:
             teacher, teacher_processor = load_model_and_processor(config.teacher, config.tiny_text_model,
                                                                   seed=config.seed + 1, dtype=t_dtype,
-                                                                  attn_implementation=attn)
+                                                                  attn_implementation=attn,
+                                                                  processor_args=config.processor_args)
         check_tokenizers(teacher_processor if teacher_processor is not None else processor, processor,
                          vocab_size=min(lm_head(student)[0].shape[0], lm_head(teacher)[0].shape[0]))
         check_image_expansion(teacher, student)
@@ -166,6 +175,11 @@ def build_trainer(config, student=None, teacher=None, processor=None, teacher_pr
             items = load_items(config.data, config.image_folder, getattr(config, "synthetic_images", 200),
                                seed=config.seed, bad_samples=getattr(config, "bad_samples", "error"))
         train_dataset = EncodedDataset(items, processor, max_length=config.max_length)
+    if teacher is not None:  # one encoding (the student's) and one set of position ids serve both models
+        if teacher_processor is not None and items is not None:
+            check_same_encoding(teacher_processor, processor, items)
+        if len(train_dataset):
+            check_same_positions(teacher, student, train_dataset[0])
     args = training_arguments(config, **args_overrides)
     if teacher is not None and config.teacher_sharding == "fsdp":
         if args.world_size <= 1:  # reading world_size sets up the processes

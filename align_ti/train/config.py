@@ -35,6 +35,13 @@ class DistillConfig:
     teacher: str = "tiny-teacher"
     student: str = "tiny-student"
     tiny_text_model: str = "qwen2"          # text model of the built-in tiny models: qwen2 | qwen3
+    # settings of both models' image processors (checkpoint folders), e.g. Qwen-VL's resolution
+    # bounds {"min_pixels": 200704, "max_pixels": 1003520} or InternVL's {"max_patches": 6}
+    processor_args: dict = field(default_factory=dict)
+    # what trains, the same for every family: the student's language model and LM head always;
+    # its vision tower and projector (vision features -> language model) unless set false
+    train_vision_tower: bool = True
+    train_projector: bool = True
     # attention of both language models (vision towers keep sdpa): sdpa | eager |
     # flex_attention (CUDA only: FlexAttention has no backward on CPU). With TPA, flex skips the
     # masked blocks of the expanded sequences, which SDPA computes densely under their mask.

@@ -1,16 +1,19 @@
 """Data glue of the trainer: models and processors from a config, the training dataset
 (built-in synthetic VQA or a LLaVA-format JSON), the collator, and the checks that teacher
-and student can be distilled into each other (shared vocabulary, same image expansion).
+and student can be distilled into each other (shared vocabulary, the same encoding).
 
-Every example is encoded once, up front, with the *student's* processor and chat template
-(`align_ti.data.llava.encode_example`): token ids, labels (-100 outside the response),
-pixel values and the instruction mask (the queries IVA averages attention over). Teacher and
-student read the same token ids, which is why their tokenizers must agree on the shared
-vocabulary and their processors must expand an image into the same number of tokens; both
-are checked here, with errors that say what differs.
+Models are local checkpoint folders of any supported family (`align_ti.models.families`:
+LLaVA, LLaVA-OneVision, Qwen2-VL / 2.5-VL / 3-VL, InternVL), each with its own processor, or
+the built-in tiny LLaVA pair. Every example is encoded once, up front, with the *student's*
+processor and chat template (`align_ti.data.llava.encode_example`): token ids, labels (-100
+outside the answers), image inputs and the instruction mask (the queries IVA averages attention
+over). Teacher and student read the same token ids and image inputs, which is why their
+tokenizers must agree on the shared vocabulary and their processors must encode every sample
+alike; both are checked here, with errors that say what differs.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -25,6 +28,8 @@ __all__ = [
     "load_model_and_processor",
     "check_tokenizers",
     "check_image_expansion",
+    "check_same_encoding",
+    "check_same_positions",
     "load_items",
     "EncodedDataset",
     "DistillCollator",
@@ -47,37 +52,68 @@ def language_model_attention(attn_implementation: str) -> dict:
 
 
 def load_model_and_processor(name: str, tiny_text: str = "qwen2", seed: int = 0,
-                             dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+                             dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+                             processor_args: dict | None = None):
     """``(model, processor)`` for a config's ``teacher`` / ``student`` entry.
 
     ``"tiny-teacher"`` / ``"tiny-student"``: the built-in random-weight LLaVA models
     (`align_ti.models.tiny`, weights from ``seed``) with the built-in processor.
-    Anything else: a local checkpoint folder holding a ``LlavaForConditionalGeneration`` and
-    its processor (``AutoProcessor``); nothing is downloaded.
+    Anything else: a local checkpoint folder of a supported family (its ``config.json`` names
+    it; another family is an error listing the supported ones) and its processor
+    (``AutoProcessor``, with ``processor_args`` such as Qwen-VL's ``min_pixels`` /
+    ``max_pixels``); nothing is downloaded. A family whose processor needs torchvision says so,
+    naming the extra, when it is missing.
     ``attn_implementation`` is the language model's (`language_model_attention`).
     """
+    from align_ti.models.families import family_of, require_torchvision
+
     attn_implementation = language_model_attention(attn_implementation)
     if name in ("tiny-teacher", "tiny-student"):
         from align_ti.models.tiny import build_processor, build_tiny_llava
 
+        if processor_args:
+            raise ValueError(f"config processor_args {processor_args}: the built-in tiny models' processor "
+                             "takes no settings")
         model = build_tiny_llava(name.split("-")[1], text=tiny_text, seed=seed, dtype=dtype,
                                  attn_implementation=attn_implementation)
         return model, build_processor(config=model.config)
     if not os.path.isdir(name):
         raise FileNotFoundError(f"model {name!r}: no such local checkpoint folder (nothing is downloaded)")
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(
+    family = family_of(_folder_config(name), f"model {name!r}")
+    require_torchvision(family, f"model {name!r}")
+    model = family.model_class().from_pretrained(
         name, dtype=dtype, local_files_only=True, attn_implementation=attn_implementation)
+    from transformers import AutoProcessor
+
     try:
-        processor = AutoProcessor.from_pretrained(name, local_files_only=True)
+        processor = AutoProcessor.from_pretrained(name, local_files_only=True, **(processor_args or {}))
     except Exception as e:  # a model folder without its processor
         raise FileNotFoundError(
             f"model {name!r}: cannot load its processor (tokenizer + image processor + chat template) "
             f"from the folder: {e}") from e
     if getattr(processor, "chat_template", None) is None and getattr(processor.tokenizer, "chat_template", None) is None:
         raise ValueError(f"model {name!r}: its processor has no chat template; add one to the checkpoint folder")
+    family_of(processor, f"model {name!r}: its processor")
     return model, processor
+
+
+def _folder_config(name: str):
+    """The model config of a checkpoint folder, read before any weight (so an unsupported family
+    fails at once)."""
+    from transformers import AutoConfig
+
+    path = os.path.join(name, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model {name!r}: the folder has no config.json (not a transformers checkpoint)")
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except (ValueError, KeyError) as e:  # a model_type this transformers does not know
+        with open(path, encoding="utf-8") as f:
+            kind = json.load(f).get("model_type")
+        from align_ti.models.families import family_names
+
+        raise ValueError(f"model {name!r}: model_type {kind!r} is not a supported model family; supported: "
+                         f"{', '.join(family_names())} ({e})") from None
 
 
 def _head_rows(model) -> int:
@@ -116,21 +152,97 @@ def check_tokenizers(teacher_processor, student_processor, vocab_size: int | Non
 
 
 def check_image_expansion(teacher, student) -> None:
-    """Both models must turn one image into the same number of image tokens (they read the
-    same token ids) and use the same image token id."""
+    """A first, config-level check before any sample is encoded: both models use the same image
+    token id and, where their configs fix it (LLaVA's ``image_seq_length``, InternVL's per tile),
+    the same number of image tokens per image (they read the same token ids).
+    `check_same_encoding` then compares the encodings themselves."""
+    from align_ti.models.families import family_of
+
     def seq(m):
         c = m.config
         n = getattr(c, "image_seq_length", None)
-        v = c.vision_config
-        if n is None:
+        if n is None and family_of(m).name == "llava":
+            v = c.vision_config
             n = (v.image_size // v.patch_size) ** 2
-        return int(n), int(getattr(c, "image_token_index", getattr(c, "image_token_id", -1)))
+        return n, family_of(m).image_token_id(c)
 
     (nt, it), (ns, is_) = seq(teacher), seq(student)
     if nt != ns or it != is_:
         raise ValueError(
             f"teacher and student expand an image differently (teacher {nt} image tokens, id {it}; "
             f"student {ns} image tokens, id {is_}); they must read the same token sequence")
+
+
+def _processor_fingerprint(processor) -> str:
+    """What decides a processor's encoding: its class, image processor settings, chat template and
+    tokenizer (its whole definition where it is a fast tokenizer)."""
+    tok = processor.tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    image_processor = getattr(processor, "image_processor", None)
+    return json.dumps([type(processor).__name__, type(image_processor).__name__,
+                       image_processor.to_dict() if image_processor is not None else None,
+                       processor.chat_template if getattr(processor, "chat_template", None) else tok.chat_template,
+                       backend.to_str() if backend is not None else sorted(tok.get_vocab().items())],
+                      sort_keys=True, default=str)
+
+
+def _encoding_difference(teacher_enc: dict, student_enc: dict) -> str | None:
+    """How two encodings of one sample differ, or None."""
+    a, b = teacher_enc["input_ids"], student_enc["input_ids"]
+    if a.shape != b.shape or not torch.equal(a, b):
+        first = next((i for i, (x, y) in enumerate(zip(a.tolist(), b.tolist())) if x != y), min(len(a), len(b)))
+        return (f"token ids differ (teacher {a.numel()} tokens, student {b.numel()}; first difference at position "
+                f"{first})")
+    for key in sorted(set(teacher_enc) | set(student_enc)):
+        if key in ("input_ids", "attention_mask", "labels", "instruction_mask"):
+            continue
+        x, y = teacher_enc.get(key), student_enc.get(key)
+        if x is None or y is None:
+            return f"{key}: only the {'teacher' if y is None else 'student'}'s processor gives it"
+        if x.shape != y.shape:
+            return f"{key}: teacher {list(x.shape)} vs student {list(y.shape)}"
+        if not torch.equal(x, y):
+            return f"{key}: different values (max |difference| {float((x.double() - y.double()).abs().max()):.3g})"
+    return None
+
+
+def check_same_encoding(teacher_processor, student_processor, items: list[dict],
+                        max_length: int | None = None) -> None:
+    """Raise ValueError unless the two processors encode every item to the same token ids and the
+    same image inputs: teacher and student read one encoding (the student's), so a teacher whose
+    processor tiles, resizes or normalises an image differently, or expands it into another
+    number of tokens, would be distilled on inputs it never sees. The error names the first
+    sample that differs and how. Processors of the same definition (class, image-processor
+    settings, chat template, tokenizer) encode alike by construction: no sample is encoded twice."""
+    if teacher_processor is student_processor or (
+            _processor_fingerprint(teacher_processor) == _processor_fingerprint(student_processor)):
+        return
+    for item in items:
+        t = encode_example(teacher_processor, item, max_length=None)
+        s = encode_example(student_processor, item, max_length=None)
+        why = _encoding_difference(t, s)
+        if why is not None:
+            raise ValueError(
+                f"teacher and student encode sample {item.get('id')!r} differently: {why}. They must read the "
+                "same token sequence: use processors with the same tokenizer, image processor and "
+                "resolution settings (config processor_args applies to both)")
+
+
+def check_same_positions(teacher, student, example: dict) -> None:
+    """Raise ValueError unless both models give the encoded ``example`` the same position ids:
+    one set (the student's family's) serves both models' forwards and TPA's candidates."""
+    from align_ti.models.families import family_of
+
+    batch = pad_batch([{k: v for k, v in example.items() if k != "sample_ids"}], 0)
+    pos = []
+    for model in (teacher, student):
+        family = family_of(model)
+        images = family.model_images(batch, torch.float32)
+        pos.append(family.position_ids(model, batch["input_ids"], batch["attention_mask"], images))
+    if pos[0].shape != pos[1].shape or not torch.equal(pos[0].cpu(), pos[1].cpu()):
+        raise ValueError(f"teacher ({type(teacher).__name__}) and student ({type(student).__name__}) give the same "
+                         f"tokens different position ids (shapes {list(pos[0].shape)} and {list(pos[1].shape)}): "
+                         "distil within one family's position scheme (e.g. multimodal RoPE with multimodal RoPE)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,13 +54,13 @@ from torch.profiler import record_function
 
 from align_ti.constants import IGNORE_INDEX
 from align_ti.models.capture import capture_qk
+from align_ti.models.families import family_of
 from align_ti.ops.attention_mass import attention_mass
 from align_ti.ops.branches import (
     ExpandedBatch,
     branch_count,
     build_expanded_batch,
     candidate_hidden_states,
-    default_position_ids,
     eligible_steps,
     expanded_hidden_states,
     ground_truth_pass,
@@ -289,6 +289,8 @@ class DistillModule(nn.Module):
         self.student = student
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
         self.spec = spec
+        # what the ops need to know of the model family (vision tokens, position ids, image inputs)
+        self.family = family_of(student, "student")
         self.image_token_id = int(image_token_id)
         self.pad_token_id = int(pad_token_id)
         self.forbidden_ids = tuple(forbidden_ids)
@@ -342,20 +344,25 @@ class DistillModule(nn.Module):
 
     # ---------------------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, instruction_mask=None,
-                sample_ids=None, loss_divisors=None, epoch: int = 0, step: Optional[int] = None):
+                sample_ids=None, loss_divisors=None, epoch: int = 0, step: Optional[int] = None, **image_inputs):
+        """``pixel_values`` and ``image_inputs``: the image inputs of the student's family (e.g.
+        Qwen-VL's ``image_grid_thw``), as `align_ti.data.llava.pad_batch` collates them."""
         spec = self.spec
-        if pixel_values is not None:  # the images in the student's dtype (the teacher casts on)
-            pixel_values = pixel_values.to(_dtype(self.student))
+        images = self._images(pixel_values, image_inputs)
+        # the ground truth's position ids ([3, B, L] for multimodal RoPE), one set for both models
+        # (build_trainer checks that the teacher's family gives the same)
+        positions = self.family.position_ids(self.student, input_ids, attention_mask, images)
         if spec.w_tpa == 0:
-            fw = self._forwards(input_ids, attention_mask, labels, pixel_values, instruction_mask, None)
+            fw = self._forwards(input_ids, attention_mask, labels, images, positions, instruction_mask, None)
         elif self.tpa_way() == "expanded":
             with record_function("align_ti.tpa_sample"):
-                expanded = self._expand(input_ids, attention_mask, labels, pixel_values, sample_ids, epoch, step)
-            fw = self._forwards(input_ids, attention_mask, labels, pixel_values, instruction_mask, expanded)
+                expanded = self._expand(input_ids, attention_mask, labels, images, positions, sample_ids, epoch,
+                                        step)
+            fw = self._forwards(input_ids, attention_mask, labels, images, positions, instruction_mask, expanded)
         else:
-            fw = self._prefix_cached_forwards(input_ids, attention_mask, labels, pixel_values, instruction_mask,
+            fw = self._prefix_cached_forwards(input_ids, attention_mask, labels, images, positions, instruction_mask,
                                               sample_ids, epoch, step)
-        vision_mask = input_ids == self.image_token_id
+        vision_mask = self.family.vision_mask(self.student.config, input_ids)
         if spec.kl_pass == "single" and spec.needs_teacher:
             with record_function("align_ti.kl"):
                 loss, terms = self._single_kl_pass(fw, vision_mask, loss_divisors)
@@ -376,6 +383,21 @@ class DistillModule(nn.Module):
                   "teacher": all_finite(fw.teacher) if fw.teacher is not None
                   else fw.student.new_ones((), dtype=torch.bool)}
         return {"loss": loss, "terms": terms, "finite": finite}
+
+    def _images(self, pixel_values, image_inputs: dict) -> dict:
+        """The batch's image inputs by name (None ones dropped); a name the student's family does
+        not take is an error naming it."""
+        images = {k: v for k, v in {"pixel_values": pixel_values, **image_inputs}.items() if v is not None}
+        unknown = sorted(set(images) - set(self.family.image_inputs))
+        if unknown:
+            raise TypeError(f"DistillModule.forward: unexpected batch key(s) {unknown}; a {self.family.title} "
+                            f"student takes the image inputs {list(self.family.image_inputs)}")
+        return images
+
+    @staticmethod
+    def _images_for(model, images: dict) -> dict:
+        """``images`` as ``model``'s family takes them, floating ones in its dtype."""
+        return family_of(model).model_images(images, _dtype(model))
 
     # ---- TPA: which way, the candidates and the expanded batch --------------------------------
     def tpa_way(self) -> str:
@@ -421,26 +443,24 @@ class DistillModule(nn.Module):
                                     position_ids=position_ids)
 
     @torch.no_grad()
-    def _expand(self, input_ids, attention_mask, labels, pixel_values, sample_ids, epoch, step) -> ExpandedBatch:
+    def _expand(self, input_ids, attention_mask, labels, images, positions, sample_ids, epoch,
+                step) -> ExpandedBatch:
         """The expanded way's candidates: drawn from a no-grad student pass over the batch."""
-        h0 = _base(self.student)(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                                 use_cache=False).last_hidden_state
-        return self._candidates(h0, input_ids, attention_mask, labels, sample_ids, epoch, step)
+        h0 = _base(self.student)(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                 use_cache=False, **self._images_for(self.student, images)).last_hidden_state
+        return self._candidates(h0, input_ids, attention_mask, labels, sample_ids, epoch, step, position_ids=positions)
 
-    def _prefix_cached_forwards(self, input_ids, attention_mask, labels, pixel_values, instruction_mask,
+    def _prefix_cached_forwards(self, input_ids, attention_mask, labels, images, positions, instruction_mask,
                                 sample_ids, epoch, step) -> _Forwards:
         """TPA over a cached prefix: each model runs the ground truth once, keeping its keys and
         values (the student's pass, with grad, is the training forward and the candidates are
         drawn from it), then only the candidate tokens. The rows come out as in the expanded way:
         [B, L + C], the ground truth first."""
         student, teacher = self.student, self.teacher
-        positions = default_position_ids(attention_mask)  # what the expanded way gives the ground truth
-
-        def pixels_for(model):
-            return None if pixel_values is None else pixel_values.to(_dtype(model))
 
         with record_function("align_ti.student_forward"):
-            s_prefix = ground_truth_pass(student, input_ids, attention_mask, positions, pixels_for(student))
+            s_prefix = ground_truth_pass(student, input_ids, attention_mask, positions,
+                                         **self._images_for(student, images))
         with record_function("align_ti.tpa_sample"):
             expanded = self._candidates(s_prefix.hidden, input_ids, attention_mask, labels, sample_ids, epoch, step,
                                         position_ids=positions)
@@ -449,7 +469,8 @@ class DistillModule(nn.Module):
         del s_prefix
         with torch.no_grad(), record_function("align_ti.teacher_forward"):
             def teacher_prefix():
-                return ground_truth_pass(teacher, input_ids, attention_mask, positions, pixels_for(teacher))
+                return ground_truth_pass(teacher, input_ids, attention_mask, positions,
+                                         **self._images_for(teacher, images))
 
             mass = None
             if self.spec.w_iva > 0 and self.spec.iva_weighting == "attention":
@@ -460,23 +481,24 @@ class DistillModule(nn.Module):
                 t_prefix = teacher_prefix()
             ht = torch.cat([t_prefix.hidden, candidate_hidden_states(teacher, expanded, t_prefix)], 1)
         if self.spec.w_iva > 0 and self.spec.iva_weighting == "uniform":
-            mass = _uniform_mass(input_ids == self.image_token_id, instruction_mask, expanded.total_length)
+            mass = _uniform_mass(self.family.vision_mask(student.config, input_ids), instruction_mask,
+                                 expanded.total_length)
         return _Forwards(student=hs.to(lm_head(student)[0].dtype), teacher=ht.to(lm_head(teacher)[0].dtype),
                          targets=expanded.targets, expanded=expanded, mass=mass)
 
     # ---- the forwards: one per model ---------------------------------------------------------
-    def _forwards(self, input_ids, attention_mask, labels, pixel_values, instruction_mask,
+    def _forwards(self, input_ids, attention_mask, labels, images, positions, instruction_mask,
                   expanded: Optional[ExpandedBatch]) -> _Forwards:
         """Both models over the batch (over the expanded batch with TPA), the teacher under
         no_grad and, with IVA, capturing the IRS layer's attention mass."""
         student, teacher = self.student, self.teacher
 
         def run(model):
-            pixels = None if pixel_values is None else pixel_values.to(_dtype(model))
+            model_images = self._images_for(model, images)
             if expanded is not None:
-                return expanded_hidden_states(model, expanded, pixel_values=pixels)
-            return _base(model)(input_ids=input_ids, pixel_values=pixels, attention_mask=attention_mask,
-                                use_cache=False).last_hidden_state
+                return expanded_hidden_states(model, expanded, **model_images)
+            return _base(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                use_cache=False, **model_images).last_hidden_state
 
         with record_function("align_ti.student_forward"):
             hs = run(student)
@@ -489,7 +511,8 @@ class DistillModule(nn.Module):
                 else:
                     ht = run(teacher)
             if self.spec.w_iva > 0 and self.spec.iva_weighting == "uniform":
-                mass = _uniform_mass(input_ids == self.image_token_id, instruction_mask, real.shape[1])
+                mass = _uniform_mass(self.family.vision_mask(student.config, input_ids), instruction_mask,
+                                     real.shape[1])
         # under autocast (bf16/fp16 mixed precision) the final hidden states may come out in a
         # lower dtype than the fp32 head; each hidden/weight pair must share one dtype
         hs = hs.to(lm_head(student)[0].dtype)
