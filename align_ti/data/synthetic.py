@@ -230,3 +230,149 @@ def write_llava_dataset(
     path = out_dir / f"{split}.json"
     path.write_text(json.dumps(records, indent=1))
     return path
+
+
+# ----------------------------------------------------------------------------- description task
+# The `align-ti demo` task (issue #21): multi-token answers that describe objects, so a response
+# has prefixes for exposure bias to act on (TPA), and questions about different regions of the
+# same image, so the teacher's instruction->vision attention depends on the instruction (IRS).
+
+#: question -> (kind, region); region is a (row, col) -> bool test on a 3x3 grid or None (all)
+DESCRIBE_QUESTIONS = {
+    "Describe this picture.": ("describe", None),
+    "List the shapes in any order.": ("any_order", None),
+    "Describe the upper shapes.": ("region", lambda r, c, g: r == 0),
+    "Describe the lower shapes.": ("region", lambda r, c, g: r == g - 1),
+    "Describe the left shapes.": ("region", lambda r, c, g: c == 0),
+    "Describe the right shapes.": ("region", lambda r, c, g: c == g - 1),
+}
+REGION_QUESTIONS = tuple(q for q, (kind, _) in DESCRIBE_QUESTIONS.items() if kind == "region")
+NO_OBJECT = "none"        # the answer of a region with no object in it
+OBJECT_SEPARATOR = " and "
+DESCRIBE_SPLITS = ("train", "validation", "heldout")
+
+
+@dataclass(frozen=True)
+class DescribeConfig:
+    """The description task: scenes of 1-3 objects on a 3x3 grid (48x48 pixels), and per image
+    one question of each kind (`describe`: every object, in reading order; `any_order`: every
+    object, trained in a random order and scored order-invariantly; `region`: the objects of
+    one region, in reading order, or "none"). Splits by a stable hash of the scene: the first
+    ``heldout_fraction`` of the hash range is held out, the next ``validation_fraction`` is the
+    validation split (settings are chosen there), the rest trains."""
+
+    scene: SceneConfig = SceneConfig(min_objects=1, max_objects=3)
+    heldout_fraction: float = 0.2
+    validation_fraction: float = 0.1
+    region_questions: int = 1          # region questions per image
+    empty_region_rate: float = 0.25    # chance that a region question may pick an empty region
+
+    def __post_init__(self):
+        if not (0 < self.heldout_fraction and 0 < self.validation_fraction
+                and self.heldout_fraction + self.validation_fraction < 1):
+            raise ValueError(f"need heldout_fraction, validation_fraction > 0 with a sum < 1, got "
+                             f"{self.heldout_fraction}, {self.validation_fraction}")
+        if not 0 <= self.region_questions <= len(REGION_QUESTIONS):
+            raise ValueError(f"region_questions must be in [0, {len(REGION_QUESTIONS)}], got {self.region_questions}")
+        if not 0 <= self.empty_region_rate <= 1:
+            raise ValueError(f"empty_region_rate must be in [0, 1], got {self.empty_region_rate}")
+        if self.scene.grid != 3:
+            raise ValueError(f"the description task needs a 3x3 grid, got grid={self.scene.grid}")
+
+
+def describe_split(scene: Scene, config: DescribeConfig) -> str:
+    """'heldout', 'validation' or 'train', from a stable hash of the scene (no seed)."""
+    h = int(hashlib.md5(repr(scene).encode()).hexdigest()[:8], 16) / 2**32
+    if h < config.heldout_fraction:
+        return "heldout"
+    return "validation" if h < config.heldout_fraction + config.validation_fraction else "train"
+
+
+def describe_object(obj, grid: int = 3) -> str:
+    """'red circle top left': colour, shape, position."""
+    r, c, shape, colour = obj
+    return f"{colour} {shape} {POSITION_NAMES[grid][r][c]}"
+
+
+def describe_answer(objects: list[str]) -> str:
+    return OBJECT_SEPARATOR.join(objects) if objects else NO_OBJECT
+
+
+def parse_objects(text: str) -> list[str]:
+    """The objects an answer names ("none" -> []); anything else splits on " and ", so an
+    empty or malformed answer names objects that match nothing."""
+    text = " ".join(text.split())
+    return [] if text == NO_OBJECT else text.split(OBJECT_SEPARATOR)
+
+
+def score_answer(prediction: str, item: dict) -> tuple[bool, float]:
+    """(exact match, object-level F1) of a generated answer. Exact: the same objects in the
+    reference's order, or in any order for an `any_order` item. F1 over the multisets of named
+    objects (1 when both name none)."""
+    from collections import Counter
+
+    pred, ref = parse_objects(prediction), list(item["objects"])
+    exact = Counter(pred) == Counter(ref) if item["kind"] == "any_order" else pred == ref
+    if not pred and not ref:
+        return exact, 1.0
+    hits = sum((Counter(pred) & Counter(ref)).values())
+    if hits == 0:
+        return exact, 0.0
+    precision, recall = hits / len(pred), hits / len(ref)
+    return exact, 2 * precision * recall / (precision + recall)
+
+
+def _describe_scenes(split: str, n_images: int, seed: int, config: DescribeConfig) -> list[Scene]:
+    if split not in DESCRIBE_SPLITS:
+        raise ValueError(f"split must be one of {list(DESCRIBE_SPLITS)}, got {split!r}")
+    rng = random.Random(f"align-ti-describe/{seed}/{split}")
+    scenes, seen, misses = [], set(), 0
+    while len(scenes) < n_images:
+        scene = sample_scene(rng, config.scene)
+        if scene not in seen and describe_split(scene, config) == split:
+            seen.add(scene)
+            scenes.append(scene)
+            misses = 0
+        elif (misses := misses + 1) > 20_000:
+            raise ValueError(f"could not draw {n_images} distinct {split} scenes (got {len(scenes)})")
+    return scenes
+
+
+def _region_questions(rng: random.Random, scene: Scene, config: DescribeConfig) -> list[str]:
+    """``config.region_questions`` distinct regions, each non-empty unless the draw allows an
+    empty one (``empty_region_rate``) or no non-empty region is left."""
+    g = config.scene.grid
+    left = list(REGION_QUESTIONS)
+    rng.shuffle(left)
+    picked = []
+    for _ in range(config.region_questions):
+        allow_empty = rng.random() < config.empty_region_rate
+        test = lambda q: any(DESCRIBE_QUESTIONS[q][1](r, c, g) for r, c, _, _ in scene)  # noqa: E731
+        q = next((q for q in left if allow_empty or test(q)), left[0])
+        left.remove(q)
+        picked.append(q)
+    return picked
+
+
+def describe_vqa(split: str = "train", n_images: int = 200, seed: int = 0,
+                 config: DescribeConfig = DescribeConfig()) -> list[dict]:
+    """Items of the description task, deterministic in the arguments: ``{"id", "image",
+    "image_id", "question", "answer", "kind", "objects"}`` (``objects``: the reference's object
+    descriptions in its order). Per image: `describe`, `any_order` (a random order drawn per
+    image), then the region questions; items of one image share one PIL image."""
+    g = config.scene.grid
+    items = []
+    for i, scene in enumerate(_describe_scenes(split, n_images, seed, config)):
+        image_id = f"describe-{split}-{seed}-{i:05d}"
+        image = render_scene(scene, config.scene)
+        rng = random.Random(f"align-ti-describe-questions/{seed}/{split}/{i}")
+        every = [describe_object(o, g) for o in scene]  # scenes are sorted: reading order
+        shuffled = rng.sample(every, len(every))
+        qas = [("Describe this picture.", every), ("List the shapes in any order.", shuffled)]
+        for q in _region_questions(rng, scene, config):
+            qas.append((q, [describe_object(o, g) for o in scene if DESCRIBE_QUESTIONS[q][1](o[0], o[1], g)]))
+        for j, (question, objects) in enumerate(qas):
+            items.append({"id": f"{image_id}-q{j}", "image": image, "image_id": image_id, "question": question,
+                          "answer": describe_answer(objects), "kind": DESCRIBE_QUESTIONS[question][0],
+                          "objects": objects})
+    return items

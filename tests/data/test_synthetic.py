@@ -93,3 +93,76 @@ def test_llava_json_round_trip(tmp_path):
 def test_small_scene_space_fails_clearly():
     with pytest.raises(ValueError, match="could not draw"):
         synthetic_vqa("train", 500, config=SceneConfig(grid=2, min_objects=1, max_objects=1))
+
+
+# ---- the description task (align-ti demo, issue #21) ---------------------------------------
+
+from align_ti.data.synthetic import (  # noqa: E402
+    DescribeConfig,
+    describe_vqa,
+    parse_objects,
+    score_answer,
+)
+
+
+def test_describe_splits_share_no_image_and_are_deterministic():
+    splits = {name: describe_vqa(name, 60, seed=0) for name in ("train", "validation", "heldout")}
+    pixels = {name: {_pixels(x["image"]) for x in items} for name, items in splits.items()}
+    assert all(len(p) == 60 for p in pixels.values())
+    assert not pixels["train"] & pixels["validation"] and not pixels["train"] & pixels["heldout"]
+    assert not pixels["validation"] & pixels["heldout"]
+    again = describe_vqa("heldout", 60, seed=0)
+    assert [(x["id"], x["answer"]) for x in again] == [(x["id"], x["answer"]) for x in splits["heldout"]]
+    with pytest.raises(ValueError, match="split"):
+        describe_vqa("test", 3)
+
+
+def test_describe_answers_are_object_lists_in_reading_order():
+    items = describe_vqa("train", 80, seed=1)
+    by_image = defaultdict(list)
+    for x in items:
+        by_image[x["image_id"]].append(x)
+    lengths = []
+    for qs in by_image.values():
+        describe, any_order, region = qs
+        assert (describe["kind"], any_order["kind"], region["kind"]) == ("describe", "any_order", "region")
+        assert 1 <= len(describe["objects"]) <= 3
+        assert sorted(any_order["objects"]) == sorted(describe["objects"])
+        assert set(region["objects"]) <= set(describe["objects"])
+        assert region["answer"] == (" and ".join(region["objects"]) or "none")
+        # reading order: "top ..." before "center"/"left"/"right" before "bottom ..."
+        rows = [0 if o.split()[2] == "top" else 2 if o.split()[2] == "bottom" else 1 for o in describe["objects"]]
+        assert rows == sorted(rows)
+        lengths.append(len(describe["answer"].split()))
+    assert max(lengths) >= 10  # multi-token answers: up to three objects of 3-4 words joined by "and"
+    # the same image asks about different regions of itself across images of the set
+    assert len({x["question"] for x in items if x["kind"] == "region"}) == 4
+    # any-order answers are not always in reading order (valid off-reference orders exist)
+    assert any(x["objects"] != qs[0]["objects"] for qs in by_image.values() for x in qs[1:2])
+
+
+def test_score_answer():
+    item = {"kind": "describe", "objects": ["red circle top left", "blue square center"]}
+    assert score_answer("red circle top left and blue square center", item) == (True, 1.0)
+    assert score_answer("blue square center and red circle top left", item) == (False, 1.0)
+    assert score_answer("blue square center and red circle top left", {**item, "kind": "any_order"}) == (True, 1.0)
+    exact, f1 = score_answer("red circle top left", item)
+    assert not exact and f1 == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+    assert score_answer("", item) == (False, 0.0)
+    assert score_answer("red circle top left and red circle top left", {**item, "kind": "any_order"})[0] is False
+    empty = {"kind": "region", "objects": []}
+    assert score_answer("none", empty) == (True, 1.0)
+    assert score_answer("", empty) == (False, 0.0)
+    assert score_answer("red circle top left", empty) == (False, 0.0)
+    assert parse_objects(" red  circle top left and none ") == ["red circle top left", "none"]
+
+
+def test_describe_config_validation():
+    with pytest.raises(ValueError, match="validation_fraction"):
+        DescribeConfig(heldout_fraction=0.5, validation_fraction=0.5)
+    with pytest.raises(ValueError, match="region_questions"):
+        DescribeConfig(region_questions=5)
+    with pytest.raises(ValueError, match="3x3"):
+        DescribeConfig(scene=SceneConfig(grid=2, max_objects=3))
+    two = describe_vqa("train", 10, config=DescribeConfig(region_questions=2))
+    assert len(two) == 40 and len({x["question"] for x in two[2:4]}) == 2
