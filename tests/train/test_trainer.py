@@ -452,7 +452,7 @@ def test_non_finite_parameter_is_named_by_the_output_check(tiny, tmp_path):
     with torch.no_grad():
         _layer_weight(trainer.model.student)[0, 0] = float("inf")
     with pytest.raises(NonFiniteLossError, match=r"diverged at step 0: the student's final hidden states hold NaN or "
-                                                 r"inf; 1 parameter tensor\(s\) hold NaN or inf, the first "
+                                                 r"inf; 1 parameter tensor\(s\) hold NaN or \+inf, the first "
                                                  r"model\.language_model\.layers\.0\.mlp\.down_proj\.weight"):
         trainer.train()
 
