@@ -31,9 +31,10 @@ STUDENT_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, 
 HEAD_DIM = 128
 
 
-def qwen2_5_vl_configs(divisor: int = 1):
+def qwen2_5_vl_configs(divisor: int = 1, num_layers: int | None = None):
     """``(student_config, teacher_config, meta)``; ``meta`` holds what `qwen2_5_vl_batch` and a
-    benchmark need (token ids, lengths, the IVA layer)."""
+    benchmark need (token ids, lengths, the IVA layer). ``num_layers``: None for the real depths
+    (28 and 36 decoder layers), or that many in both (a quick check of the plumbing)."""
     from transformers import Qwen2_5_VLConfig
 
     from align_ti.models.families.qwen_vl import QwenVLFamily
@@ -52,6 +53,8 @@ def qwen2_5_vl_configs(divisor: int = 1):
     def config(text: dict):
         text = {k: (v // divisor if k in ("vocab_size", "hidden_size", "intermediate_size") else v)
                 for k, v in text.items()}
+        if num_layers is not None:
+            text["num_hidden_layers"] = num_layers
         text.update(head_dim=head_dim, max_position_embeddings=32768, rms_norm_eps=1e-6, pad_token_id=pad_id,
                     eos_token_id=eos_id, bos_token_id=None, tie_word_embeddings=False,
                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
@@ -66,18 +69,20 @@ def qwen2_5_vl_configs(divisor: int = 1):
     length = 2048 if divisor == 1 else round(n_vision * 2048 / 729)
     meta = dict(family="qwen2_5_vl", image_token_id=image_id, vision_start_id=start_id, vision_end_id=end_id,
                 pad_id=pad_id, batch=2, length=length, n_vision=n_vision, grid=2 * n_side,
-                n_instruction=max(1, 32 // divisor), iva_layer=14, token_low=1000 // divisor,
+                n_instruction=max(1, 32 // divisor), iva_layer=14 if num_layers is None else num_layers // 2,
+                token_low=1000 // divisor,
                 token_high=150000 // divisor, divisor=divisor)
     return config(STUDENT_3B), config(TEACHER_7B), meta
 
 
 def qwen2_5_vl_pair(divisor: int = 1, device="cpu", dtype: torch.dtype = torch.float32,
-                    attn_implementation="sdpa"):
-    """``(student, teacher, meta)``: the student in train mode, the teacher frozen in eval mode, both
-    built on ``device`` (a 7B-shaped random init takes tens of seconds on a CPU) with seeds 0 / 1."""
+                    attn_implementation="sdpa", num_layers: int | None = None):
+    """``(student, teacher, meta)`` of `qwen2_5_vl_configs`: the student in train mode, the teacher
+    frozen in eval mode, both built on ``device`` (a 7B-shaped random init takes tens of seconds on
+    a CPU) with seeds 0 / 1."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    s_cfg, t_cfg, meta = qwen2_5_vl_configs(divisor)
+    s_cfg, t_cfg, meta = qwen2_5_vl_configs(divisor, num_layers)
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(0)
