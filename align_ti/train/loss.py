@@ -589,9 +589,11 @@ class DistillModule(nn.Module):
     def _single_kl_pass(self, fw: _Forwards, vision_mask: torch.Tensor, loss_divisors):
         """Every term from one fused KL call over all their rows (one pass over both LM heads, one
         weight-gradient accumulator): each row's weight folds in its term's weight and
-        normaliser, so the call's KL is ``w_kd L_KD + w_iva L_IVA + w_tpa L_TPA`` and its CE gives
-        SFT; the per-row divergences it also returns give each term's value for the logs. The
-        same terms and gradient as `per_term` (`_sft_kd`, `_iva`, `_tpa`), in one call."""
+        normaliser, so the call's KL is ``w_kd L_KD + w_iva L_IVA + w_tpa L_TPA``, and its CE,
+        weighted by ``ce_weight``, adds ``w_sft L_SFT`` with its gradient folded into the
+        divergence's (no CE gradient matmuls of their own); the per-row divergences it also
+        returns give each term's value for the logs. The same terms and gradient as `per_term`
+        (`_sft_kd`, `_iva`, `_tpa`), in one call."""
         spec = self.spec
         ws, bs = lm_head(self.student)
         wt, bt = lm_head(self.teacher)
@@ -626,10 +628,11 @@ class DistillModule(nn.Module):
         common = dict(rows=rows, weights=weights, reduction="sum", student_bias=bs, teacher_bias=bt,
                       impl=self.impl, row_divergence=True, **spec.divergence_options)
         terms = {}
-        if spec.w_sft > 0:
-            kl, ce, d = fused_linear_distill(hs, ws, ht, wt, labels=targets, **common)
-            terms["sft"] = ce * counts["sft"] / denom["sft"]
-            loss = kl + spec.w_sft * terms["sft"]
+        if spec.w_sft > 0:  # the CE's gradient folded into the divergence's: no second set of matmuls
+            sft_scale = counts["sft"] / denom["sft"]  # the mean CE -> its share of the normalised sum
+            loss, ce, d = fused_linear_distill(hs, ws, ht, wt, labels=targets, ce_weight=spec.w_sft * sft_scale,
+                                               **common)
+            terms["sft"] = ce * sft_scale
         else:
             loss, d = fused_linear_kl(hs, ws, ht, wt, **common)
         zero = torch.zeros((), dtype=d.dtype, device=d.device)

@@ -109,6 +109,54 @@ def mask_inside_op(monkeypatch):
 # CPU tier: impl="torch"
 # ============================================================================================
 
+def check_ce_weight_folds_the_ce_gradient(impl, device="cpu", n=N, vs=VS, vt=VT, hs=HS, ht=HT, chunk_bytes=None):
+    """ce_weight=c: the first output is kl + c * ce and its gradients are those of that sum
+    computed with the CE's gradients apart (the default); ce comes back detached; c = 0 adds
+    nothing, also with a masked label (ce = +inf)."""
+    labels = torch.randint(0, vs, (n,), generator=torch.Generator().manual_seed(2)).to(device)
+    labels[::3] = -100
+    rows = (torch.rand(n, generator=torch.Generator().manual_seed(4)) > 0.3).to(device)
+    for reduction, c in (("sum", 0.7), ("mean", torch.tensor(2.5, device=device))):
+        kw = dict(labels=labels, rows=rows, weights=rand_weights(n, device), divergence="jsd", temperature=1.5,
+                  reduction=reduction, impl=impl, chunk_bytes=chunk_bytes)
+        t = make(n=n, vs=vs, vt=vt, hs=hs, ht=ht, device=device)
+        loss, ce = align_ti.fused_linear_distill(**t, ce_weight=c, **kw)
+        assert not ce.requires_grad and loss.requires_grad
+        loss.backward()
+        folded = [t[k].grad.clone() for k in STUDENT]
+        t = make(n=n, vs=vs, vt=vt, hs=hs, ht=ht, device=device)
+        kl2, ce2 = align_ti.fused_linear_distill(**t, **kw)
+        (kl2 + c * ce2).backward()
+        assert_close(loss, kl2 + c * ce2, atol=1e-5, rtol=1e-5)
+        assert_close(ce, ce2, atol=0, rtol=0)
+        for got, k in zip(folded, STUDENT):
+            assert_close(got, t[k].grad, atol=2e-6, rtol=1e-4, name=f"grad {k}")
+    t = make(n=n, vs=vs, vt=vt, hs=hs, ht=ht, device=device)
+    with torch.no_grad():
+        t["student_bias"][labels[1]] = float("-inf")  # row 1's label is masked: its CE is +inf
+    kw["reduction"] = "sum"
+    loss, ce = align_ti.fused_linear_distill(**t, ce_weight=0.0, **kw)
+    assert ce.item() == math.inf and torch.isfinite(loss)
+    kl = align_ti.fused_linear_kl(**t, **{k: v for k, v in kw.items() if k != "labels"})
+    assert_close(loss, kl, atol=1e-6, rtol=1e-6)
+
+
+def test_ce_weight_folds_the_ce_gradient(torch_chunk_path):
+    check_ce_weight_folds_the_ce_gradient("torch")
+
+
+def test_ce_weight_bad_values():
+    t = make()
+    labels = torch.zeros(N, dtype=torch.long)
+    for bad, exc in ((-1.0, ValueError), (math.inf, ValueError), ("1", ValueError), (True, ValueError),
+                     (torch.ones(2), TypeError), (torch.tensor(1.0, requires_grad=True), ValueError),
+                     (torch.tensor(-1.0), ValueError)):
+        with pytest.raises(exc, match="ce_weight"):
+            align_ti.fused_linear_distill(**t, labels=labels, ce_weight=bad)
+    with pytest.raises(ValueError, match="ce_weight needs reduction"):
+        align_ti.fused_linear_distill(**t, labels=labels, ce_weight=1.0, reduction="none")
+
+
 @pytest.mark.parametrize("in_op", [False, True])
 @pytest.mark.parametrize("rows_kind", [None, "index", "mask"])
 def test_row_divergence_reports_each_rows_divergence(rows_kind, in_op, monkeypatch):
@@ -1022,6 +1070,12 @@ def test_triton_mask_inside_op(mask_inside_op, quiet_interpreter):
     compare(align_ti.fused_linear_distill, fused_linear_distill_reference, t, labels=labels,
             rows=mask, weights=rand_weights(IN), divergence="jsd", impl="triton",
             chunk_bytes=ICHUNK)
+
+
+@pytest.mark.interpret
+def test_triton_ce_weight_folds_the_ce_gradient(quiet_interpreter):
+    check_ce_weight_folds_the_ce_gradient("triton", "cuda" if torch.cuda.is_available() else "cpu",
+                                          n=IN, hs=IHS, ht=IHT, chunk_bytes=ICHUNK)
 
 
 @pytest.mark.interpret

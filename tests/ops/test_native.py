@@ -41,6 +41,7 @@ from tests.ops.test_fused_kl import (  # the same seeded heads, hidden states an
     MASK_CASES,
     check_masked_label_ce,
     check_masked_logits,
+    check_ce_weight_folds_the_ce_gradient,
     check_weightless_rows_without_distribution,
     make,
     mask_columns,
@@ -865,3 +866,7 @@ def test_native_weightless_rows_without_distribution(use_native):
     """A weight-0 row whose teacher has no distribution gets exactly 0 gradient from the native
     kernel too (the Triton kernel and the PyTorch path do; 0 * NaN was NaN)."""
     check_weightless_rows_without_distribution("torch")
+
+
+def test_native_ce_weight_folds_the_ce_gradient(use_native):
+    check_ce_weight_folds_the_ce_gradient("torch")

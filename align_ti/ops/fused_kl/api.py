@@ -1,6 +1,8 @@
 """The public functions: argument checks, then one custom op call (`autograd`)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from align_ti.ops import heuristics as _heur
@@ -16,7 +18,13 @@ from align_ti.ops.fused_kl.options import (
     resolve_vocab_size,
 )
 from align_ti.ops.fused_kl.rows import plan_rows
-from align_ti.validation import check_bool, check_same_device, normalize_rows
+from align_ti.validation import (
+    check_bool,
+    check_same_device,
+    describe,
+    normalize_rows,
+    value_checks_enabled,
+)
 
 
 def _needs_grad(t) -> bool:
@@ -29,8 +37,9 @@ def _detached(t):
 
 def _linear(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, rows, weights,
             divergence, beta, temperature, vocab_size, reduction, student_bias, teacher_bias, impl,
-            chunk_bytes, fp32_weight_grad, row_divergence=False):
-    """`fused_linear_kl` and `fused_linear_distill`: (kl, ce or None, per-row D or None)."""
+            chunk_bytes, fp32_weight_grad, row_divergence=False, ce_weight=None):
+    """`fused_linear_kl` and `fused_linear_distill`: (kl, ce or None, per-row D or None); with
+    ``ce_weight`` c, kl is the differentiable ``kl + c * ce`` (see `fused_linear_distill`)."""
     kl_opts = KLOptions(divergence, beta, temperature, reduction)
     check_bool("fp32_weight_grad", fp32_weight_grad)
     check_head("student", student_hidden, student_weight, student_bias, None)
@@ -51,14 +60,36 @@ def _linear(student_hidden, student_weight, teacher_hidden, teacher_weight, labe
     plan = plan_rows(rows, weights, labels, n, device, reduction)
     opts = FusedKLOptions(kl_opts, v, impl, _heur.resolve_chunk_bytes(chunk_bytes) or 0)
     check_bool("row_divergence", row_divergence)
+    if ce_weight is not None:
+        ce_weight = _ce_weight(ce_weight, device)
     kl, ce, *_, row_d = torch.ops.align_ti.fused_linear_kl(
         student_hidden, student_weight, student_bias,
         teacher_hidden.detach(), teacher_weight.detach(), _detached(teacher_bias),
         plan.idx, plan.mask, plan.weights, plan.labels,
         need_dh=_needs_grad(student_hidden), need_dw=_needs_grad(student_weight),
         need_db=_needs_grad(student_bias), fp32_weight_grad=fp32_weight_grad, **opts.op_kwargs(),
+        ce_weight=ce_weight,
     )
+    if ce_weight is not None:
+        # the sum the op's gradients are of (a weight of 0 adds 0, also where the CE is +inf)
+        kl = kl + torch.where(ce_weight != 0, ce_weight * ce, torch.zeros_like(ce))
     return kl, (ce if labels is not None else None), (_rows_layout(row_d, rows, plan, n) if row_divergence else None)
+
+
+def _ce_weight(value, device) -> torch.Tensor:
+    """``ce_weight`` as an fp32 0-d tensor on ``device``: a number or a 0-d tensor, finite, >= 0,
+    without gradient (a tensor stays on the device: no host sync)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise TypeError(f"ce_weight must be a number or a 0-d float tensor, got {describe(value)}")
+        if value.requires_grad:
+            raise ValueError("ce_weight must not require a gradient (it weighs the CE's gradient, it gets none)")
+        if value_checks_enabled() and not bool(torch.isfinite(value) & (value >= 0)):
+            raise ValueError(f"ce_weight must be finite and >= 0, got {float(value)}")
+        return value.to(device=device, dtype=torch.float32)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"ce_weight must be a finite number >= 0 or a 0-d tensor, got {value!r}")
+    return torch.full((), float(value), dtype=torch.float32, device=device)
 
 
 def _rows_layout(row_d, rows, plan, n: int):
@@ -174,6 +205,7 @@ def fused_linear_distill(
     chunk_bytes=None,
     fp32_weight_grad=True,
     row_divergence=False,
+    ce_weight=None,
 ):
     """``(kl, ce)``: the divergence of `fused_linear_kl` and the student's SFT cross-entropy,
     from one pass over the student head.
@@ -188,9 +220,16 @@ def fused_linear_distill(
         labels: int64/int32 ``[M]`` (or ``[N]`` with a bool mask): each selected row's target
             id in ``[0, Vs)``, or -100 for no CE.
 
+        ce_weight: a number or 0-d tensor c >= 0 (no gradient), for a caller that backpropagates
+            ``kl + c * ce`` and nothing else: the op then folds the CE's gradient into the
+            divergence's (one set of gradient matmuls instead of two, no separate CE
+            accumulators) and returns that sum as its first output.
+
     Returns:
         ``(kl, ce)``: kl fp32 scalar or ``[M]`` (``reduction="none"``), ce fp32 scalar; with
-        ``row_divergence``, ``(kl, ce, D)`` (see `fused_linear_kl`).
+        ``row_divergence``, ``(kl, ce, D)`` (see `fused_linear_kl`). With ``ce_weight`` c:
+        ``(loss, ce)`` (or ``(loss, ce, D)``), ``loss = kl + c * ce`` carrying the gradient
+        (0 * ce is 0, also where ce is +inf) and ce detached: backpropagate ``loss`` only.
 
     Gradients: for "mean"/"sum" the forward computes the gradients of kl and ce apart (their
     upstream scalars are not known yet): one more weight-gradient accumulator and two more
@@ -203,11 +242,16 @@ def fused_linear_distill(
     """
     if labels is None:
         raise TypeError("labels must be an int64 tensor of target ids (-100 = no CE), got None")
+    if ce_weight is not None and reduction == "none":
+        raise ValueError("ce_weight needs reduction 'mean' or 'sum': the CE is a scalar, the per-row "
+                         "divergences of 'none' cannot carry it")
     kl, ce, row_d = _linear(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, rows, weights,
         divergence, beta, temperature, vocab_size, reduction, student_bias, teacher_bias,
-        impl, chunk_bytes, fp32_weight_grad, row_divergence,
+        impl, chunk_bytes, fp32_weight_grad, row_divergence, ce_weight,
     )
+    if ce_weight is not None:
+        ce = ce.detach()
     return (kl, ce, row_d) if row_divergence else (kl, ce)
 
 

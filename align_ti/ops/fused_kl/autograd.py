@@ -69,17 +69,22 @@ def _fused_linear_kl_op(
     w: Optional[torch.Tensor], labels: Optional[torch.Tensor],
     need_dh: bool, need_dw: bool, need_db: bool, fp32_weight_grad: bool,
     divergence: str, beta: float, temperature: float, reduction: str, vocab_size: int,
-    impl: str, chunk_bytes: int,
+    impl: str, chunk_bytes: int, ce_weight: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kl, ce, dh, dw, db, dh_ce, dw_ce, db_ce, row_d). The gradients (for a unit upstream
     gradient of kl, and of ce apart when labels are given) are computed only for scalar
-    reductions and only where need_* is set; otherwise they are empty. row_d: the unweighted
-    divergence D_i of every processed row (M with idx, else N; no gradient)."""
+    reductions and only where need_* is set; otherwise they are empty. With ``ce_weight`` (an
+    fp32 0-d tensor c) the CE's gradient is folded into the divergence's: dh, dw, db are those
+    of ``kl + c * ce`` and the CE's own are empty (the caller backpropagates exactly that sum:
+    `api.fused_linear_distill`'s ce_weight). row_d: the unweighted divergence D_i of every
+    processed row (M with idx, else N; no gradient)."""
     opts = FusedKLOptions.from_op_args(divergence, beta, temperature, reduction, vocab_size, impl,
                                        chunk_bytes)
     in_fwd = grads_in_forward(reduction, hs.dtype)
+    folded = ce_weight is not None and labels is not None
     want = GradRequest(need_dh and in_fwd, need_dw and in_fwd, need_db and in_fwd,
+                       split_ce=not folded, grad_ce=ce_weight if folded else None,
                        fp32_weight_grad=fp32_weight_grad)
     res = linear_driver(*_heads_and_rows(hs, ws, bs, ht, wt, bt, idx, mask, w, labels), opts, want)
     out = [res.kl, res.ce if res.ce is not None else torch.zeros((), dtype=_F32, device=hs.device)]
@@ -93,14 +98,14 @@ def _fused_linear_kl_op(
 
 @_fused_linear_kl_op.register_fake
 def _(hs, ws, bs, ht, wt, bt, idx, mask, w, labels, need_dh, need_dw, need_db, fp32_weight_grad,
-      divergence, beta, temperature, reduction, vocab_size, impl, chunk_bytes):
+      divergence, beta, temperature, reduction, vocab_size, impl, chunk_bytes, ce_weight=None):
     m = hs.shape[0] if idx is None else idx.shape[0]
     kl = hs.new_empty((m,) if reduction == "none" else (), dtype=_F32)
     ce = hs.new_empty((), dtype=_F32)
 
     in_fwd = grads_in_forward(reduction, hs.dtype)
     needed = (need_dh and in_fwd, need_dw and in_fwd, need_db and in_fwd)
-    needed_ce = needed if labels is not None else (False,) * 3  # the CE's apart
+    needed_ce = needed if (labels is not None and ce_weight is None) else (False,) * 3  # the CE's apart
     row_d = hs.new_empty((m,), dtype=_F32)
     return (kl, ce, *fake_grads(hs, ws, bs, needed), *fake_grads(hs, ws, bs, needed_ce), row_d)
 
@@ -134,7 +139,8 @@ def _(grad_kl, grad_ce, hs, ws, bs, ht, wt, bt, idx, mask, w, labels, need_dh, n
 
 
 def _linear_setup_context(ctx, inputs, output):
-    tensors, flags = inputs[:_LINEAR_TENSORS], inputs[_LINEAR_TENSORS:]
+    # the tensors, then the flags and options the backward op takes too (not ce_weight, last)
+    tensors, flags = inputs[:_LINEAR_TENSORS], inputs[_LINEAR_TENSORS:-1]
     need_dh, need_dw, need_db = flags[:3]
     ctx.flags, ctx.n_inputs = flags, len(inputs)
     ctx.needed = (need_dh, need_dw, need_db and tensors[2] is not None)
