@@ -29,10 +29,11 @@ What a step computes (`step_flops`), per component:
 - the fused KL rows: per row the student head (2 Hs Vs), the teacher head (2 Ht V'), and the
   student's input and weight gradients (2 x 2 Hs Vs); Vs = the student's columns when the call
   also computes SFT's cross-entropy, else V'; with the cross-entropy, its own input and weight
-  gradients again (2 x 2 Hs Vs: the op's forward computes gradients before it knows the upstream
-  ones of its two outputs, so it keeps them apart). Rows: SFT+KD at the response rows, IVA at the
-  kept vision rows, TPA at the candidate rows: one call for all with ``kl_pass="single"`` (the
-  cross-entropy's gradients at every row), a call per term with "per_term";
+  gradients again (2 x 2 Hs Vs) where the call keeps them apart: "per_term"'s SFT+KD call (the
+  op's forward computes gradients before it knows the upstream ones of its two outputs). Rows:
+  SFT+KD at the response rows, IVA at the kept vision rows, TPA at the candidate rows: one call
+  for all with ``kl_pass="single"`` (the cross-entropy over Vs at every row, its gradient folded
+  into the KL's: ``fused_linear_distill(ce_weight=...)``), a call per term with "per_term";
 - IVA's attention mass: one teacher layer's logits of the instruction queries over the keys up to
   the last instruction token.
 
@@ -41,10 +42,10 @@ decoders over the ground truth with causal attention, the SFT+KD rows), plus the
 own pass through both models (their linear layers, the student's backward), their attention to
 their own prefix (candidate k of step t sees the t ground-truth keys before it and itself: t + 1
 pairs, averaged over uniformly drawn steps), their KL rows, and IVA's rows and attention mass;
-a KL row with one set of gradients (the cross-entropy's folded into the KL's, as one call with
-known term weights could). Everything else a step computes is overhead: the dense masks' extra
-pairs, the sampling pass and head, the unused LM-head rows, the cross-entropy's gradients kept
-apart.
+a KL row with one set of gradients (the cross-entropy's folded into the KL's, as the single pass
+does). Everything else a step computes is overhead: the dense masks' extra pairs, the sampling
+pass and head, the unused LM-head rows, the cross-entropy's gradients kept apart (per_term), its
+columns past V' at the IVA and TPA rows (single).
 """
 from __future__ import annotations
 
@@ -251,8 +252,8 @@ def _kl_rows(student: TextDims, teacher: TextDims, shape: StepShape, objective: 
     b = shape.batch
     out = {"KL rows, SFT+KD": b * shape.kd_rows * _kl_row(student, teacher, True, split_ce)}
     if objective == ALIGN_TI:
-        # the single pass computes SFT's cross-entropy (and its gradients) at all its rows;
-        # per_term only in SFT+KD's call
+        # the single pass computes SFT's cross-entropy at all its rows (its gradient folded into
+        # the KL's); per_term only in SFT+KD's call
         ce = kl_pass == "single"
         out["KL rows, IVA"] = b * shape.iva_rows * _kl_row(student, teacher, ce, split_ce)
         out["KL rows, TPA"] = b * shape.candidates * _kl_row(student, teacher, ce, split_ce)
@@ -286,7 +287,8 @@ def step_flops(student: ModelDims, teacher: ModelDims, shape: StepShape, objecti
         out["LM head, last row"] = calls * 2 * b * (s.vocab * s.hidden + t.vocab * t.hidden)
         out["sampling head"] = 2 * b * shape.steps * min(s.vocab, t.vocab) * s.hidden
         out["IVA mass"] = _iva_mass(t, shape)
-    out.update(_kl_rows(s, t, shape, objective, kl_pass))
+    # the single pass folds the cross-entropy's gradient into the KL's; per_term keeps it apart
+    out.update(_kl_rows(s, t, shape, objective, kl_pass, split_ce=kl_pass == "per_term"))
     return out
 
 

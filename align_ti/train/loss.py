@@ -133,6 +133,9 @@ def _parameter_report(model) -> str:
     bad, largest, where = [], 0.0, None
     with torch.no_grad():
         for name, p in model.named_parameters():
+            # an FSDP2 parameter is a DTensor, which cannot be boolean-indexed: read this
+            # process's shard (every process reports its own)
+            p = p.to_local() if hasattr(p, "to_local") else p
             if p.numel() == 0:
                 continue
             low, high = torch.aminmax(p.detach())
