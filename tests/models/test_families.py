@@ -15,10 +15,12 @@ The batch mixes an image, an image of another size (other grids and tile counts)
 sample, right padded. Models are built once per family (module fixture).
 """
 import copy
+import tempfile
 
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoProcessor
 
 from align_ti.constants import IGNORE_INDEX
 from align_ti.data.llava import encode_example, pad_batch
@@ -406,6 +408,11 @@ def test_different_image_processing_stops_naming_the_sample(fam):
     family, _, student, processor, _, _ = fam
     items = [dict(it, answer="yes") for it in synthetic_vqa("train", 2, seed=4)]
     check_same_encoding(build_tiny_processor(student.config), processor, items)  # same definition: fine
+    # saved and loaded again (what a teacher checkpoint holds): LLaVA's processor comes back with
+    # the torchvision backend instead of PIL, whose pixels differ by ~6e-8; that is the same input
+    with tempfile.TemporaryDirectory() as d:
+        processor.save_pretrained(d)
+        check_same_encoding(AutoProcessor.from_pretrained(d), processor, items)
     if family.name == "llava":
         return  # its tiny processor takes no settings
     setting = {"qwen2_vl": dict(min_pixels=56 * 56, max_pixels=56 * 56),
@@ -416,6 +423,9 @@ def test_different_image_processing_stops_naming_the_sample(fam):
     with pytest.raises(ValueError, match=rf"teacher and student encode sample '{items[0]['id']}' differently: token ids "
                                          r"differ \(teacher \d+ tokens, student \d+"):
         check_same_encoding(other, processor, items)
+    normalised = build_tiny_processor(student.config, image_mean=[0.4, 0.4, 0.4])  # the same tokens
+    with pytest.raises(ValueError, match=r"differently: pixel_values: different values \(max \|difference\| 0\.\d+"):
+        check_same_encoding(normalised, processor, items)
 
 
 def test_freezing_the_vision_tower_and_projector(fam):
