@@ -16,7 +16,7 @@ that `align-ti build-native` works from an installed package or wheel too (align
 """
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py as _build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -70,19 +70,9 @@ class build_py(_build_py):
 # cap keeps pip from pulling a newer torch in through a newer torchvision
 VLM = "torchvision>=0.26,<0.30"
 
-PACKAGES = [
-    "align_ti",
-    "align_ti.reference",
-    "align_ti.ops",
-    "align_ti.ops.fused_kl",
-    "align_ti.ops.topk_align",
-    "align_ti.models",
-    "align_ti.models.families",
-    "align_ti.data",
-    "align_ti.train",
-    "align_ti.kernels",
-    "align_ti.benchmarks",
-]
+# every package under align_ti/ (a subpackage added later ships without editing this), and the
+# benchmarks folder installed as align_ti.benchmarks
+PACKAGES = find_packages(include=["align_ti", "align_ti.*"]) + ["align_ti.benchmarks"]
 
 setup(
     name="align-ti",
@@ -105,6 +95,7 @@ setup(
         "Pillow",
         "matplotlib",
         "PyYAML",
+        "scipy",  # the demo's paired tests (align_ti.train.demo.stats)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "cmake>=3.18", "ninja", VLM],

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -86,6 +87,11 @@ def test_wheel_installs_kernels_as_align_ti_kernels(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         assert not any(n.startswith("kernels/") for n in names), sorted(names)
+        # every module of the source tree, subpackages included
+        for folder, prefix in (("align_ti", "align_ti"), ("benchmarks", "align_ti/benchmarks")):
+            for path in Path(ROOT, folder).rglob("*.py"):
+                name = f"{prefix}/{path.relative_to(Path(ROOT, folder)).as_posix()}"
+                assert name in names, f"the wheel lacks {name}"
         for mod in KERNEL_MODULES:
             with open(os.path.join(ROOT, "kernels", mod), "rb") as f:
                 assert zf.read(f"align_ti/kernels/{mod}") == f.read(), mod
