@@ -2,7 +2,7 @@
 // `align_ti::kl_chunk_into` (the same step; the second only reads zs and zt).
 //
 // The op's schema and its default (PyTorch) implementation live in
-// align_ti/ops/fused_kl.py; this file only overrides the CPU kernel through
+// align_ti/ops/fused_kl/chunk_op.py; this file only overrides the CPU kernel through
 // TORCH_LIBRARY_IMPL when the extension is loaded (align_ti/native.py).
 //
 // One fused sweep per row (rows spread over ATen's intra-op thread pool, i.e. OpenMP in
@@ -21,10 +21,11 @@
 // logits need no fp32 chunk copies. The JSD's log M row lives in the fp32 gradient row, the
 // fp32 teacher row (in place), or else a per-thread fp32 buffer.
 // fp32 arithmetic with fp64 block sums; exp is an inlined AVX-512 polynomial (~1 ulp) or
-// ATen's exp_u20 elsewhere, log1p is ATen's (Sleef). The formulas are those of
-// `_chunk_torch`, so NaN/inf inputs give NaN results as there. -inf logits are vocabulary
-// masks with 0 log 0 = 0 (the rule of align_ti/reference/fused_kl.py): each product
-// p (log p - log q) takes its difference only where p > 0 (`where_pos`), a mask per vector.
+// ATen's exp_u20 elsewhere, log1p is ATen's (Sleef). The formulas are those of `chunk_torch`
+// (align_ti/ops/fused_kl/chunk_torch.py), so NaN/inf inputs give NaN results as there. -inf
+// logits are vocabulary masks with 0 log 0 = 0 (the rule of align_ti/reference/fused_kl.py):
+// each product p (log p - log q) takes its difference only where p > 0 (`where_pos`), a mask
+// per vector.
 // at::vec picks its ISA from CPU_CAPABILITY_*; derive it from what the compiler targets
 // (CMakeLists.txt compiles with -march=native by default).
 #if !defined(CPU_CAPABILITY)
