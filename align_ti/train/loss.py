@@ -313,9 +313,19 @@ class DistillModule(nn.Module):
             teacher.eval()
             teacher.requires_grad_(False)
 
-    # transformers.Trainer conveniences
-    def gradient_checkpointing_enable(self, **kwargs):
-        self.student.gradient_checkpointing_enable(**kwargs)
+    # transformers.Trainer's activation checkpointing: the newest releases call
+    # activation_checkpointing_enable (gradient_checkpointing_enable is deprecated there and warns),
+    # the oldest supported one (5.17) gradient_checkpointing_enable; both reach the student's
+    def activation_checkpointing_enable(self, **kwargs):
+        self.student.activation_checkpointing_enable(**kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        if hasattr(self.student, "activation_checkpointing_enable"):
+            self.student.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs,
+                                                         **kwargs)
+        else:
+            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+                                                       **kwargs)
 
     @property
     def _no_split_modules(self):

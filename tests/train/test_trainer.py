@@ -224,6 +224,27 @@ def test_tpa_forward_auto_falls_back_where_the_cache_cannot_serve(tiny):
         module(**_batch(tiny))
 
 
+def test_checkpointing_reaches_the_student_without_deprecation_warnings(tiny):
+    """Both names the Trainer may call (activation_checkpointing_enable in the newest
+    transformers, gradient_checkpointing_enable in 5.17) turn the student's checkpointing on,
+    with its kwargs, and neither calls the name transformers deprecated."""
+    import warnings
+
+    for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable"):
+        module = _module(tiny, LossSpec(w_tpa=1.0, tpa_fraction=0.5), forbidden_ids=(0, 3), vocab_limit=1200)
+        module.student = copy.deepcopy(tiny.student).train()
+        if not hasattr(module.student, "activation_checkpointing_enable") and name.startswith("activation"):
+            continue  # transformers 5.17: the Trainer calls gradient_checkpointing_enable
+        kwargs = ({"gradient_checkpointing_kwargs": {"use_reentrant": False}} if name.startswith("gradient")
+                  else {"activation_checkpointing_kwargs": {"use_reentrant": False}})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            getattr(module, name)(**kwargs)
+        on = getattr(module.student, "is_activation_checkpointing", None)
+        assert on if on is not None else module.student.is_gradient_checkpointing, name
+        assert module.tpa_way() == "expanded", name
+
+
 def test_kernel_options_reach_every_fused_op(tiny, monkeypatch):
     """kl_chunk_bytes / fp32_weight_grad of the config reach the SFT+KD, IVA and TPA ops (the one
     call of kl_pass=single, the three of per_term; and TPA's candidate sampling gets the chunk
