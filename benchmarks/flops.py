@@ -97,15 +97,19 @@ class TextDims:
 
 @dataclass(frozen=True)
 class VisionDims:
-    """A SigLIP-like tower (patch convolution, pre-norm encoder layers) and LLaVA's two-layer
-    projector into a decoder of width `out_hidden`."""
+    """A vision tower (patch convolution, pre-norm encoder layers with full attention over one
+    image's patches) and its projector into a decoder of width `out_hidden`: SigLIP with
+    LLaVA's two-layer projector, or Qwen2.5-VL's tower (gated MLP) with its patch merger (MLP
+    over `merge` neighbouring patches: Linear(merge h, merge h), Linear(merge h, out))."""
 
     hidden: int
     ffn: int
     layers: int
     patches: int
-    patch_dim: int      # channels x patch x patch: one convolution window
+    patch_dim: int      # channels x patch x patch (x temporal patch): one convolution window
     out_hidden: int
+    mlp_matrices: int = 2   # SigLIP's MLP; a gated MLP has 3
+    merge: int = 0          # 0: LLaVA's projector; k > 0: a Qwen-VL patch merger over k patches
 
     @classmethod
     def from_llava(cls, config) -> "VisionDims":
@@ -114,12 +118,23 @@ class VisionDims:
         return cls(v.hidden_size, v.intermediate_size, v.num_hidden_layers, side * side,
                    v.num_channels * v.patch_size ** 2, config.text_config.hidden_size)
 
+    @classmethod
+    def from_qwen2_5_vl(cls, config, patches: int) -> "VisionDims":
+        """Qwen2.5-VL's tower over one image of `patches` patches (its grid's t x h x w).
+        APPROXIMATION: every layer attends over the whole image, as the benchmark's one-layer
+        tower does (its layer is in ``fullatt_block_indexes``); the real tower's windowed layers
+        attend within windows."""
+        v = config.vision_config
+        return cls(v.hidden_size, v.intermediate_size, v.depth, patches,
+                   v.in_channels * v.temporal_patch_size * v.patch_size ** 2, config.text_config.hidden_size,
+                   mlp_matrices=3, merge=v.spatial_merge_size ** 2)
+
     def parts(self) -> tuple[float, float, float]:
         """(patch convolution, linear layers and projector, attention) forward FLOPs for one image."""
-        p, h = self.patches, self.hidden
+        p, h, out = self.patches, self.hidden, self.out_hidden
         conv = 2 * p * self.patch_dim * h
-        linear = self.layers * 2 * p * (4 * h * h + 2 * h * self.ffn) + 2 * p * (h * self.out_hidden
-                                                                             + self.out_hidden ** 2)
+        projector = 2 * p * (h * out + out ** 2) if not self.merge else 2 * p * (self.merge * h * h + h * out)
+        linear = self.layers * 2 * p * (4 * h * h + self.mlp_matrices * h * self.ffn) + projector
         return conv, linear, self.layers * 4 * p * p * h
 
     def forward(self, images: int) -> float:
@@ -144,6 +159,15 @@ class ModelDims:
     @classmethod
     def from_llava(cls, config) -> "ModelDims":
         return cls(TextDims.from_config(config.text_config), VisionDims.from_llava(config))
+
+    @classmethod
+    def of(cls, config, meta: dict) -> "ModelDims":
+        """The dims of a train-step benchmark model (LLaVA, or Qwen2.5-VL with the batch's
+        image grid from `meta`)."""
+        if meta.get("family", "llava") == "qwen2_5_vl":
+            vision = VisionDims.from_qwen2_5_vl(config, patches=meta["grid"] ** 2)
+            return cls(TextDims.from_config(config.text_config), vision)
+        return cls.from_llava(config)
 
     def with_so400m(self) -> "ModelDims":
         return replace(self, vision=VisionDims(out_hidden=self.text.hidden, **SO400M))
@@ -379,9 +403,9 @@ DESIGNS = (("vanilla-KD", KD, PREFIX, "single"),
            ("Align-TI expanded, single", ALIGN_TI, EXPANDED, "single"))
 
 
-def _benchmark_pair(scale: str, case: str, attn: str = "sdpa", build: bool = True):
-    """The train-step benchmark's (student, teacher, meta) at `scale` for `case`: built models,
-    or (build=False, full scale) their configs."""
+def _benchmark_pair(scale: str, case: str, attn: str = "sdpa", build: bool = True, family: str = "llava"):
+    """The train-step benchmark's (student, teacher, meta) of `family` at `scale` for `case`:
+    built models, or (build=False, LLaVA at full scale) their configs."""
     import torch
 
     from . import train_step
@@ -389,17 +413,17 @@ def _benchmark_pair(scale: str, case: str, attn: str = "sdpa", build: bool = Tru
     if not build:
         s, t, meta = train_step._full_configs(1, case)
         return s, t, meta
-    return train_step.build_setup(scale, torch.device("cpu"), attn, case)
+    return train_step.build_setup(scale, torch.device("cpu"), attn, case, family)
 
 
 def shape_of(meta: dict, **loss_options) -> StepShape:
     """The `StepShape` of a train-step benchmark batch (its meta) with the benchmark's loss options."""
     options = {"tpa_d": 4, "tpa_fraction": 0.25} | loss_options
     return StepShape(batch=meta["batch"], n_vision=meta["n_vision"], n_instruction=meta["n_instruction"],
-                     n_response=meta["n_response"], n_prefix=2, **options)
+                     n_response=meta["n_response"], n_prefix=meta.get("n_prefix", 2), **options)
 
 
-def validate(scale: str, case: str, log=print) -> list[dict]:
+def validate(scale: str, case: str, log=print, family: str = "llava") -> list[dict]:
     """Each design of `DESIGNS` on the train-step benchmark's models at `scale` (one forward +
     backward of `DistillModule`, fp32, CPU): FlopCounterMode's count against the model's (with
     its convention for causal attention, the full square)."""
@@ -407,9 +431,9 @@ def validate(scale: str, case: str, log=print) -> list[dict]:
 
     from . import train_step
 
-    student, teacher, meta = _benchmark_pair(scale, case)
+    student, teacher, meta = _benchmark_pair(scale, case, family=family)
     batch = train_step.make_batch(meta, torch.device("cpu"), torch.float32)
-    s, t = ModelDims.from_llava(student.config), ModelDims.from_llava(teacher.config)
+    s, t = ModelDims.of(student.config, meta), ModelDims.of(teacher.config, meta)
     rows = []
     for label, objective, tpa_forward, kl_pass in DESIGNS:
         module = train_step.aligned_module(student, teacher, meta, objective == ALIGN_TI, tpa_forward=tpa_forward,
@@ -421,9 +445,9 @@ def validate(scale: str, case: str, log=print) -> list[dict]:
 
         counted = counted_flops(step)["total"]
         model = total(step_flops(s, t, shape_of(meta), objective, tpa_forward, kl_pass, causal="counted"))
-        rows.append({"scale": scale, "case": case, "design": label, "counted": counted, "model": model,
-                     "relative_error": model / counted - 1})
-        log(f"  {scale} {case} {label}: FlopCounterMode {counted:.4g}, model {model:.4g} "
+        rows.append({"scale": scale, "case": case, "family": family, "design": label, "counted": counted,
+                     "model": model, "relative_error": model / counted - 1})
+        log(f"  {family} {scale} {case} {label}: FlopCounterMode {counted:.4g}, model {model:.4g} "
             f"({rows[-1]['relative_error']:+.2e})")
     return rows
 

@@ -1,7 +1,7 @@
 """End-to-end distillation training-step benchmark (issues 8 and 20).
 
     python -m align_ti.benchmarks.train_step [--device cpu|cuda] [--scale full|reduced|tiny]
-        [--case long-response,llava-665k] [--ways ...] [--rounds N] [--steps N] [--threads 1] [--out DIR]
+        [--case long-response,llava-665k] [--family llava,qwen2_5_vl] [--ways ...] [--rounds N] [--steps N] [--threads 1] [--out DIR]
     python -m align_ti.benchmarks.train_step --iva-share [--scale ...] [--steps N] [--threads 1]
 
 Times ONE distillation step (student + teacher forwards, loss, backward, optimizer step) and
@@ -67,6 +67,14 @@ Models (random weights, built from configs, nothing downloaded):
   lengths scaled like them (/ 9: long-response L = 228 with 4 instruction and 141 response tokens,
   llava-665k L = 110 with 7 and 20): per token, body (~H^2 per layer) : LM head (V*H) :
   attention (L*H) costs keep the full-scale proportions, so cost *shares* carry over; runs on a CPU.
+- ``--family qwen2_5_vl`` (issue 19): a Qwen2.5-VL-7B-shaped teacher and a Qwen2.5-VL-3B-shaped
+  student (`align_ti.models.shaped`: vocabularies 152064 / 151936, 28 / 36 layers, multimodal
+  RoPE whose 3-D position ids the trainer's family adapter computes from the image grid), the
+  same cases' lengths plus its <|vision_start|> / <|vision_end|> tokens; full scale, reduced
+  (/ 8, real depths) or tiny (/ 16, 2 layers). APPROXIMATION: a one-block vision tower (hidden
+  64) with the real patch, merge and temporal sizes, so the real 729 image tokens. The
+  paper-code way is LLaVA's (its branches share a sequence under 1-D position ids): "not
+  applicable" here.
 - ``--scale tiny``: the `align_ti.models.tiny` pair (36 vision tokens; long-response L = 160,
   llava-665k L = 102; fp32, CPU); proves the script runs in well under a minute; its numbers say
   nothing about the real scale.
@@ -115,6 +123,9 @@ REDUCED_DIVISOR = 8  # --scale reduced: full-scale widths and vocabularies / 8
 CASES = {"long-response": (32, 1285), "llava-665k": (64, 192)}
 TINY_CASES = {"long-response": (32, 90), "llava-665k": (16, 48)}
 N_PREFIX = 2
+# the model pairs (``--family``): LLaVA with a Qwen2-7B-shaped teacher and a Qwen2.5-0.5B-shaped
+# student, and Qwen2.5-VL 7B -> 3B (`align_ti.models.shaped`: multimodal RoPE, unequal vocabularies)
+FAMILIES = ("llava", "qwen2_5_vl")
 FULL_VISION = 729  # SigLIP-so400m-384: 27 x 27 patches
 
 
@@ -186,16 +197,37 @@ def _full_configs(div: int = 1, case: str = "long-response"):
                                   **case_lengths(case, n_vision))
 
 
-def build_setup(scale: str, device: torch.device, attn: str, case: str = "long-response"):
-    """(student, teacher, meta) with the given attention implementation (FlexAttention: for the
-    language models only, as the trainer does; the unmasked vision tower keeps sdpa)."""
+def _qwen2_5_vl_setup(scale: str, device: torch.device, attn, case: str):
+    """The Qwen2.5-VL 7B -> 3B pair (`align_ti.models.shaped`) with `case`'s lengths: full scale,
+    reduced (widths, vocabularies and lengths / 8, real depths) or tiny (/ 16, 2 layers each)."""
+    from align_ti.models.shaped import qwen2_5_vl_pair
+
+    divisor = {"full": 1, "reduced": REDUCED_DIVISOR, "tiny": 16}[scale]
+    dtype = torch.bfloat16 if device.type == "cuda" and scale != "tiny" else torch.float32
+    student, teacher, meta = qwen2_5_vl_pair(divisor, device, dtype, attn, num_layers=2 if scale == "tiny" else None)
+    lengths = case_lengths(case, meta["n_vision"])
+    # its template: [2][<|vision_start|>][vision][<|vision_end|>]: two tokens more before the instruction
+    meta.update(case=case, n_prefix=N_PREFIX + 2, n_instruction=lengths["n_instruction"],
+                n_response=lengths["n_response"], length=lengths["length"] + 2)
+    return student, teacher, meta
+
+
+def build_setup(scale: str, device: torch.device, attn: str, case: str = "long-response", family: str = "llava"):
+    """(student, teacher, meta) of `family` (`FAMILIES`) with the given attention implementation
+    (FlexAttention: for the language models only, as the trainer does; the unmasked vision
+    tower keeps sdpa)."""
     from transformers import LlavaForConditionalGeneration
 
     from align_ti.train.data import language_model_attention
 
     _check_case(case)
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {list(FAMILIES)}, got {family!r}")
     if attn == "flex_attention":
         attn = language_model_attention(attn)
+    if family == "qwen2_5_vl":
+        student, teacher, meta = _qwen2_5_vl_setup(scale, device, attn, case)
+        return student.to(device).train(), teacher.to(device).eval().requires_grad_(False), meta
 
     if scale == "tiny":
         from align_ti.models.tiny import IMAGE_SIZE, IMAGE_TOKEN_ID, PAD_TOKEN_ID, build_tiny_llava
@@ -207,10 +239,11 @@ def build_setup(scale: str, device: torch.device, attn: str, case: str = "long-r
         meta = dict(image_token_id=IMAGE_TOKEN_ID, pad_id=PAD_TOKEN_ID, batch=2, n_vision=n_vision,
                     n_instruction=n_instruction, n_response=n_response,
                     length=N_PREFIX + n_vision + n_instruction + n_response, image_size=IMAGE_SIZE,
-                    iva_layer=2, token_low=64, token_high=1000, case=case)
+                    iva_layer=2, token_low=64, token_high=1000, case=case, family="llava")
     else:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         s_cfg, t_cfg, meta = _full_configs(REDUCED_DIVISOR if scale == "reduced" else 1, case)
+        meta["family"] = "llava"
         # built on the target device: a 7B-shaped teacher's random init takes tens of seconds
         # on a CPU and well under one on a GPU (a lent GPU's time is short)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
@@ -224,7 +257,13 @@ def build_setup(scale: str, device: torch.device, attn: str, case: str = "long-r
 
 
 def make_batch(meta: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """[prefix 2][vision n_vision][instruction n_instruction][response n_response] per sample, seeded."""
+    """[prefix 2][vision n_vision][instruction n_instruction][response n_response] per sample, seeded
+    (Qwen2.5-VL: `align_ti.models.shaped.qwen2_5_vl_batch`, its vision tokens between
+    <|vision_start|> and <|vision_end|>, with its image grid)."""
+    if meta.get("family") == "qwen2_5_vl":
+        from align_ti.models.shaped import qwen2_5_vl_batch
+
+        return qwen2_5_vl_batch(meta, device, dtype)
     g = torch.Generator().manual_seed(1234)
     b, length, nv = meta["batch"], meta["length"], meta["n_vision"]
     ids = torch.randint(meta["token_low"], meta["token_high"], (b, length), generator=g)
@@ -293,10 +332,10 @@ def model_flops(student, teacher, meta: dict, way: str, objective: str, module) 
     the paper-code way, and FlexAttention (which skips masked blocks)."""
     if module is None or attention_of(way) != "sdpa":
         return None
-    s, t = flops.ModelDims.from_llava(student.config), flops.ModelDims.from_llava(teacher.config)
+    s, t = flops.ModelDims.of(student.config, meta), flops.ModelDims.of(teacher.config, meta)
     spec = module.spec
     shape = flops.StepShape(batch=meta["batch"], n_vision=meta["n_vision"], n_instruction=meta["n_instruction"],
-                            n_response=meta["n_response"], n_prefix=N_PREFIX, tpa_d=spec.tpa_d,
+                            n_response=meta["n_response"], n_prefix=meta.get("n_prefix", N_PREFIX), tpa_d=spec.tpa_d,
                             tpa_fraction=spec.tpa_fraction, iva_k=spec.iva_k, iva_ratio=spec.iva_ratio)
     tpa_forward = module.tpa_way() if objective == flops.ALIGN_TI else flops.PREFIX
     spent = flops.step_flops(s, t, shape, objective, tpa_forward, spec.kl_pass)
@@ -331,7 +370,7 @@ class _Timed:
 
     def record(self, meta: dict) -> dict:
         rec = {"way": self.way, "objective": self.objective, "attn_implementation": attention_of(self.way),
-               "case": meta["case"]}
+               "case": meta["case"], "family": meta.get("family", "llava")}
         if self.error is not None:
             return rec | self.error
         rounds = [statistics.median(r) for r in self.wall if r]
@@ -357,7 +396,13 @@ def _group_steps(ways, student, teacher, batch, meta, device) -> list[_Timed]:
         for objective in OBJECTIVES:
             align = objective == flops.ALIGN_TI
             if way == "paper-code":
-                timed.append(_Timed(way, objective, paper_step_fn(student, teacher, batch, meta, align)))
+                item = _Timed(way, objective, None)
+                if meta.get("family", "llava") == "llava":
+                    item.fn = paper_step_fn(student, teacher, batch, meta, align)
+                else:  # its branches share one sequence under 1-D position ids
+                    item.error = {"status": "not applicable",
+                                  "error": "the paper-code way is written for LLaVA (1-D position ids)"}
+                timed.append(item)
                 continue
             module = aligned_module(student, teacher, meta, align, **WAY_OPTIONS[way])
 
@@ -401,23 +446,23 @@ def _run_steps(item: _Timed, opt, device, steps: int, round_index: int | None) -
 
 
 def measure_group(ways, scale: str, case: str, device: torch.device, warmup: int, steps: int, rounds: int,
-                  profile: bool = False, log=print, on_round=None) -> list[dict]:
+                  profile: bool = False, log=print, on_round=None, family: str = "llava") -> list[dict]:
     """Every objective of `ways` (which share one attention implementation) on one pair of
     models, the (way, objective)s taking turns for `rounds` rounds of `steps` steps; a record
     per (way, objective). `on_round(records)` after each round (partial reports)."""
     harness.release_memory()
     student = teacher = opt = timed = None
-    meta = {"case": case}
+    meta = {"case": case, "family": family}
     try:
-        student, teacher, meta = build_setup(scale, device, attention_of(ways[0]), case)
+        student, teacher, meta = build_setup(scale, device, attention_of(ways[0]), case, family)
         batch = make_batch(meta, device, next(student.parameters()).dtype)
         opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
         timed = _group_steps(ways, student, teacher, batch, meta, device)
     except Exception as e:  # noqa: BLE001  (the models do not fit or cannot be built: every way says so)
         student = teacher = opt = timed = None
         _release(device)
-        return [{"way": w, "objective": o, "attn_implementation": attention_of(w), "case": case} | _fail(e)
-                for w in ways for o in OBJECTIVES]
+        return [{"way": w, "objective": o, "attn_implementation": attention_of(w), "case": case, "family": family}
+                | _fail(e) for w in ways for o in OBJECTIVES]
 
     def run(item, round_index, n):
         if item.error is None:
@@ -535,6 +580,8 @@ def main(argv=None) -> dict:
                    help="default: full on cuda, tiny on cpu (reduced: full / %d, see _full_configs)" % REDUCED_DIVISOR)
     p.add_argument("--case", default=",".join(CASES),
                    help=f"comma-separated shapes to measure, in order, from {', '.join(CASES)}")
+    p.add_argument("--family", default=",".join(FAMILIES),
+                   help=f"comma-separated model pairs, from {', '.join(FAMILIES)} (each measured at every case)")
     p.add_argument("--iva-share", action="store_true",
                    help="instead of the ways: vanilla KD vs vanilla KD + IVA (align-ti), alternating "
                         "steps, and the IVA share of the step; writes train_step-iva_share.{json,md}")
@@ -566,6 +613,7 @@ def main(argv=None) -> dict:
                 f"{args.warmup}")
     ways = _parse_list(p, "--ways", args.ways, WAYS)
     cases = _parse_list(p, "--case", args.case, CASES)
+    families = _parse_list(p, "--family", args.family, FAMILIES)
     if FLEX in ways and args.device != "cuda":
         p.error(f"--ways: {FLEX!r} needs --device cuda (FlexAttention has no backward on CPU)")
     report = {"benchmark": "train_step", "device_type": args.device, "scale": scale, "warmup": args.warmup,
@@ -582,8 +630,8 @@ def main(argv=None) -> dict:
         harness.write_json_md(report, markdown(report), out, args.stem)
 
     t_start = time.perf_counter()
-    for case in cases:
-        entry = {"case": case, "results": []}
+    for family, case in ((f, c) for f in families for c in cases):
+        entry = {"case": case, "family": family, "results": []}
         report["cases"].append(entry)
         for group in attention_groups(ways):
             done = list(entry["results"])
@@ -594,9 +642,10 @@ def main(argv=None) -> dict:
                 write()
 
             entry["results"] = done + measure_group(group, scale, case, device, args.warmup, args.steps,
-                                                    args.rounds, profile=args.profile, on_round=on_round)
+                                                    args.rounds, profile=args.profile, on_round=on_round,
+                                                    family=family)
             for r in entry["results"][len(done):]:
-                print(f"{case:>13} {r['way']:>26} {r['objective']:>10}: {r['status']:>3}  step "
+                print(f"{family:>10} {case:>13} {r['way']:>26} {r['objective']:>10}: {r['status']:>3}  step "
                       f"{fmt(r.get('step_s_median'))} s  cpu {fmt(r.get('cpu_s_median'))} s  peak "
                       f"{fmt(r.get('peak_mem_gib'), '{:.3f}')} GiB", flush=True)
             print(f"  ({', '.join(group)}: {time.perf_counter() - t0:.1f} s)", flush=True)

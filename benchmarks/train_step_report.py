@@ -5,6 +5,9 @@ import math
 
 from . import harness
 
+# the headings of the non-LLaVA model pairs (train_step.FAMILIES)
+FAMILY_TITLES = {"qwen2_5_vl": "Qwen2.5-VL 7B -> 3B"}
+
 
 def fmt(v, spec="{:.4g}"):
     """A number for a table (None -> "-")."""
@@ -81,7 +84,9 @@ def markdown(report: dict) -> str:
              f"Load average (1, 5, 15 min) at start: {prov.get('load_average_at_start')}, at end: "
              f"{report.get('load_average_at_end')}.", ""]
     for entry in report["cases"]:
-        lines += [f"## {entry['case']}", ""] + _results_table(entry["results"], cpu)
+        family = entry.get("family", "llava")
+        title = entry["case"] if family == "llava" else f"{entry['case']}, {FAMILY_TITLES.get(family, family)}"
+        lines += [f"## {title}", ""] + _results_table(entry["results"], cpu)
         lines += ["", *_summary_table(entry.get("summary", {}), cpu)]
         lines += _shape_line(entry["results"])
         lines += sections_markdown(entry["results"])

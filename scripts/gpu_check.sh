@@ -9,7 +9,7 @@
 # goes, so a stage stopped by its limit still leaves the cases it finished, and the archive in
 # $OUT is rewritten after every stage, so a run cut short still brings back what it did.
 # GPU_CHECK_STAGES picks stages (space-separated names, default all):
-#   tests train_step train_variants fused_kl compat profile train_paper attention_mass topk_align iva
+#   tests train_step train_variants fused_kl train_qwen compat profile train_paper attention_mass topk_align iva
 #   fused_kl_full fsdp branches
 #
 # Wheels the machine lacks (liger-kernel, for comparison) travel in .whl/ (ignored by git):
@@ -22,7 +22,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu-results}
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
-STAGES=${GPU_CHECK_STAGES:-tests train_step train_variants fused_kl compat profile train_paper attention_mass topk_align iva fused_kl_full fsdp branches}
+STAGES=${GPU_CHECK_STAGES:-tests train_step train_variants fused_kl train_qwen compat profile train_paper attention_mass topk_align iva fused_kl_full fsdp branches}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 work=$(mktemp -d)
@@ -103,24 +103,29 @@ fi
 # against Liger's chunks; then the rest
 stage tests 150 python3 -m pytest -m gpu -v -rfE --tb=short -p no:cacheprovider $timeout_flag --durations=10 \
   $families_flag tests
-stage train_step 120 python3 -m align_ti.benchmarks.train_step --device cuda --scale full \
+stage train_step 120 python3 -m align_ti.benchmarks.train_step --device cuda --scale full --family llava \
   --case long-response,llava-665k --ways "align-ti,align-ti expanded+per_term" --warmup 1 --rounds 2 --steps 2 \
   --out "$res"
 # the bf16 weight-gradient mode, and the step on FlexAttention (TPA's expanded sequence block-sparse)
 # against SDPA, same run (recompiles logged: past dynamo's limit flex falls back to an unfused, slow,
 # memory-hungry path)
 stage train_variants 150 env TORCH_LOGS=recompiles python3 -m align_ti.benchmarks.train_step --device cuda \
-  --scale full --case long-response --ways "align-ti,align-ti bf16-dw,align-ti flex" --steps 2 \
+  --scale full --family llava --case long-response --ways "align-ti,align-ti bf16-dw,align-ti flex" --steps 2 \
   --stem train_step-variants --out "$res"
 # the quick case (N=8192, the Qwen2.5-1.5B / Qwen2-7B heads): align_ti at its default and smaller
 # row-chunk budgets, Liger-Kernel at chunks 128-1024; the report compares each peer at equal memory
 stage fused_kl 90 python3 -m align_ti.benchmarks.runner --device cuda --quick --op fused_kl --out "$res"
 # the image's transformers is older than CI's: the trainer's loss scaling under accumulation
+# the Qwen2.5-VL 7B -> 3B pair (issue 19): multimodal RoPE, unequal vocabularies, bf16
+stage train_qwen 120 python3 -m align_ti.benchmarks.train_step --device cuda --scale full --family qwen2_5_vl \
+  --case llava-665k,long-response --ways "align-ti,align-ti expanded+per_term" --steps 2 \
+  --stem train_step-qwen2_5_vl --out "$res"
 stage compat 60 python3 -m pytest -q -p no:cacheprovider tests/train/test_trainer.py \
   -k "gradient_accumulation or terms_match or kernel_options"
 stage profile 60 python3 -m align_ti.benchmarks.profile_cuda --out "$res"
 # the paper-code way (eager, materialised logits), and where each way's GPU time goes
-stage train_paper 150 python3 -m align_ti.benchmarks.train_step --device cuda --scale full --case long-response \
+stage train_paper 150 python3 -m align_ti.benchmarks.train_step --device cuda --scale full --family llava \
+  --case long-response \
   --ways "paper-code,align-ti,align-ti expanded+per_term" --steps 2 --profile --stem train_step-paper --out "$res"
 stage attention_mass 40 python3 -m align_ti.benchmarks.runner --device cuda --op attention_mass --out "$res"
 stage topk_align 40 python3 -m align_ti.benchmarks.runner --device cuda --quick --op topk_align --out "$res"

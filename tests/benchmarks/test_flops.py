@@ -47,6 +47,15 @@ def test_the_model_matches_flop_counter_mode_at_tiny_scale(case):
         assert abs(r["relative_error"]) <= 0.03, r  # the issue's bound (it matches exactly today)
 
 
+def test_the_model_matches_flop_counter_mode_on_the_qwen2_5_vl_pair():
+    """Qwen2.5-VL's tower (gated MLP, 3-D patches) and patch merger, and the 3-D RoPE decoder pair
+    of the train-step benchmark's Qwen case (tiny: / 16, 2 layers)."""
+    rows = flops.validate("tiny", "llava-665k", log=lambda *a: None, family="qwen2_5_vl")
+    assert len(rows) == len(flops.DESIGNS) and {r["family"] for r in rows} == {"qwen2_5_vl"}
+    for r in rows:
+        assert abs(r["relative_error"]) <= 0.03, r
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("case", ["long-response", "llava-665k"])
 def test_the_model_matches_flop_counter_mode_at_reduced_scale(case):

@@ -160,7 +160,8 @@ def test_train_step_reports_sections_and_flop_ratios_of_both_cases(tmp_path):
     from align_ti.benchmarks import train_step
 
     report = train_step.main(["--device", "cpu", "--scale", "tiny", "--ways", f"align-ti,{train_step.BEFORE}",
-                              "--warmup", "0", "--steps", "1", "--rounds", "2", "--out", str(tmp_path)])
+                              "--family", "llava", "--warmup", "0", "--steps", "1", "--rounds", "2",
+                              "--out", str(tmp_path)])
     assert [e["case"] for e in report["cases"]] == ["long-response", "llava-665k"]
     for entry in report["cases"]:
         results = {(r["way"], r["objective"]): r for r in entry["results"]}
@@ -176,6 +177,27 @@ def test_train_step_reports_sections_and_flop_ratios_of_both_cases(tmp_path):
     md = (tmp_path / "train_step.md").read_text()
     assert "## llava-665k" in md and "| FLOP model ratio |" in md and "| align-ti | Align-TI |" in md
     assert json.loads((tmp_path / "train_step.json").read_text())["provenance"]["git_commit"]
+
+
+def test_qwen2_5_vl_case_measures_the_align_ti_ways(tmp_path):
+    """The Qwen2.5-VL 7B -> 3B pair (tiny: / 16, 2 layers): its batch carries the image grid and
+    the trainer's module computes the 3-D position ids; the align-ti ways run with every section
+    and a FLOP count, the paper-code way (LLaVA's) says it does not apply."""
+    from align_ti.benchmarks import train_step
+
+    report = train_step.main(["--device", "cpu", "--scale", "tiny", "--family", "qwen2_5_vl", "--case", "llava-665k",
+                              "--ways", "paper-code,align-ti", "--warmup", "0", "--steps", "1",
+                              "--out", str(tmp_path)])
+    (entry,) = report["cases"]
+    assert entry["family"] == "qwen2_5_vl"
+    results = {(r["way"], r["objective"]): r for r in entry["results"]}
+    assert {r["status"] for k, r in results.items() if k[0] == "paper-code"} == {"not applicable"}
+    ti = results[("align-ti", "Align-TI")]
+    assert ti["status"] == "ok" and ti["family"] == "qwen2_5_vl" and ti["length"] == 4 + ti["n_vision"] + \
+        ti["n_instruction"] + ti["response_tokens"]
+    assert set(ti["sections_s"]) == set(SECTIONS + SINGLE_PASS_SECTIONS)
+    assert ti["model_flops"]["flops"] > results[("align-ti", "vanilla-KD")]["model_flops"]["flops"] > 0
+    assert "## llava-665k, Qwen2.5-VL 7B -> 3B" in (tmp_path / "train_step.md").read_text()
 
 
 def test_gpu_check_names_only_ways_and_cases_the_benchmark_knows():

@@ -19,7 +19,6 @@ import tempfile
 
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoProcessor
 
 from align_ti.constants import IGNORE_INDEX
