@@ -405,14 +405,19 @@ DESIGNS = (("vanilla-KD", KD, PREFIX, "single"),
 
 def _benchmark_pair(scale: str, case: str, attn: str = "sdpa", build: bool = True, family: str = "llava"):
     """The train-step benchmark's (student, teacher, meta) of `family` at `scale` for `case`:
-    built models, or (build=False, LLaVA at full scale) their configs."""
+    built models, or (build=False, full scale) their configs."""
     import torch
 
     from . import train_step
 
     if not build:
+        if family == "qwen2_5_vl":
+            from align_ti.models.shaped import qwen2_5_vl_configs
+
+            s, t, meta = qwen2_5_vl_configs(1)
+            return s, t, train_step.qwen2_5_vl_case(meta, case)
         s, t, meta = train_step._full_configs(1, case)
-        return s, t, meta
+        return s, t, meta | {"family": "llava"}
     return train_step.build_setup(scale, torch.device("cpu"), attn, case, family)
 
 
@@ -452,12 +457,14 @@ def validate(scale: str, case: str, log=print, family: str = "llava") -> list[di
     return rows
 
 
-def evaluate(case: str, so400m: bool = False, **loss_options) -> dict:
-    """Full-scale FLOPs of `case` (the train-step benchmark's pair; with `so400m`, SigLIP-so400m
-    towers instead of its 1-layer stand-ins): every design of `DESIGNS` and Align-TI's
-    unavoidable work, by component, and the ratios the targets read."""
-    s_cfg, t_cfg, meta = _benchmark_pair("full", case, build=False)
-    s, t = ModelDims.from_llava(s_cfg), ModelDims.from_llava(t_cfg)
+def evaluate(case: str, so400m: bool = False, family: str = "llava", **loss_options) -> dict:
+    """Full-scale FLOPs of `case` (the train-step benchmark's pair of `family`; with `so400m`,
+    LLaVA's towers SigLIP-so400m instead of its 1-layer stand-ins): every design of `DESIGNS`
+    and Align-TI's unavoidable work, by component, and the ratios the targets read."""
+    if so400m and family != "llava":
+        raise ValueError("so400m replaces LLaVA's towers only")
+    s_cfg, t_cfg, meta = _benchmark_pair("full", case, build=False, family=family)
+    s, t = ModelDims.of(s_cfg, meta), ModelDims.of(t_cfg, meta)
     if so400m:
         s, t = s.with_so400m(), t.with_so400m()
     shape = shape_of(meta, **loss_options)
@@ -468,7 +475,7 @@ def evaluate(case: str, so400m: bool = False, **loss_options) -> dict:
     totals = {label: total(p) for label, p in parts.items()}
     kd = totals["vanilla-KD"]
     default, before = DESIGNS[1][0], DESIGNS[3][0]
-    return {"case": case, "so400m": so400m, "loss_options": loss_options, "length": shape.length,
+    return {"case": case, "family": family, "so400m": so400m, "loss_options": loss_options, "length": shape.length,
             "candidates_per_sample": shape.candidates, "iva_rows_per_sample": shape.iva_rows,
             "flops": totals, "by_component": parts,
             "ratios": {"Align-TI / vanilla-KD (default)": totals[default] / kd,
@@ -478,6 +485,9 @@ def evaluate(case: str, so400m: bool = False, **loss_options) -> dict:
                        "default / unavoidable": totals[default] / totals["Align-TI unavoidable"],
                        "before / unavoidable": totals[before] / totals["Align-TI unavoidable"],
                        "vanilla-KD / its unavoidable": kd / totals["vanilla-KD unavoidable"]}}
+
+
+PAIRS = {"llava": "LLaVA", "qwen2_5_vl": "Qwen2.5-VL"}  # train_step.FAMILIES, as the tables name them
 
 
 def _tflop(x) -> str:
@@ -497,15 +507,15 @@ def markdown(report: dict) -> str:
                   "(fp32, CPU), counted by `torch.utils.flop_counter.FlopCounterMode` (plus the CPU's SDPA ops, "
                   "and align_ti's custom ops re-run under a counter of their own), against the model with the "
                   "counter's convention for causal attention (its full square).", "",
-                  "| scale | case | design | FlopCounterMode (GFLOP) | model (GFLOP) | model / counted - 1 |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['scale']} | {r['case']} | {r['design']} | {r['counted'] / 1e9:.4f} | {r['model'] / 1e9:.4f} "
+                  "| pair | scale | case | design | FlopCounterMode (GFLOP) | model (GFLOP) | model / counted - 1 |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {PAIRS[r.get('family', 'llava')]} | {r['scale']} | {r['case']} | {r['design']} | {r['counted'] / 1e9:.4f} | {r['model'] / 1e9:.4f} "
                   f"| {r['relative_error']:+.2e} |" for r in report["validation"]]
         lines.append("")
     lines += ["## Full scale: Align-TI / vanilla-KD, and what a step spends over its unavoidable work", "",
-              "Qwen2.5-0.5B-shaped student, Qwen2-7B-shaped teacher, micro-batch 2 (the train-step benchmark's "
-              "pair). Towers: the benchmark's 1-layer SigLIP stand-ins (what it measures), or SigLIP-so400m in "
-              "both models (student's trained). \"default\": prefix_cache + one KL pass; \"before\": expanded + a "
+              "The train-step benchmark's pairs, micro-batch 2: LLaVA with a Qwen2.5-0.5B-shaped student and a "
+              "Qwen2-7B-shaped teacher, and Qwen2.5-VL 3B <- 7B. Towers: the benchmark's 1-layer stand-ins (what "
+              "it measures), or for LLaVA SigLIP-so400m in both models (student's trained). \"default\": prefix_cache + one KL pass; \"before\": expanded + a "
               "KL call per term. Unavoidable: vanilla KD's work, the candidates' own pass, their attention to "
               "their prefix, their KL rows and IVA.", "",
               "| case | IVA rows | towers | default / KD | before / KD | unavoidable / KD's unavoidable | "
@@ -514,7 +524,8 @@ def markdown(report: dict) -> str:
     for e in report["full_scale"]:
         r = e["ratios"]
         iva = "all vision" if not e["loss_options"] else ", ".join(f"{k}={v}" for k, v in e["loss_options"].items())
-        lines.append(f"| {e['case']} (L = {e['length']}, C = {e['candidates_per_sample']}) | {iva} "
+        lines.append(f"| {PAIRS[e.get('family', 'llava')]} {e['case']} (L = {e['length']}, C = "
+                     f"{e['candidates_per_sample']}) | {iva} "
                      f"({e['iva_rows_per_sample']}) | {'so400m' if e['so400m'] else 'stand-in'} | "
                      f"{r['Align-TI / vanilla-KD (default)']:.3f}x | {r['Align-TI / vanilla-KD (before)']:.3f}x | "
                      f"{r['Align-TI / vanilla-KD (unavoidable)']:.3f}x | {r['default / unavoidable'] - 1:+.1%} | "
@@ -524,7 +535,7 @@ def markdown(report: dict) -> str:
             continue
         labels = ["vanilla-KD", DESIGNS[1][0], DESIGNS[2][0], DESIGNS[3][0], "Align-TI unavoidable"]
         names = list(dict.fromkeys(n for label in labels for n in e["by_component"][label]))
-        lines += ["", f"### {e['case']}: TFLOP per step by component (stand-in towers, IVA over all vision rows)", "",
+        lines += ["", f"### {PAIRS[e.get('family', 'llava')]} {e['case']}: TFLOP per step by component (stand-in towers, IVA over all vision rows)", "",
                   "| component | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
         for n in names:
             lines.append(f"| {n} | " + " | ".join(_tflop(e["by_component"][label].get(n)) for label in labels) + " |")
@@ -552,9 +563,13 @@ def main(argv=None) -> dict:
     if bad:
         p.error(f"--validate: unknown scale(s) {bad}; choose from tiny, reduced (full scale does not fit a CPU)")
     report = {"benchmark": "flops", "provenance": harness.provenance("cpu"),
-              "validation": [row for scale in scales for case in train_step.CASES for row in validate(scale, case)],
-              "full_scale": [evaluate(case, so400m, **options) for case in train_step.CASES
-                             for options in ({}, {"iva_ratio": 0.1}) for so400m in (False, True)]}
+              # the Qwen2.5-VL pair at tiny scale only: reduced, its 64 layers take minutes under the counter
+              "validation": [row for scale in scales for family in train_step.FAMILIES for case in train_step.CASES
+                             if family == "llava" or scale == "tiny"
+                             for row in validate(scale, case, family=family)],
+              "full_scale": [evaluate(case, so400m, family, **options) for family in train_step.FAMILIES
+                             for case in train_step.CASES for options in ({}, {"iva_ratio": 0.1})
+                             for so400m in ((False, True) if family == "llava" else (False,))]}
     md = markdown(report)
     harness.write_json_md(report, md, args.out, "flops")
     print(md)

@@ -205,11 +205,15 @@ def _qwen2_5_vl_setup(scale: str, device: torch.device, attn, case: str):
     divisor = {"full": 1, "reduced": REDUCED_DIVISOR, "tiny": 16}[scale]
     dtype = torch.bfloat16 if device.type == "cuda" and scale != "tiny" else torch.float32
     student, teacher, meta = qwen2_5_vl_pair(divisor, device, dtype, attn, num_layers=2 if scale == "tiny" else None)
+    return student, teacher, qwen2_5_vl_case(meta, case)
+
+
+def qwen2_5_vl_case(meta: dict, case: str) -> dict:
+    """`align_ti.models.shaped`'s meta of the Qwen2.5-VL pair with `case`'s lengths."""
     lengths = case_lengths(case, meta["n_vision"])
     # its template: [2][<|vision_start|>][vision][<|vision_end|>]: two tokens more before the instruction
-    meta.update(case=case, n_prefix=N_PREFIX + 2, n_instruction=lengths["n_instruction"],
-                n_response=lengths["n_response"], length=lengths["length"] + 2)
-    return student, teacher, meta
+    return meta | dict(case=case, n_prefix=N_PREFIX + 2, n_instruction=lengths["n_instruction"],
+                       n_response=lengths["n_response"], length=lengths["length"] + 2)
 
 
 def build_setup(scale: str, device: torch.device, attn: str, case: str = "long-response", family: str = "llava"):

@@ -119,3 +119,11 @@ def test_full_scale_report_gives_the_target_ratios():
     assert r["default / unavoidable"] > 1
     with_tower = flops.evaluate("llava-665k", so400m=True, iva_ratio=0.1)
     assert with_tower["flops"]["vanilla-KD"] > e["flops"]["vanilla-KD"]  # a 27-layer tower per model
+    # issue 20's target: a default step within 5% of its unavoidable work, in the worst case too
+    for family in ("llava", "qwen2_5_vl"):
+        worst = flops.evaluate("long-response", family=family)["ratios"]
+        assert 1 < worst["default / unavoidable"] < 1.05 < worst["before / unavoidable"], (family, worst)
+    qwen = flops.evaluate("llava-665k", family="qwen2_5_vl")
+    assert qwen["length"] == 989 and qwen["family"] == "qwen2_5_vl"  # two vision delimiters more than LLaVA's
+    with pytest.raises(ValueError, match="so400m replaces LLaVA's towers only"):
+        flops.evaluate("llava-665k", so400m=True, family="qwen2_5_vl")
