@@ -8,7 +8,7 @@ from align_ti.cli import main
 
 @pytest.mark.parametrize("command, words", [
     ("distill", ["--config", "key=value", "--resume", "w_sft", "checkpoint"]),
-    ("demo", ["--quick", "--out", "SFT", "KD", "TPA", "Align-TI", "accuracy"]),
+    ("demo", ["--quick", "--out", "SFT", "KD", "TPA", "Align-TI", "exact match", "paired tests"]),
 ])
 def test_help_explains_itself(capsys, command, words):
     with pytest.raises(SystemExit) as e:
