@@ -95,7 +95,7 @@ setup(
         "Pillow",
         "matplotlib",
         "PyYAML",
-        "scipy",  # the demo's paired tests (align_ti.train.demo.stats)
+        "scipy>=1.15",  # the demo's paired tests (align_ti.train.demo.stats; its rng= keywords)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "cmake>=3.18", "ninja", VLM],

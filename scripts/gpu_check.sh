@@ -115,11 +115,11 @@ stage train_variants 150 env TORCH_LOGS=recompiles python3 -m align_ti.benchmark
 # the quick case (N=8192, the Qwen2.5-1.5B / Qwen2-7B heads): align_ti at its default and smaller
 # row-chunk budgets, Liger-Kernel at chunks 128-1024; the report compares each peer at equal memory
 stage fused_kl 90 python3 -m align_ti.benchmarks.runner --device cuda --quick --op fused_kl --out "$res"
-# the image's transformers is older than CI's: the trainer's loss scaling under accumulation
 # the Qwen2.5-VL 7B -> 3B pair (issue 19): multimodal RoPE, unequal vocabularies, bf16
 stage train_qwen 120 python3 -m align_ti.benchmarks.train_step --device cuda --scale full --family qwen2_5_vl \
   --case llava-665k,long-response --ways "align-ti,align-ti expanded+per_term" --steps 2 \
   --stem train_step-qwen2_5_vl --out "$res"
+# the image's transformers is older than CI's: the trainer's loss scaling under accumulation
 stage compat 60 python3 -m pytest -q -p no:cacheprovider tests/train/test_trainer.py \
   -k "gradient_accumulation or terms_match or kernel_options"
 stage profile 60 python3 -m align_ti.benchmarks.profile_cuda --out "$res"

@@ -44,6 +44,12 @@ def test_item_comparison_counts_discordant_pairs():
     assert (got["a_only"], got["b_only"]) == (3, 1)
     assert got["mean_difference"] == pytest.approx(np.mean(np.subtract(a, b)))
     assert got["p_mcnemar"] == pytest.approx(5 / 16)  # P(X >= 3), X ~ Binomial(4, 1/2)
+    # items are the units: per-item mean differences [0.5, 0, -0.5, 1] (sum 1); flipping the signs
+    # of 0.5, 0.5 and 1 gives a sum >= 1 in 3 of 8 cases (exact: 16 flips <= the resamples)
+    assert got["p_items"] == pytest.approx(3 / 8)
+    # one item right on every seed by A only: pooled McNemar counts 8 pairs, the item test 1 unit
+    one = item_comparison([[1, 0]] * 8, [[0, 0]] * 8, "greater")
+    assert one["p_mcnemar"] == pytest.approx(1 / 256) and one["p_items"] > 0.2
 
 
 def test_teacher_margin_refusal():
@@ -83,6 +89,15 @@ def test_committed_run_is_the_full_demo_and_its_files_agree():
         a, b = results["methods"][c["a"]], results["methods"][c["b"]]
         p = stats.ttest_rel(a["exact_match"]["per_seed"], b["exact_match"]["per_seed"], alternative="greater").pvalue
         assert c["p_ttest"] == pytest.approx(p)
+    # Holm's adjustment and the verdicts follow from the p-values; the item-level test from items.json
+    adjusted = holm({i: c["p_ttest"] for i, c in enumerate(results["comparisons"])})
+    seeds = s["seeds"]
+    exact = {(r["method"], r["seed"]): [int(x) for x in r["exact"]] for r in items["runs"]}
+    for i, c in enumerate(results["comparisons"]):
+        assert c["p_holm"] == pytest.approx(adjusted[i]) and c["significant"] == (adjusted[i] < 0.05)
+        got = item_comparison([exact[(c["a"], k)] for k in seeds], [exact[(c["b"], k)] for k in seeds], "greater",
+                              seed=i)
+        assert got["p_items"] == pytest.approx(c["items"]["p_items"]), c["hypothesis"]
     table = markdown(results)
     for c in results["comparisons"]:
         assert f"**{c['hypothesis']}: {'significant' if c['significant'] else 'not significant'}**" in table
@@ -120,6 +135,30 @@ def test_demo_quick(tmp_path, capsys):
             if term.startswith("w_"):
                 assert (f"loss_{term[2:]}" in r["curves"]) == (w > 0), (r["method"], term)
     assert "A `--quick` run" in printed and "| vanilla KD |" in printed
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_a_failing_teacher_stops_the_run_and_keeps_the_users_files(tmp_path, monkeypatch):
+    """The SFT workers wait for the teacher: when its training fails, they stop too and the error
+    reaches the caller (no hang); a run removes only its own scratch folder, never files the
+    output folder already held (e.g. a runs/ folder of the user's)."""
+    from align_ti.train.demo import run as demo_run
+
+    out = tmp_path / "demo"
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / "keep.txt").write_text("mine")
+    (out / "teacher.pt").write_text("mine too")
+
+    def failing_teacher(*args, **kwargs):
+        raise RuntimeError("teacher exploded")
+
+    monkeypatch.setattr(demo_run, "train_teacher", failing_teacher)
+    settings = DemoSettings.quick_check()
+    with pytest.raises(RuntimeError, match="teacher exploded"):
+        demo_run.run_demo(settings, str(out), log=lambda *a: None)
+    assert (out / "runs" / "keep.txt").read_text() == "mine" and (out / "teacher.pt").read_text() == "mine too"
+    assert sorted(p.name for p in out.iterdir()) == ["runs", "teacher.pt"]  # the scratch folder is gone
 
 
 @pytest.mark.e2e

@@ -65,6 +65,8 @@ def kl_along(student, teacher, examples: list[dict], continuations: list[list[in
     student's own greedy answers): the distributions that predict each answer token, given the
     prompt and the answer tokens before it."""
     total, rows_n = 0.0, 0
+    was = student.training
+    student.eval()  # dropout (if a student had any) off: the distributions it generates with
     for start in range(0, len(examples), batch_size):
         chunk = []
         for j, e in enumerate(examples[start:start + batch_size]):
@@ -88,6 +90,7 @@ def kl_along(student, teacher, examples: list[dict], continuations: list[list[in
                              reduction="sum")
         total += float(kl)
         rows_n += int(rows.sum())
+    student.train(was)
     return total / max(rows_n, 1)
 
 

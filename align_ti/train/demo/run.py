@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import tempfile
 import time
 
 import torch
@@ -86,14 +87,21 @@ def _run_demo(settings: DemoSettings, out: str, log) -> dict:
     log(f"data: {len(data.train)} training / {len(data.validation)} validation / {len(data.heldout)} held-out items "
         f"({settings.train_images} / {settings.validation_images} / {settings.heldout_images} images)")
 
-    handoff = TeacherHandoff(settings, os.path.join(out, "teacher.pt"))
-    runner = StudentRunner(settings, data, handoff, out, log)
+    # the trainers' output folders and the teacher's handoff file live in a folder of this run's
+    # own, removed at the end (nothing there is kept): never in one the user may already have
+    scratch = tempfile.mkdtemp(prefix=".demo-scratch-", dir=out)
+    handoff = TeacherHandoff(settings, os.path.join(scratch, "teacher.pt"))
+    runner = StudentRunner(settings, data, handoff, scratch, log)
     torch.set_num_threads(settings.threads)
     try:
         # the SFT students need no teacher: they train (in the workers) while the teacher does
         sft = runner.submit([("SFT", s) for s in settings.seeds] if "SFT" in settings.methods else [])
-        teacher, teacher_record = train_teacher(settings, data, out)
-        handoff.publish(teacher)
+        try:
+            teacher, teacher_record = train_teacher(settings, data, scratch)
+            handoff.publish(teacher)
+        except BaseException:
+            handoff.fail()  # the SFT workers waiting for it stop instead of waiting forever
+            raise
         log(f"teacher: {settings.teacher_steps} steps in {teacher_record['train_wall_s']:.0f}s; exact match "
             f"validation {teacher_record['validation']['exact_match']:.3f}, held-out "
             f"{teacher_record['heldout']['exact_match']:.3f}")
@@ -113,10 +121,7 @@ def _run_demo(settings: DemoSettings, out: str, log) -> dict:
             runs += runner.collect(runner.submit(rest, iva_layer), iva_layer)
     finally:
         runner.close()
-        shutil.rmtree(os.path.join(out, "runs"), ignore_errors=True)  # the trainers' output_dirs: nothing saved
-        for name in ("teacher.pt", "teacher.pt.tmp"):
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
+        shutil.rmtree(scratch, ignore_errors=True)
 
     results = {
         "settings": settings.to_json(),

@@ -167,11 +167,13 @@ def student_run(settings: DemoSettings, data: DemoData, teacher: "TeacherHandoff
 class TeacherHandoff:
     """The trained teacher, for this process and for workers forked before it was trained (they
     train the SFT students meanwhile): `publish` saves it to ``path`` and sets an event; `get`
-    returns it, in a worker after waiting for the event and loading the file once."""
+    returns it, in a worker after waiting for the event and loading the file once. `fail` (the
+    teacher's training raised) wakes the waiting workers with an error instead."""
 
     def __init__(self, settings: DemoSettings, path: str):
         self.settings, self.path = settings, path
-        self.ready = multiprocessing.get_context("fork" if _can_fork() else "spawn").Event()
+        context = multiprocessing.get_context("fork" if _can_fork() else "spawn")
+        self.ready, self.failed = context.Event(), context.Event()
         self._model = None
 
     def publish(self, teacher) -> None:
@@ -180,11 +182,17 @@ class TeacherHandoff:
         self._model = teacher
         self.ready.set()
 
+    def fail(self) -> None:
+        self.failed.set()
+        self.ready.set()
+
     def get(self):
         if self._model is None:
             from align_ti.models.tiny import build_tiny_llava
 
             self.ready.wait()
+            if self.failed.is_set():
+                raise RuntimeError("the teacher's training failed (the main process reports why)")
             model = build_tiny_llava("teacher", seed=1234, patch_size=self.settings.patch_size,
                                      **self.settings.teacher_size)
             model.load_state_dict(torch.load(self.path))

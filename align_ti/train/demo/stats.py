@@ -9,10 +9,14 @@ and every method trains from the same ones, so methods are compared *paired by s
   the mean difference (``scipy.stats.bootstrap``).
 - `holm`: Holm's step-down adjustment of a family of p-values (controls the family-wise error;
   an adjustment, not a test).
-- `item_comparison`: the saved per-item results of two methods on the same seeds: McNemar's
-  exact test on the discordant (item, seed) pairs (``scipy.stats.binomtest``) and a paired
-  bootstrap over items of the mean difference. It measures item-sampling noise only, not the
-  seed-to-seed noise of training, so it is the weaker evidence; the A/A pair shows how far.
+- `item_comparison`: the saved per-item results of two methods on the same seeds. Items are the
+  independent units (each is answered once per seed): a sign-flip permutation test over items
+  of each item's mean difference over seeds (``scipy.stats.permutation_test``) and a bootstrap
+  over items of the mean difference. They measure item-sampling noise only, not the
+  seed-to-seed noise of training, so they are the weaker evidence; the A/A pair shows how far.
+  McNemar's exact test on the discordant (item, seed) pairs (``scipy.stats.binomtest``) is kept
+  for reference: it counts an item's 8 answers as 8 independent pairs, so its p-value is too
+  small (anti-conservative).
 - `mean_ci`: a bootstrap interval of one method's mean over seeds.
 """
 from __future__ import annotations
@@ -80,19 +84,27 @@ def seed_comparison(a, b, alternative: str = "greater", seed: int = 0) -> dict:
 
 def item_comparison(a_items, b_items, alternative: str = "greater", seed: int = 0) -> dict:
     """Per-item 0/1 results of two methods, ``[seeds][items]`` each, seed i of one paired with
-    seed i of the other. McNemar's exact test counts the (item, seed) pairs where exactly one
-    is right (``a_only``, ``b_only``); the bootstrap resamples items (each item's mean over
-    seeds of a - b)."""
+    seed i of the other. ``p_items``: a sign-flip permutation test over items of each item's
+    mean over seeds of a - b (items independent; H0: each item's difference is symmetric about
+    0); the bootstrap resamples items likewise. ``a_only`` / ``b_only`` count the (item, seed)
+    pairs where exactly one is right, and ``p_mcnemar`` is McNemar's exact test on them, which
+    treats an item's seeds as independent pairs (anti-conservative: for reference only)."""
     a, b = np.asarray(a_items, dtype=float), np.asarray(b_items, dtype=float)
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"item_comparison needs two [seeds, items] arrays of one shape, got {a.shape} and {b.shape}")
     a_only, b_only = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
     n = a_only + b_only
-    p = float(stats.binomtest(a_only, n, 0.5, alternative=alternative).pvalue) if n else 1.0
+    p_mcnemar = float(stats.binomtest(a_only, n, 0.5, alternative=alternative).pvalue) if n else 1.0
     per_item = (a - b).mean(0)
+    if np.all(per_item == 0):
+        p_items = 1.0
+    else:
+        p_items = float(stats.permutation_test((per_item,), np.mean, permutation_type="samples", vectorized=True,
+                                               alternative=alternative, n_resamples=RESAMPLES,
+                                               rng=np.random.default_rng(seed)).pvalue)
     low, high = _bootstrap_ci(per_item, seed)
-    return {"mean_difference": float(per_item.mean()), "ci95": [low, high], "a_only": a_only, "b_only": b_only,
-            "p_mcnemar": p, "alternative": alternative}
+    return {"mean_difference": float(per_item.mean()), "ci95": [low, high], "p_items": p_items, "a_only": a_only,
+            "b_only": b_only, "p_mcnemar": p_mcnemar, "alternative": alternative}
 
 
 # ---- the demo's analysis: every number the report states --------------------------------------
