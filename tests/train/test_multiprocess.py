@@ -129,6 +129,9 @@ def worker(out_json: str, per_device: int, teacher: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         with open(out_json, "w") as f:
             json.dump(result, f)
+    if dist.is_initialized():  # no process leaves while the other may still use the group
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:
