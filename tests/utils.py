@@ -230,6 +230,18 @@ def dist_baseline(run: TinyRun) -> tuple[list, dict]:
     return logs, {k: v.detach().clone() for k, v in module.student.state_dict().items()}
 
 
+def launch_failure(proc) -> str:
+    """What a failed multi-process launch printed that says why: every line naming an error, an
+    exception, a signal or a C++ terminate (from any process, in order), then the output's tail
+    without progress bars (a short tail alone loses the first process's traceback)."""
+    import re
+
+    text = (proc.stdout or "") + (proc.stderr or "")
+    lines = [ln for ln in text.splitlines() if ln.strip() and "it/s]" not in ln and "s/it]" not in ln]
+    why = [ln for ln in lines if re.search(r"Error|Exception|terminate|Signal|Traceback|exitcode", ln)]
+    return "\n".join(why[-60:]) + "\n--- tail ---\n" + "\n".join(lines[-40:])
+
+
 def dist_launch(script: str, out, env_extra=None, timeout: int = 240):
     """Run ``script out`` as 2 torchrun processes (gloo, one thread each) and load what the
     worker saved to ``out``."""
@@ -240,7 +252,7 @@ def dist_launch(script: str, out, env_extra=None, timeout: int = 240):
                **(env_extra or {}))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            script, str(out)], env=env, timeout=timeout, capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, launch_failure(proc)
     return torch.load(out, weights_only=False)
 
 

@@ -155,6 +155,7 @@ def test_two_processes_match_one(tmp_path):
         pytest.skip("accelerate CLI not found")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
     from align_ti.models.tiny import build_processor, build_tiny_llava
+    from tests.utils import launch_failure
 
     # checkpoint folders (process 0 loads the teacher's, process 1 builds it on meta); the student's
     # too, so that both processors come from saved files alike
@@ -174,7 +175,7 @@ def test_two_processes_match_one(tmp_path):
          "--dynamo_backend", "no", "--main_process_port", str(_free_port()), __file__, str(two), str(GLOBAL_BATCH // 2),
          str(teacher)],
         env=env, timeout=300, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, launch_failure(proc)
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert a["world_size"] == 1 and b["world_size"] == 2
     assert b["teacher_sharded"]
