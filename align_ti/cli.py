@@ -60,11 +60,17 @@ def _cmd_synth(args) -> int:
         print(f"align-ti synth: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the folder checked out writable, then a write failed (a full disk)
-        print(f"align-ti synth: error: --out {args.out!r}: writing {e.filename or 'a file'} failed: "
-              f"{e.strerror or e}", file=sys.stderr)
-        return 2
+        return _write_failed("synth", args.out, e)
     print(f"wrote {json_path} (images under {args.out})")
     return 0
+
+
+def _write_failed(command: str, out: str, e: OSError) -> int:
+    """The one-line error of a command whose --out folder checked out writable and then a write
+    into it failed (a full disk); exit status 2."""
+    print(f"align-ti {command}: error: --out {out!r}: writing {e.filename or 'a file'} failed: {e.strerror or e}",
+          file=sys.stderr)
+    return 2
 
 
 def _cmd_synth_models(args) -> int:
@@ -87,9 +93,7 @@ def _cmd_synth_models(args) -> int:
         print(f"align-ti synth-models: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the folder checked out writable, then a write failed (a full disk)
-        print(f"align-ti synth-models: error: --out {args.out!r}: writing {e.filename or 'a file'} failed: "
-              f"{e.strerror or e}", file=sys.stderr)
-        return 2
+        return _write_failed("synth-models", args.out, e)
     print(f"wrote {teacher} and {student} ({args.family})")
     return 0
 

@@ -157,17 +157,14 @@ class ModelDims:
     vision: VisionDims
 
     @classmethod
-    def from_llava(cls, config) -> "ModelDims":
-        return cls(TextDims.from_config(config.text_config), VisionDims.from_llava(config))
-
-    @classmethod
     def of(cls, config, meta: dict) -> "ModelDims":
         """The dims of a train-step benchmark model (LLaVA, or Qwen2.5-VL with the batch's
         image grid from `meta`)."""
         if meta.get("family", "llava") == "qwen2_5_vl":
             vision = VisionDims.from_qwen2_5_vl(config, patches=meta["grid"] ** 2)
-            return cls(TextDims.from_config(config.text_config), vision)
-        return cls.from_llava(config)
+        else:
+            vision = VisionDims.from_llava(config)
+        return cls(TextDims.from_config(config.text_config), vision)
 
     def with_so400m(self) -> "ModelDims":
         return replace(self, vision=VisionDims(out_hidden=self.text.hidden, **SO400M))

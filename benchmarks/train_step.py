@@ -229,9 +229,8 @@ def build_setup(scale: str, device: torch.device, attn: str, case: str = "long-r
         raise ValueError(f"family must be one of {list(FAMILIES)}, got {family!r}")
     if attn == "flex_attention":
         attn = language_model_attention(attn)
-    if family == "qwen2_5_vl":
-        student, teacher, meta = _qwen2_5_vl_setup(scale, device, attn, case)
-        return student.to(device).train(), teacher.to(device).eval().requires_grad_(False), meta
+    if family == "qwen2_5_vl":  # built on `device`, the student training, the teacher frozen
+        return _qwen2_5_vl_setup(scale, device, attn, case)
 
     if scale == "tiny":
         from align_ti.models.tiny import IMAGE_SIZE, IMAGE_TOKEN_ID, PAD_TOKEN_ID, build_tiny_llava
